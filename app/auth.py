@@ -1,0 +1,64 @@
+"""`Authorization: Basic base64("<key>:")` -> the key's record, or a 401 that says what is wrong."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+
+from app.crypto import KeyHasher
+from app.errors import UnauthorizedError
+from app.keys import KeyRecord, key_id_of
+from app.store import Store
+
+
+def api_key_from_header(header: str | None) -> str:
+    if not header:
+        raise UnauthorizedError("Missing Authorization header: expected Basic base64(\"<API key>:\")")
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        raise UnauthorizedError("Authorization must use the Basic scheme with the API key as username")
+    credentials = credentials.strip()
+    try:
+        decoded = base64.b64decode(credentials + "=" * (-len(credentials) % 4), validate=True).decode()
+    except (binascii.Error, ValueError):
+        raise UnauthorizedError("Authorization credentials are not valid base64") from None
+    key, colon, _ = decoded.partition(":")
+    if not colon:
+        raise UnauthorizedError("Authorization credentials must be \"<API key>:\" (the colon is missing)")
+    if not key:
+        raise UnauthorizedError("API key is empty: paste the key segrelay issued into the destination settings")
+    return key
+
+
+class Authenticator:
+    """Verifies keys against the store, caching records briefly (revocation takes effect within `ttl`)."""
+
+    def __init__(self, store: Store, hasher: KeyHasher, ttl: float = 5.0) -> None:
+        self._store, self._hasher, self._ttl = store, hasher, ttl
+        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+
+    async def authenticate(self, header: str | None, now: float | None = None) -> KeyRecord:
+        key = api_key_from_header(header)
+        key_id = key_id_of(key)
+        if key_id is None:
+            raise UnauthorizedError("Unknown API key")
+        now = time.time() if now is None else now
+        record = await self._lookup(key_id, now)
+        if record is None or not self._hasher.matches(key, record.digest):
+            raise UnauthorizedError("Unknown API key")
+        if record.revoked:
+            raise UnauthorizedError("API key revoked")
+        if record.expires_at is not None and record.expires_at <= now:
+            raise UnauthorizedError("API key expired")
+        return record
+
+    async def _lookup(self, key_id: str, now: float) -> KeyRecord | None:
+        cached = self._cache.get(key_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        record = await self._store.find_key(key_id)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key_id] = (now + self._ttl, record)
+        return record

@@ -1,0 +1,327 @@
+"""The `segrelay` command: serve, keys, translate, dlq, queue."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import orjson
+
+from app.config import Config, ConfigError, vendor_urls
+from app.crypto import KeyHasher
+from app.errors import ContractError
+from app.event import parse_event
+from app.keys import KeyRecord, new_key
+from app.outgoing import render
+from app.settings import resolve
+from app.store import Store, open_store
+from app.translate import active_vendors, translate
+from handlers import BY_SLUG
+
+T = TypeVar("T")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except ConfigError as exc:
+        print(f"segrelay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segrelay", description="Segment destination partner endpoint: "
+                                     "relays events to SegmentStream, Tracify and Audiohook.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the HTTP service (POST /segment) and its delivery workers")
+    serve.add_argument("--host", default=None, help="bind address (default SEGRELAY_HOST or 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=None, help="port (default SEGRELAY_PORT or 8080)")
+    serve.set_defaults(run=cmd_serve)
+
+    keys = sub.add_parser("keys", help="issue, list and revoke the API keys customers paste into Segment")
+    keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="issue a key (printed once, stored only as an HMAC)")
+    create.add_argument("--tenant", required=True, help="customer name the key belongs to")
+    create.add_argument("--expires-in-days", type=float, default=None, help="expiry (default: never)")
+    create.add_argument("--vendors", default="", help=f"comma-separated vendors the key may send to "
+                        f"(default: all of {', '.join(BY_SLUG)})")
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    create.set_defaults(run=cmd_keys_create)
+    listing = keys_sub.add_parser("list", help="key ids, tenants, expiry, vendors, revoked (never the key)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (effective within seconds)")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=cmd_keys_revoke)
+
+    tr = sub.add_parser("translate", help="print what an event would become, without sending anything")
+    tr.add_argument("--settings", default="{}", help="destination settings: JSON text or a JSON file")
+    tr.add_argument("event", nargs="?", default="-", help="Segment event JSON file, or - for stdin")
+    tr.set_defaults(run=cmd_translate)
+
+    dlq = sub.add_parser("dlq", help="dead letters: postbacks a vendor refused or that ran out of retries")
+    dlq_sub = dlq.add_subparsers(required=True, metavar="ACTION")
+    dlist = dlq_sub.add_parser("list", help="vendor, tenant, event, attempts, last status and body")
+    dlist.add_argument("--vendor", choices=sorted(BY_SLUG))
+    dlist.add_argument("--limit", type=int, default=100)
+    dlist.add_argument("--json", action="store_true")
+    dlist.set_defaults(run=cmd_dlq_list)
+    replay = dlq_sub.add_parser("replay", help="queue dead letters again (attempts reset)")
+    group = replay.add_mutually_exclusive_group(required=True)
+    group.add_argument("--all", action="store_true")
+    group.add_argument("ids", nargs="*", default=[], metavar="ID")
+    replay.set_defaults(run=cmd_dlq_replay)
+
+    queue = sub.add_parser("queue", help="the delivery queue")
+    queue_sub = queue.add_subparsers(required=True, metavar="ACTION")
+    stats = queue_sub.add_parser("stats", help="pending, leased, due and dead postbacks per vendor")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(run=cmd_queue_stats)
+    return parser
+
+
+def _with_store(config: Config, action: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
+    async def run() -> T:
+        store = open_store(config.store)
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+    return asyncio.run(run())
+
+
+def _dump(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "never"
+
+
+# serve --------------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.log import configure
+    from app.server import create_app
+
+    config = Config.from_env()
+    host = args.host or os.environ.get("SEGRELAY_HOST", "0.0.0.0")
+    port = args.port or int(os.environ.get("SEGRELAY_PORT", "8080"))
+    if config.sqlite_path is not None:
+        _first_key(config, port)
+    configure(config.log_level)
+    app = create_app(config)
+    service = app.state.service
+
+    class Server(uvicorn.Server):
+        """SIGTERM: readiness false and 503 at once, listener closed after the shutdown delay."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            service.ingest.draining = True
+            if config.shutdown_delay_seconds > 0 and not self.should_exit:
+                threading.Timer(config.shutdown_delay_seconds, super().handle_exit, (sig, frame)).start()
+            else:
+                super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                   timeout_graceful_shutdown=5, server_header=False,
+                                   loop="auto", http="auto", lifespan="on"))
+    server.run()
+    return 0
+
+
+def _first_key(config: Config, port: int) -> None:
+    """A newcomer's first run: issue a key and show a ready-to-paste request, once."""
+    async def action(store: Store) -> str | None:
+        if await store.list_keys():
+            return None
+        key, record = new_key(KeyHasher(config.secret), "default", time.time(), None, ())
+        await store.save_key(record)
+        return key
+    key = _with_store(config, action)
+    if key is None:
+        return
+    auth = base64.b64encode(f"{key}:".encode()).decode()
+    print(f"""
+segrelay: no API key existed, so one was created for tenant "default". It is shown only this once:
+
+    {key}
+
+Paste it as the API key of the destination in Segment, or try it now:
+
+    curl -s -X POST http://127.0.0.1:{port}/segment \\
+      -H 'Authorization: Basic {auth}' -H 'Content-Type: application/json' \\
+      -d '{{"type":"track","event":"Test Event Name","userId":"test-user","messageId":"hello-1"}}'
+""", file=sys.stderr, flush=True)
+
+
+# keys ---------------------------------------------------------------------------------------------------
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    config = Config.from_env()
+    vendors = tuple(v.strip() for v in args.vendors.split(",") if v.strip())
+    unknown = [v for v in vendors if v not in BY_SLUG]
+    if unknown:
+        print(f"segrelay: unknown vendor(s): {', '.join(unknown)} (known: {', '.join(BY_SLUG)})", file=sys.stderr)
+        return 2
+    if not args.tenant.strip():
+        print("segrelay: --tenant must not be empty", file=sys.stderr)
+        return 2
+    now = time.time()
+    expires = now + args.expires_in_days * 86_400 if args.expires_in_days is not None else None
+    key, record = new_key(KeyHasher(config.secret), args.tenant.strip(), now, expires, vendors)
+
+    async def action(store: Store) -> None:
+        await store.save_key(record)
+    _with_store(config, action)
+    if args.json:
+        _dump({"key": key, **record.public()})
+    else:
+        print(f"key:     {key}\nkey id:  {record.key_id}\ntenant:  {record.tenant}\n"
+              f"expires: {_when(expires)}\nvendors: {', '.join(vendors) or 'all'}\n"
+              "The key is shown only now; segrelay keeps only its HMAC.")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    config = Config.from_env()
+
+    async def action(store: Store) -> list[KeyRecord]:
+        return await store.list_keys()
+    records = _with_store(config, action)
+    if args.json:
+        _dump([r.public() for r in records])
+        return 0
+    print(f"{'KEY ID':<14}{'TENANT':<24}{'EXPIRES':<22}{'VENDORS':<34}REVOKED")
+    for r in records:
+        print(f"{r.key_id:<14}{r.tenant[:23]:<24}{_when(r.expires_at):<22}{','.join(r.vendors) or 'all':<34}"
+              f"{'yes' if r.revoked else 'no'}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    config = Config.from_env()
+
+    async def action(store: Store) -> bool:
+        return await store.revoke_key(args.key_id)
+    if not _with_store(config, action):
+        print(f"segrelay: no key with id {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+# translate ----------------------------------------------------------------------------------------------
+
+
+def _json_arg(value: str, what: str) -> Any:
+    text = value
+    if not value.lstrip().startswith(("{", "[")):
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{what}: {value} is neither JSON nor a readable file")
+        text = path.read_text()
+    return orjson.loads(text)
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    urls = vendor_urls(os.environ)
+    try:
+        raw_settings = _json_arg(args.settings, "--settings")
+        raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
+        document = orjson.loads(raw)
+    except (ValueError, OSError) as exc:
+        print(f"segrelay: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(raw_settings, dict):
+        print("segrelay: --settings must be a JSON object", file=sys.stderr)
+        return 2
+    try:
+        settings = resolve(raw_settings)
+        event = parse_event(document, raw, datetime.now(UTC), settings.get("defaultCurrency"))
+        translation = translate(event, settings, active_vendors(settings))
+    except ContractError as exc:
+        _dump({"status": exc.status_code, "message": exc.message})
+        return 1
+    _dump({
+        "send": [render(BY_SLUG[p.vendor], [p], urls[p.vendor], redact=True).describe(p.vendor)
+                 for p in translation.postbacks],
+        "skipped": [{"vendor": s.vendor, "reason": s.reason} for s in translation.skips],
+    })
+    return 0
+
+
+# dlq and queue ------------------------------------------------------------------------------------------
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    config = Config.from_env()
+
+    async def action(store: Store) -> list[Any]:
+        return await store.dead_letters(args.vendor, args.limit)
+    letters = _with_store(config, action)
+    if args.json:
+        _dump([{"id": d.id, "vendor": d.vendor, "tenant": d.tenant, "message_id": d.message_id,
+                "event": d.event_name, "attempts": d.attempts, "last_status": d.last_status,
+                "last_body": d.last_body, "created_at": d.created_at, "died_at": d.died_at} for d in letters])
+        return 0
+    if not letters:
+        print("no dead letters")
+    for d in letters:
+        print(f"{d.id}  {d.vendor}  tenant={d.tenant}  event={d.event_name!r}  message_id={d.message_id}  "
+              f"attempts={d.attempts}  status={d.last_status if d.last_status is not None else 'network error'}"
+              f"  died={_when(d.died_at)}\n    {d.last_body[:300]}")
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    if not args.all and not args.ids:
+        print("segrelay: give dead-letter ids or --all", file=sys.stderr)
+        return 2
+    config = Config.from_env()
+
+    async def action(store: Store) -> int:
+        return await store.replay(None if args.all else args.ids, now=time.time())
+    count = _with_store(config, action)
+    print(f"replayed {count} dead letter(s)")
+    return 0 if count or args.all else 1
+
+
+def cmd_queue_stats(args: argparse.Namespace) -> int:
+    config = Config.from_env()
+
+    async def action(store: Store) -> Any:
+        return await store.stats(now=time.time())
+    stats = _with_store(config, action)
+    rows = {slug: stats.vendors.get(slug) for slug in BY_SLUG}
+    table = {slug: {"pending": s.pending, "leased": s.leased, "due": s.due, "dead": s.dead} if s else
+             {"pending": 0, "leased": 0, "due": 0, "dead": 0} for slug, s in rows.items()}
+    if args.json:
+        _dump(table)
+        return 0
+    print(f"{'VENDOR':<16}{'PENDING':>9}{'LEASED':>9}{'DUE':>9}{'DEAD':>9}")
+    for slug, row in table.items():
+        print(f"{slug:<16}{row['pending']:>9}{row['leased']:>9}{row['due']:>9}{row['dead']:>9}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Configuration: every `SEGRELAY_*` variable, read and checked once at start-up."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from handlers import VENDORS
+
+DEFAULT_STORE = "sqlite:///./var/segrelay.db"
+
+
+class ConfigError(Exception):
+    """A `SEGRELAY_*` variable has a value segrelay cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    store: str = DEFAULT_STORE
+    secret: bytes = b""
+    vendor_urls: dict[str, str] = field(default_factory=dict)
+    max_body_bytes: int = 512 * 1024
+    idempotency_seconds: int = 7 * 86_400
+    max_queue: int = 1_000_000
+    min_free_disk_mb: int = 256
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 900.0
+    give_up_seconds: float = 4 * 3600.0
+    give_up_min_attempts: int = 5
+    max_attempts: int = 30
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+    lease_seconds: float = 60.0
+    drain_seconds: float = 20.0
+    shutdown_delay_seconds: float = 0.0
+    vendor_concurrency: int = 32
+    tenant_concurrency: int = 8
+    key_cache_seconds: float = 5.0
+    delivery: bool = True
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        store = env.get("SEGRELAY_STORE", DEFAULT_STORE)
+        if not store.startswith(("sqlite:///", "redis://", "rediss://")):
+            raise ConfigError("SEGRELAY_STORE must start with sqlite:///, redis:// or rediss://")
+        return cls(
+            store=store,
+            secret=load_secret(env, store),
+            vendor_urls=vendor_urls(env),
+            max_body_bytes=_int(env, "SEGRELAY_MAX_BODY_BYTES", 512 * 1024),
+            idempotency_seconds=_int(env, "SEGRELAY_IDEMPOTENCY_SECONDS", 7 * 86_400),
+            max_queue=_int(env, "SEGRELAY_MAX_QUEUE", 1_000_000),
+            min_free_disk_mb=_int(env, "SEGRELAY_MIN_FREE_DISK_MB", 256, minimum=0),
+            retry_base_seconds=_float(env, "SEGRELAY_RETRY_BASE_SECONDS", 2.0),
+            retry_max_seconds=_float(env, "SEGRELAY_RETRY_MAX_SECONDS", 900.0),
+            give_up_seconds=_float(env, "SEGRELAY_GIVE_UP_SECONDS", 4 * 3600.0),
+            give_up_min_attempts=_int(env, "SEGRELAY_GIVE_UP_MIN_ATTEMPTS", 5),
+            max_attempts=_int(env, "SEGRELAY_MAX_ATTEMPTS", 30),
+            connect_timeout=_float(env, "SEGRELAY_CONNECT_TIMEOUT", 5.0),
+            read_timeout=_float(env, "SEGRELAY_READ_TIMEOUT", 15.0),
+            lease_seconds=_float(env, "SEGRELAY_LEASE_SECONDS", 60.0),
+            drain_seconds=_float(env, "SEGRELAY_DRAIN_SECONDS", 20.0, minimum=0),
+            shutdown_delay_seconds=_float(env, "SEGRELAY_SHUTDOWN_DELAY_SECONDS", 0.0, minimum=0),
+            vendor_concurrency=_int(env, "SEGRELAY_VENDOR_CONCURRENCY", 32),
+            tenant_concurrency=_int(env, "SEGRELAY_TENANT_CONCURRENCY", 8),
+            key_cache_seconds=_float(env, "SEGRELAY_KEY_CACHE_SECONDS", 5.0, minimum=0),
+            delivery=_bool(env, "SEGRELAY_DELIVERY", True),
+            log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
+        )
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        return Path(self.store.removeprefix("sqlite:///")) if self.store.startswith("sqlite:///") else None
+
+
+def vendor_urls(env: Mapping[str, str]) -> dict[str, str]:
+    """Vendor base URLs: operator configuration only, never from a request's settings."""
+    urls = {}
+    for vendor in VENDORS:
+        url = env.get(vendor.url_env, vendor.default_url).rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{vendor.url_env} must be an http:// or https:// URL")
+        urls[vendor.slug] = url
+    return urls
+
+
+def load_secret(env: Mapping[str, str], store: str) -> bytes:
+    """SEGRELAY_SECRET, else SEGRELAY_SECRET_FILE, else (embedded store only) a 0600 file beside the store."""
+    if env.get("SEGRELAY_SECRET"):
+        secret = env["SEGRELAY_SECRET"].encode()
+    elif env.get("SEGRELAY_SECRET_FILE"):
+        try:
+            secret = Path(env["SEGRELAY_SECRET_FILE"]).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"SEGRELAY_SECRET_FILE cannot be read: {exc.strerror}") from None
+    elif store.startswith("sqlite:///"):
+        secret = _generated_secret(Path(store.removeprefix("sqlite:///")).parent / "secret")
+    else:
+        raise ConfigError("SEGRELAY_SECRET or SEGRELAY_SECRET_FILE is required with a Redis store: every "
+                          "replica must share it")
+    if len(secret) < 32:
+        raise ConfigError("The server secret must be at least 32 bytes (e.g. `openssl rand -hex 32`)")
+    return secret
+
+
+def _generated_secret(path: Path) -> bytes:
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    return path.read_bytes().strip()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")

@@ -1,0 +1,219 @@
+"""The delivery worker: one dispatcher per vendor leases due postbacks and sends them.
+
+Each vendor has its own pooled `httpx.AsyncClient`, concurrency limit, circuit breaker and Retry-After pause,
+so one slow or failing vendor never delays another. Per (vendor, tenant) limits keep one customer's backlog
+from taking every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+
+import httpx
+from cryptography.exceptions import InvalidTag
+
+from app import metrics
+from app.config import Config
+from app.crypto import Sealer
+from app.delivery.breaker import CircuitBreaker
+from app.delivery.policy import RetryPolicy, Verdict, classify, retry_after
+from app.outgoing import render, unpack
+from app.store import Job, Store
+from handlers import VENDORS, Vendor
+
+log = logging.getLogger("segrelay.delivery")
+MAX_BODY_KEPT = 2048  # bytes of a vendor's answer kept with a dead letter
+IDLE_POLL = 0.5  # seconds between looks at the queue when nothing woke us
+TENANT_BACKOFF = 0.25  # a job held back by the per-tenant limit is due again this much later
+
+
+class Deliverer:
+    def __init__(self, config: Config, store: Store, sealer: Sealer, *,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config, self.store, self.sealer, self.clock = config, store, sealer, clock
+        self.policy = RetryPolicy(config.retry_base_seconds, config.retry_max_seconds, config.give_up_seconds,
+                                  config.give_up_min_attempts, config.max_attempts)
+        timeout = httpx.Timeout(config.read_timeout, connect=config.connect_timeout)
+        limits = httpx.Limits(max_connections=config.vendor_concurrency,
+                              max_keepalive_connections=config.vendor_concurrency)
+        self.clients = {v.slug: httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+                        for v in VENDORS}
+        self.breakers = {v.slug: CircuitBreaker() for v in VENDORS}
+        self.paused_until: dict[str, float] = defaultdict(float)  # Retry-After, per vendor host
+        self._wake = {v.slug: asyncio.Event() for v in VENDORS}
+        self._inflight: dict[str, set[asyncio.Task[None]]] = {v.slug: set() for v in VENDORS}
+        self._tenant_inflight: Counter[tuple[str, str]] = Counter()
+        self._dispatchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # Life cycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._dispatchers = [asyncio.create_task(self._dispatch(v), name=f"dispatch-{v.slug}") for v in VENDORS]
+
+    def notify(self, vendor: str) -> None:
+        self._wake[vendor].set()
+
+    async def stop(self, drain_seconds: float) -> None:
+        """Stop leasing, let in-flight sends finish for up to drain_seconds, hand the rest back."""
+        self._stopping = True
+        for event in self._wake.values():
+            event.set()
+        await asyncio.gather(*self._dispatchers, return_exceptions=True)
+        inflight = [t for tasks in self._inflight.values() for t in tasks]
+        if inflight:
+            _, pending = await asyncio.wait(inflight, timeout=drain_seconds)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for client in self.clients.values():
+            await client.aclose()
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(tasks) for tasks in self._inflight.values())
+
+    # Dispatch ---------------------------------------------------------------------------------------------
+
+    async def _dispatch(self, vendor: Vendor) -> None:
+        while not self._stopping:
+            try:
+                await self._dispatch_once(vendor)
+            except Exception:
+                log.exception("dispatcher error", extra={"vendor": vendor.slug})
+                await asyncio.sleep(1.0)
+
+    async def _dispatch_once(self, vendor: Vendor) -> None:
+        slug, now = vendor.slug, self.clock()
+        pause = max(self.breakers[slug].open_until, self.paused_until[slug])
+        metrics.CIRCUIT_OPEN.labels(slug).set(1 if self.breakers[slug].is_open(now) else 0)
+        free = self.config.vendor_concurrency - len(self._inflight[slug])
+        if pause > now or free <= 0:
+            await self._idle(slug, min(pause - now, IDLE_POLL) if pause > now else IDLE_POLL)
+            return
+        batch_size = vendor.batch.max_size if vendor.batch else 1
+        jobs = await self.store.lease(slug, now=now, limit=min(free * batch_size, 1000),
+                                      lease_seconds=self.config.lease_seconds)
+        if not jobs:
+            await self._idle(slug, IDLE_POLL)
+            return
+        requests, held_back = self._plan(vendor, jobs, free)
+        if held_back:
+            await self.store.release(held_back, due_at=now + TENANT_BACKOFF)
+        for group in requests:
+            self._tenant_inflight[(slug, group[0].tenant)] += 1
+            task = asyncio.create_task(self._deliver(vendor, group))
+            self._inflight[slug].add(task)
+            task.add_done_callback(self._inflight[slug].discard)
+
+    def _plan(self, vendor: Vendor, jobs: Sequence[Job], free: int) -> tuple[list[list[Job]], list[Job]]:
+        """Group leased jobs into requests within the vendor's free slots and each tenant's limit."""
+        groups: dict[tuple[str, str], list[Job]] = {}
+        singles: list[list[Job]] = []
+        for job in jobs:
+            if vendor.batch and job.batch_key:
+                group = groups.setdefault((job.tenant, job.batch_key), [])
+                if len(group) >= vendor.batch.max_size:
+                    singles.append(group)
+                    group = groups[(job.tenant, job.batch_key)] = []
+                group.append(job)
+            else:
+                singles.append([job])
+        candidates = singles + list(groups.values())
+        planned: list[list[Job]] = []
+        held_back: list[Job] = []
+        tenants = Counter(self._tenant_inflight)
+        for group in candidates:
+            key = (vendor.slug, group[0].tenant)
+            if len(planned) < free and tenants[key] < self.config.tenant_concurrency:
+                planned.append(group)
+                tenants[key] += 1
+            else:
+                held_back.extend(group)
+        return planned, held_back
+
+    async def _idle(self, slug: str, seconds: float) -> None:
+        event = self._wake[slug]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=max(seconds, 0.01))
+        event.clear()
+
+    # One request ------------------------------------------------------------------------------------------
+
+    async def _deliver(self, vendor: Vendor, jobs: list[Job]) -> None:
+        slug = vendor.slug
+        try:
+            await self._attempt(vendor, jobs)
+        except asyncio.CancelledError:
+            # Shutdown while sending: hand the jobs back without counting an attempt.
+            await asyncio.shield(self.store.release(jobs, due_at=self.clock()))
+            raise
+        except Exception:
+            log.exception("delivery error", extra={"vendor": slug})
+            await self.store.release(jobs, due_at=self.clock() + self.config.retry_base_seconds)
+        finally:
+            key = (slug, jobs[0].tenant)
+            self._tenant_inflight[key] -= 1
+            if self._tenant_inflight[key] <= 0:
+                del self._tenant_inflight[key]
+            self._wake[slug].set()
+
+    async def _attempt(self, vendor: Vendor, jobs: list[Job]) -> None:
+        slug = vendor.slug
+        try:
+            postbacks = [unpack(self.sealer.open(job.payload)) for job in jobs]
+        except InvalidTag:
+            for job in jobs:
+                await self.store.bury(job, now=self.clock(), status=None,
+                                      body="stored payload cannot be decrypted: was SEGRELAY_SECRET changed?")
+            metrics.POSTBACKS.labels(slug, "dead").inc(len(jobs))
+            return
+        request = render(vendor, postbacks, self.config.vendor_urls[slug])
+        started = time.monotonic()
+        status: int | None = None
+        connect_error = False
+        try:
+            response = await self.clients[slug].request(request.method, request.url, headers=request.headers,
+                                                        content=request.content)
+            status, answer = response.status_code, response.content[:MAX_BODY_KEPT]
+            succeeded = vendor.success(status, response.content)
+            pause = retry_after(response.headers.get("retry-after"), self.clock())
+            body = answer.decode("utf-8", "replace")
+        except httpx.TransportError as exc:
+            connect_error = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            succeeded, pause, body = False, None, f"{type(exc).__name__}: no answer from {slug}"
+        metrics.VENDOR_SECONDS.labels(slug).observe(time.monotonic() - started)
+        verdict = classify(status, succeeded)
+        now = self.clock()
+        self.breakers[slug].record(now, ok=verdict is not Verdict.RETRY, connect_error=connect_error)
+        extra = {"vendor": slug, "status": status, "postbacks": len(jobs), "attempt": jobs[0].attempts + 1}
+        if verdict is Verdict.DELIVERED:
+            await self.store.complete(jobs)
+            metrics.POSTBACKS.labels(slug, "delivered").inc(len(jobs))
+            log.debug("delivered", extra=extra)
+            return
+        if verdict is Verdict.DEAD:
+            for job in jobs:
+                await self.store.bury(job, now=now, status=status, body=body)
+            metrics.POSTBACKS.labels(slug, "dead").inc(len(jobs))
+            log.warning("dead-lettered: vendor refused the postback", extra=extra)
+            return
+        if pause is not None:
+            self.paused_until[slug] = max(self.paused_until[slug], now + pause)
+        for job in jobs:
+            attempts = job.attempts + 1
+            if self.policy.exhausted(attempts, now - job.created_at):
+                await self.store.bury(job, now=now, status=status, body=body)
+                metrics.POSTBACKS.labels(slug, "dead").inc()
+                log.warning("dead-lettered: retries exhausted", extra=extra)
+            else:
+                delay = max(self.policy.backoff(attempts), pause or 0.0)
+                await self.store.retry(job, due_at=now + delay, status=status, body=body)
+                metrics.POSTBACKS.labels(slug, "retried").inc()
+                log.info("retry scheduled", extra={**extra, "delay_seconds": round(delay, 3)})

@@ -1,0 +1,49 @@
+"""Errors a request can raise, typed by the status Segment must see.
+
+    ContractError            (any 4xx/5xx answered with {"message": ...})
+    ├── BadRequestError      400  malformed body or settings: Segment discards, shows the customer
+    ├── UnauthorizedError    401  missing, malformed, unknown, revoked or expired key
+    ├── ForbiddenError       403  known key not allowed to do what the request asks
+    ├── PayloadTooLargeError 413  body over the configured limit
+    ├── UnsupportedTypeError 501  call type we do not handle (screen, alias, ...)
+    └── UnavailableError     503  overloaded or draining: Segment retries
+"""
+
+from __future__ import annotations
+
+
+class ContractError(Exception):
+    status_code = 500
+    retry_after: int | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequestError(ContractError):
+    status_code = 400
+
+
+class UnauthorizedError(ContractError):
+    status_code = 401
+
+
+class ForbiddenError(ContractError):
+    status_code = 403
+
+
+class PayloadTooLargeError(ContractError):
+    status_code = 413
+
+
+class UnsupportedTypeError(ContractError):
+    status_code = 501
+
+
+class UnavailableError(ContractError):
+    status_code = 503
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -1,0 +1,323 @@
+"""The normalised event: one Segment call, read once, with any key casing.
+
+Every vendor handler reads this object and never the raw JSON (`vendors.md` §0). Key lookup is case- and
+separator-insensitive: `orderId`, `order_id` and `OrderID` all fold to `orderid`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from app.errors import BadRequestError, UnsupportedTypeError
+
+HANDLED_TYPES = frozenset({"identify", "track", "page", "group"})
+MAX_MESSAGE_ID = 200
+
+# Spec event names, keyed by their lower-cased form, including Ecommerce v1 aliases.
+_CANONICAL_EVENTS = {
+    name.lower(): name
+    for name in (
+        "Order Completed",
+        "Order Updated",
+        "Order Refunded",
+        "Order Cancelled",
+        "Product Viewed",
+        "Product Added",
+        "Product Removed",
+        "Checkout Started",
+    )
+}
+_CANONICAL_EVENTS.update(
+    {
+        "completed order": "Order Completed",
+        "viewed product": "Product Viewed",
+        "added product": "Product Added",
+        "removed product": "Product Removed",
+        "started order": "Checkout Started",
+        "updated order": "Order Updated",
+        "refunded order": "Order Refunded",
+        "cancelled order": "Order Cancelled",
+    }
+)
+SINGLE_PRODUCT_EVENTS = frozenset({"Product Viewed", "Product Added", "Product Removed"})
+_CAMPAIGN_TO_UTM = (
+    ("source", "utm_source"),
+    ("medium", "utm_medium"),
+    ("name", "utm_campaign"),
+    ("term", "utm_term"),
+    ("content", "utm_content"),
+)
+_FOLD = re.compile(r"[^a-z0-9]")
+
+
+def fold(key: str) -> str:
+    """`orderId`, `order_id`, `Order-ID` -> `orderid`."""
+    return _FOLD.sub("", key.lower())
+
+
+def canonical_event_name(name: str) -> str:
+    return _CANONICAL_EVENTS.get(name.strip().lower(), name)
+
+
+def folded(value: Any) -> Any:
+    """Fold every object key recursively; on a collision the first non-empty value wins."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = fold(key)
+            if is_empty(out.get(name)):
+                out[name] = folded(item)
+        return out
+    if isinstance(value, list):
+        return [folded(item) for item in value]
+    return value
+
+
+def is_empty(value: Any) -> bool:
+    return value is None or value == "" or value == {} or value == []
+
+
+def first(*values: Any) -> Any:
+    for value in values:
+        if not is_empty(value):
+            return value
+    return None
+
+
+def text(value: Any) -> str | None:
+    """A non-empty string from a string or a number; anything else is absent."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    if isinstance(value, int | float):
+        return str(value)
+    return None
+
+
+def number(value: Any) -> Decimal | None:
+    """A finite decimal from a number or a numeric string ("120.13", "1,5" is not a number)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float | str):
+        try:
+            result = Decimal(str(value).strip())
+        except InvalidOperation:
+            return None
+        return result if result.is_finite() else None
+    return None
+
+
+def obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    id: str | None
+    sku: str | None
+    name: str | None
+    brand: str | None
+    category: str | None
+    variant: str | None
+    price: Decimal | None
+    compare_at_price: Decimal | None
+    quantity: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str
+    message_id: str
+    ts: datetime
+    user_id: str | None = None
+    anonymous_id: str | None = None
+    event_name: str | None = None  # as sent
+    canonical_name: str | None = None  # v1 aliases resolved, spec casing
+    email: str | None = None
+    ip: str | None = None
+    user_agent: str | None = None
+    page_url: str | None = None
+    referrer: str | None = None
+    url_params: dict[str, str] = field(default_factory=dict)
+    currency: str | None = None
+    order_id: str | None = None
+    order_total: Decimal | None = None
+    products: tuple[Product, ...] = ()
+    ga_client_id: str | None = None
+    session_id: str | None = None
+    library: str | None = None
+    props: dict[str, Any] = field(default_factory=dict)  # folded properties
+    raw_props: dict[str, Any] = field(default_factory=dict)  # properties with the customer's key names
+
+    def prop(self, name: str) -> Any:
+        return self.props.get(fold(name))
+
+
+def parse_timestamp(name: str, value: Any) -> datetime | None:
+    if is_empty(value):
+        return None
+    if not isinstance(value, str):
+        raise BadRequestError(f"'{name}' must be an ISO 8601 date string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("z", "Z"))
+    except ValueError:
+        raise BadRequestError(f"'{name}' is not an ISO 8601 date: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _url_params(page_url: str | None, search: Any, campaign: dict[str, Any]) -> dict[str, str]:
+    query = urlsplit(page_url).query if page_url else ""
+    if not query and isinstance(search, str):
+        query = search.lstrip("?")
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=False):
+        params.setdefault(key, value)
+    for source, utm in _CAMPAIGN_TO_UTM:
+        filled = text(campaign.get(source))
+        if filled is not None and utm not in params:
+            params[utm] = filled
+    return params
+
+
+def _product(raw: dict[str, Any]) -> Product:
+    quantity = number(raw.get("quantity"))
+    category = raw.get("category")
+    if isinstance(category, list):
+        category = "/".join(c for c in (text(item) for item in category) if c)
+    return Product(
+        id=text(first(raw.get("productid"), raw.get("sku"), raw.get("id"))),
+        sku=text(raw.get("sku")),
+        name=text(raw.get("name")),
+        brand=text(raw.get("brand")),
+        category=text(category),
+        variant=text(raw.get("variant")),
+        price=number(raw.get("price")),
+        compare_at_price=number(raw.get("compareatprice")),
+        quantity=quantity if quantity is not None and quantity > 0 else Decimal(1),
+    )
+
+
+def _order_total(props: dict[str, Any], products: tuple[Product, ...]) -> Decimal | None:
+    total = number(props.get("total"))
+    if total is not None:
+        return total
+    revenue = number(props.get("revenue"))
+    if revenue is not None:
+        return revenue + (number(props.get("shipping")) or 0) + (number(props.get("tax")) or 0)
+    value = number(props.get("value"))
+    if value is not None:
+        return value
+    priced = [p.price * p.quantity for p in products if p.price is not None]
+    return sum(priced, Decimal(0)) if priced else None
+
+
+def _require_object(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequestError(f"'{name}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def call_type(body: Any) -> str:
+    """The call's type, lower-cased; 400 when missing, 501 when not one we handle."""
+    if not isinstance(body, dict):
+        raise BadRequestError(f"Request body must be a JSON object, got {type(body).__name__}")
+    raw_type = first(*(v for k, v in body.items() if fold(k) == "type"))
+    if raw_type is None:
+        raise BadRequestError("Event is missing 'type' (identify, track, page or group)")
+    if not isinstance(raw_type, str):
+        raise BadRequestError(f"'type' must be a string, got {type(raw_type).__name__}")
+    kind = raw_type.strip().lower()
+    if kind not in HANDLED_TYPES:
+        raise UnsupportedTypeError(f"Unsupported call type: {raw_type.strip()[:50]}")
+    return kind
+
+
+def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str | None = None) -> Event:
+    """Validate one Segment call and build its normalised view, or raise a ContractError."""
+    kind = call_type(body)
+    raw = folded(body)
+    context = _require_object(raw, "context")
+    props = _require_object(raw, "properties")
+    traits = _require_object(raw, "traits")
+    raw_props = next((v for k, v in body.items() if fold(k) == "properties" and isinstance(v, dict)), {})
+
+    message_id = text(raw.get("messageid"))
+    if message_id is None:
+        # Segment always sends one; a hand-made request without it still dedupes on its exact bytes.
+        message_id = "body-" + hashlib.sha256(raw_body).hexdigest()[:32]
+    if len(message_id) > MAX_MESSAGE_ID:
+        raise BadRequestError(f"'messageId' is longer than {MAX_MESSAGE_ID} characters")
+
+    ts = None
+    for name in ("timestamp", "originalTimestamp", "sentAt", "receivedAt"):
+        ts = ts or parse_timestamp(name, raw.get(fold(name)))
+    user_id, anonymous_id = text(raw.get("userid")), text(raw.get("anonymousid"))
+    if user_id is None and anonymous_id is None:
+        raise BadRequestError(f"{kind} call has neither 'userId' nor 'anonymousId': one of them is required")
+
+    event_name = canonical = None
+    if kind == "track":
+        event_name = text(raw.get("event"))
+        if event_name is None:
+            raise BadRequestError("track call is missing 'event' (the event name, e.g. \"Order Completed\")")
+        canonical = canonical_event_name(event_name)
+    elif kind == "group" and text(raw.get("groupid")) is None:
+        raise BadRequestError("group call is missing 'groupId'")
+    elif kind == "page":
+        event_name = text(raw.get("name"))
+
+    page = obj(context.get("page"))
+    page_url = text(first(page.get("url"), props.get("url")))
+    campaign = obj(context.get("campaign"))
+    if canonical in SINGLE_PRODUCT_EVENTS:
+        products: tuple[Product, ...] = (_product(props),)
+    else:
+        products = tuple(_product(p) for p in (props.get("products") or []) if isinstance(p, dict))
+    currency = text(props.get("currency"))
+    library = obj(context.get("library"))
+    library_name = "/".join(x for x in (text(library.get("name")), text(library.get("version"))) if x)
+
+    return Event(
+        type=kind,
+        message_id=message_id,
+        ts=ts or now,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        event_name=event_name,
+        canonical_name=canonical,
+        email=text(
+            first(
+                traits.get("email") if kind == "identify" else None,
+                obj(context.get("traits")).get("email"),
+                props.get("email"),
+                raw.get("email"),
+            )
+        ),
+        ip=text(context.get("ip")),
+        user_agent=text(context.get("useragent")),
+        page_url=page_url,
+        referrer=text(first(page.get("referrer"), props.get("referrer"))),
+        url_params=_url_params(page_url, page.get("search"), campaign),
+        currency=(currency.upper() if currency else None) or default_currency,
+        order_id=text(first(props.get("orderid"), props.get("checkoutid"))),
+        order_total=_order_total(props, products),
+        products=products,
+        ga_client_id=text(obj(obj(raw.get("integrations")).get("googleanalytics")).get("clientid")),
+        session_id=text(first(context.get("sessionid"), props.get("sessionid"))),
+        library=library_name or None,
+        props=props,
+        raw_props=raw_props,
+    )

@@ -1,0 +1,109 @@
+"""The accept path: authenticate, decode settings, normalise, translate, store durably, answer."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from app import metrics
+from app.auth import Authenticator
+from app.config import Config
+from app.crypto import Sealer
+from app.errors import BadRequestError, UnavailableError
+from app.event import call_type, parse_event
+from app.keys import KeyRecord
+from app.outgoing import pack, render
+from app.settings import decode_header, resolve
+from app.store import NewJob, Store
+from app.translate import Translation, active_vendors, summary, translate
+from handlers import BY_SLUG
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+    call_type: str = "unknown"
+
+
+class Backpressure:
+    """Refuses new work (503) when the queue or the disk is past its bound. Refreshed once a second."""
+
+    def __init__(self, config: Config) -> None:
+        self.max_queue, self.min_free = config.max_queue, config.min_free_disk_mb * 1024 * 1024
+        self.path = config.sqlite_path.parent if config.sqlite_path else None
+        self.depth = 0
+        self.disk_free: int | None = None
+
+    def refresh(self, depth: int) -> None:
+        self.depth = depth
+        if self.path is not None:
+            self.disk_free = shutil.disk_usage(self.path).free
+
+    def check(self, adding: int) -> None:
+        if self.depth + adding > self.max_queue:
+            raise UnavailableError(f"Delivery queue is full ({self.depth} postbacks waiting); retry later",
+                                   retry_after=30)
+        if self.disk_free is not None and self.disk_free < self.min_free:
+            raise UnavailableError("Storage is nearly full; retry later", retry_after=60)
+
+
+class Ingest:
+    def __init__(self, config: Config, store: Store, sealer: Sealer, authenticator: Authenticator,
+                 backpressure: Backpressure, notify: Callable[[str], None]) -> None:
+        self.config, self.store, self.sealer = config, store, sealer
+        self.authenticator, self.backpressure, self.notify = authenticator, backpressure, notify
+        self.draining = False
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise UnavailableError("segrelay is restarting; retry shortly", retry_after=5)
+
+    async def handle(self, key: KeyRecord, settings_header: str | None, body: bytes) -> Answer:
+        """Everything after authentication: 200 / 202 or a ContractError."""
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise BadRequestError("Request body is not valid JSON") from None
+        kind = call_type(document)
+        settings = resolve(decode_header(settings_header))
+        now = time.time()
+        event = parse_event(document, body, datetime.fromtimestamp(now, UTC), settings.get("defaultCurrency"))
+        translation = translate(event, settings, active_vendors(settings, key.vendors))
+        for skip in translation.skips:
+            metrics.POSTBACKS.labels(skip.vendor, "skipped").inc()
+            metrics.SKIPS.labels(skip.vendor, skip.code).inc()
+        if settings.get("dryRun"):
+            return Answer(200, self._dry_run(translation), kind)
+        rows = summary(translation)
+        answer: dict[str, Any] = {"message": "accepted", "postbacks": rows}
+        if not translation.vendors:
+            answer["warning"] = ("No vendor is configured in this destination's settings: set "
+                                 "segmentstreamApiToken, tracifyApiToken and tracifyCustomerSiteId, or audiohookId")
+        if not translation.postbacks:
+            return Answer(200, answer, kind)
+        self.backpressure.check(len(translation.postbacks))
+        jobs = [NewJob(p.vendor, key.tenant, event.message_id, event.event_name or event.type, p.batch_key,
+                       self.sealer.seal(pack(p))) for p in translation.postbacks]
+        if not await self.store.accept(key.tenant, event.message_id, jobs, now=now,
+                                       ttl=self.config.idempotency_seconds):
+            metrics.DUPLICATES.inc()
+            return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
+        self.backpressure.depth += len(jobs)
+        for vendor in {p.vendor for p in translation.postbacks}:
+            metrics.POSTBACKS.labels(vendor, "queued").inc(sum(1 for p in translation.postbacks
+                                                                if p.vendor == vendor))
+            self.notify(vendor)
+        return Answer(202, answer, kind)
+
+    def _dry_run(self, translation: Translation) -> dict[str, Any]:
+        would_send = [render(BY_SLUG[p.vendor], [p], self.config.vendor_urls[p.vendor], redact=True)
+                      .describe(p.vendor) for p in translation.postbacks]
+        skipped = [{"vendor": s.vendor, "reason": s.reason} for s in translation.skips]
+        return {"message": "dry run: nothing was queued or sent", "wouldSend": would_send, "skipped": skipped}

@@ -1,0 +1,79 @@
+"""Postbacks -> the HTTP request that goes over the wire (auth applied, batches enveloped)."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+
+from handlers import Postback, Vendor
+from handlers._base import BasicAuth, HeaderAuth
+
+REDACTED = "<redacted>"
+USER_AGENT = "segrelay/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingRequest:
+    method: str
+    url: str
+    headers: dict[str, str]
+    content: bytes
+
+    def describe(self, vendor: str) -> dict[str, Any]:
+        """JSON-ready view for `segrelay translate` and dry runs (headers already redacted by render)."""
+        is_json = self.headers.get("content-type") == "application/json"
+        body: Any = orjson.loads(self.content) if is_json else self.content.decode()
+        return {"vendor": vendor, "method": self.method, "url": self.url, "headers": self.headers, "body": body}
+
+
+def render(vendor: Vendor, postbacks: list[Postback], base_url: str, *, redact: bool = False) -> OutgoingRequest:
+    """One request for one postback, or for a batch of postbacks sharing a batch key."""
+    first = postbacks[0]
+    headers = {"user-agent": USER_AGENT}
+    if first.form:
+        headers["content-type"] = "application/x-www-form-urlencoded"
+        content = urlencode({k: _form_value(v) for k, v in first.body.items()}).encode()
+    else:
+        headers["content-type"] = "application/json"
+        payload: Any = first.body
+        if vendor.batch is not None:
+            payload = {vendor.batch.envelope: [p.body for p in postbacks]}
+        content = orjson.dumps(payload)
+    if isinstance(first.auth, BasicAuth):
+        token = base64.b64encode(f"{first.auth.username}:".encode()).decode()
+        headers["authorization"] = "Basic " + (REDACTED if redact else token)
+    elif isinstance(first.auth, HeaderAuth):
+        headers[first.auth.name] = REDACTED if redact else first.auth.value
+    return OutgoingRequest("POST", base_url.rstrip("/") + first.path, headers, content)
+
+
+def _form_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def pack(postback: Postback) -> bytes:
+    """The stored form of a postback (sealed before it reaches the store)."""
+    auth: Any = None
+    if isinstance(postback.auth, BasicAuth):
+        auth = {"basic": postback.auth.username}
+    elif isinstance(postback.auth, HeaderAuth):
+        auth = {"header": [postback.auth.name, postback.auth.value]}
+    return orjson.dumps({"v": postback.vendor, "t": postback.target, "p": postback.path, "b": postback.body,
+                         "f": postback.form, "a": auth, "k": postback.batch_key})
+
+
+def unpack(data: bytes) -> Postback:
+    raw = orjson.loads(data)
+    auth = raw["a"]
+    parsed: BasicAuth | HeaderAuth | None = None
+    if auth and "basic" in auth:
+        parsed = BasicAuth(auth["basic"])
+    elif auth and "header" in auth:
+        parsed = HeaderAuth(*auth["header"])
+    return Postback(raw["v"], raw["t"], raw["p"], raw["b"], raw["f"], parsed, raw["k"])

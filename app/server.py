@@ -1,0 +1,215 @@
+"""The ASGI application: routes, JSON errors, request logging and the life cycle of store and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics
+from app.auth import Authenticator
+from app.config import Config
+from app.crypto import KeyHasher, Sealer
+from app.delivery.worker import Deliverer
+from app.errors import ContractError, PayloadTooLargeError
+from app.ingest import Backpressure, Ingest
+from app.log import request_id
+from app.store import Store, open_store
+from handlers import VENDORS
+
+log = logging.getLogger("segrelay.server")
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def __init__(self, content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> None:
+        super().__init__(orjson.dumps(content), status_code, headers)
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"message": message}, status, headers)
+
+
+class RequestContext:
+    """Pure ASGI middleware: a request id on every response and one JSON log line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        started, status = time.perf_counter(), 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["path"] not in ("/healthz", "/readyz", "/metrics") or status >= 400:
+                log.info("request", extra={"method": scope["method"], "path": scope["path"][:100],
+                                           "status": status,
+                                           "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            request_id.reset(token)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLargeError(f"Event is larger than {limit // 1024} KB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"Event is larger than {limit // 1024} KB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Service:
+    """Everything one running segrelay holds: store, ingest, delivery."""
+
+    def __init__(self, config: Config, store: Store | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config = config
+        self.store = store or open_store(config.store, consumer=uuid.uuid4().hex[:12])
+        self.sealer = Sealer(config.secret)
+        self.backpressure = Backpressure(config)
+        self.deliverer = Deliverer(config, self.store, self.sealer, transport=transport)
+        self.ingest = Ingest(config, self.store, self.sealer,
+                             Authenticator(self.store, KeyHasher(config.secret), config.key_cache_seconds),
+                             self.backpressure, self.deliverer.notify)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        now = time.time()
+        recovered = await self.store.recover_leases(now=now)
+        if recovered:
+            log.info("recovered leases of a previous run", extra={"postbacks": recovered})
+        self.backpressure.refresh(await self.store.depth())
+        if self.config.delivery:
+            self.deliverer.start()
+        self._tasks.append(asyncio.create_task(self._monitor(), name="monitor"))
+
+    async def stop(self) -> None:
+        self.ingest.draining = True
+        await self.deliverer.stop(self.config.drain_seconds)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.close()
+
+    async def _monitor(self) -> None:
+        """Once a second: queue depth and free disk for backpressure; every 5 s gauges; every minute upkeep."""
+        tick = 0
+        while True:
+            await asyncio.sleep(1.0)
+            tick += 1
+            try:
+                self.backpressure.refresh(await self.store.depth())
+                if tick % 5 == 0:
+                    stats = await self.store.stats(now=time.time())
+                    for vendor in VENDORS:
+                        vs = stats.vendors.get(vendor.slug)
+                        metrics.QUEUE_DEPTH.labels(vendor.slug).set(vs.pending + vs.leased if vs else 0)
+                        metrics.DEAD_LETTERS.labels(vendor.slug).set(vs.dead if vs else 0)
+                if tick % 60 == 0:
+                    await self.store.housekeeping(now=time.time())
+            except Exception:
+                log.exception("monitor error")
+
+
+def create_app(config: Config, *, store: Store | None = None,
+               transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    service = Service(config, store, transport)
+
+    async def segment(request: Request) -> Response:
+        started, kind = time.perf_counter(), "unknown"
+        try:
+            service.ingest.check_open()
+            key = await service.ingest.authenticator.authenticate(request.headers.get("authorization"))
+            body = await read_body(request, config.max_body_bytes)
+            answer = await service.ingest.handle(key, request.headers.get("x-segment-settings"), body)
+            kind = answer.call_type
+            response: Response = JSONResponse(answer.body, answer.status)
+        except ContractError as exc:
+            headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
+            response = error(exc.status_code, exc.message, headers)
+        except Exception:
+            log.exception("unexpected error in /segment")
+            response = error(500, "Internal error in segrelay; Segment will retry this event")
+        metrics.REQUESTS.labels(kind, str(response.status_code)).inc()
+        metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
+        return response
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if service.ingest.draining:
+            return error(503, "draining: shutting down")
+        try:
+            await asyncio.wait_for(service.store.ping(), timeout=2.0)
+        except Exception:
+            return error(503, "store unreachable")
+        return JSONResponse({"status": "ready"})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        messages = {404: f"Not found: {request.url.path[:100]} (Segment posts to /segment)",
+                    405: f"Method {request.method} not allowed on {request.url.path[:100]}"}
+        return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), dict(exc.headers or {}))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error", exc_info=exc)
+        return error(500, "Internal error in segrelay")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        yield
+        await service.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/segment", segment, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        middleware=[Middleware(RequestContext)],
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    return app

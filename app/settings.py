@@ -1,0 +1,73 @@
+"""X-Segment-Settings: decode the header and coerce each declared setting to its type."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from typing import Any
+
+import orjson
+
+from app.errors import BadRequestError
+from app.event import fold
+from handlers import ALL_SETTINGS
+from handlers._base import Setting
+
+_BY_FOLDED = {fold(s.name): s for s in ALL_SETTINGS}
+
+
+def decode_header(header: str | None) -> dict[str, Any]:
+    """Standard or URL-safe base64 of a JSON object, padding optional; absent -> {}."""
+    if header is None or not header.strip():
+        return {}
+    raw = header.strip()
+    try:
+        decoded = base64.b64decode(raw + "=" * (-len(raw) % 4), altchars=b"-_" if ("-" in raw or "_" in raw)
+                                   else None, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError("X-Segment-Settings is not valid base64") from None
+    try:
+        value = orjson.loads(decoded)
+    except orjson.JSONDecodeError:
+        raise BadRequestError("X-Segment-Settings does not decode to JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequestError(f"X-Segment-Settings must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def resolve(raw: dict[str, Any]) -> dict[str, Any]:
+    """Declared settings by their declared name, coerced; names match case-insensitively, others are ignored."""
+    resolved: dict[str, Any] = {s.name: s.default for s in ALL_SETTINGS}
+    for key, value in raw.items():
+        setting = _BY_FOLDED.get(fold(key))
+        if setting is not None and value is not None and value != "":
+            resolved[setting.name] = coerce(setting, value)
+    return resolved
+
+
+def coerce(setting: Setting, value: Any) -> Any:
+    name = setting.name
+    if setting.type == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise BadRequestError(f"Setting '{name}' must be true or false")
+    if setting.type == "array":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise BadRequestError(f"Setting '{name}' must be a list of strings or a comma-separated string")
+        return [i.strip() for i in items if i.strip()]
+    if not isinstance(value, str):
+        raise BadRequestError(f"Setting '{name}' must be a string")
+    value = value.strip()
+    if setting.type == "uuid":
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            raise BadRequestError(f"Setting '{name}' must be a UUID (like 123e4567-e89b-12d3-a456-426614174000)"
+                                  ) from None
+    if setting.type == "select" and value not in setting.choices:
+        raise BadRequestError(f"Setting '{name}' must be one of: {', '.join(setting.choices)}")
+    return value

@@ -1,0 +1,129 @@
+"""The store: API keys, idempotency records, the postback queue (leases, due times) and dead letters.
+
+One `Store` protocol, two implementations: `sqlite` (embedded, one process per file) and `redis` (shared by many
+replicas). The shared test suite in tests/test_store.py runs against both.
+
+A job moves through: accepted (due now) -> leased (due again when the lease expires) -> completed (gone),
+retried (due later, attempts + 1), released (due now or later, attempts unchanged) or buried (dead letter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.keys import KeyRecord
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    vendor: str
+    tenant: str
+    message_id: str
+    event_name: str
+    batch_key: str  # jobs of one vendor with the same non-empty key may share a request
+    payload: bytes  # sealed (encrypted) postback
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    vendor: str
+    tenant: str
+    message_id: str
+    event_name: str
+    batch_key: str
+    payload: bytes
+    attempts: int  # attempts made before this lease
+    created_at: float
+    receipt: str = ""  # implementation-specific handle of the lease
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    vendor: str
+    tenant: str
+    message_id: str
+    event_name: str
+    attempts: int
+    last_status: int | None  # the vendor's HTTP status; None for a network error
+    last_body: str  # the vendor's answer (truncated), or the error
+    created_at: float
+    died_at: float
+
+
+@dataclass(slots=True)
+class VendorStats:
+    pending: int = 0  # waiting, due now or later
+    leased: int = 0  # being sent
+    due: int = 0  # pending and due now
+    dead: int = 0
+
+
+@dataclass(slots=True)
+class QueueStats:
+    vendors: dict[str, VendorStats] = field(default_factory=dict)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(v, name) for v in self.vendors.values())
+
+
+class StoreError(Exception):
+    """The store cannot be reached or refused an operation."""
+
+
+class Store(Protocol):
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def save_key(self, record: KeyRecord) -> None: ...
+    async def find_key(self, key_id: str) -> KeyRecord | None: ...
+    async def list_keys(self) -> list[KeyRecord]: ...
+    async def revoke_key(self, key_id: str) -> bool: ...
+
+    async def accept(self, tenant: str, message_id: str, jobs: Sequence[NewJob], *, now: float,
+                     ttl: float) -> bool:
+        """Remember (tenant, message_id) for ttl seconds and queue its jobs, atomically.
+
+        False, and nothing queued, when the pair was already seen within its ttl.
+        """
+        ...
+
+    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]: ...
+    async def complete(self, jobs: Sequence[Job]) -> None: ...
+    async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None: ...
+    async def release(self, jobs: Sequence[Job], *, due_at: float) -> None:
+        """Hand leased jobs back without counting an attempt."""
+        ...
+
+    async def bury(self, job: Job, *, now: float, status: int | None, body: str) -> None: ...
+
+    async def dead_letters(self, vendor: str | None = None, limit: int = 100) -> list[DeadLetter]: ...
+    async def replay(self, ids: Sequence[str] | None, *, now: float) -> int:
+        """Queue dead letters again (all when ids is None), attempts reset; returns how many."""
+        ...
+
+    async def stats(self, *, now: float) -> QueueStats: ...
+    async def depth(self) -> int:
+        """Jobs not yet delivered or buried."""
+        ...
+
+    async def recover_leases(self, *, now: float) -> int:
+        """At boot: make the leases of a crashed predecessor due now, where the store cannot tell on its own."""
+        ...
+
+    async def housekeeping(self, *, now: float) -> None:
+        """Periodic upkeep: expire idempotency records, recover expired leases where needed."""
+        ...
+
+
+def open_store(url: str, *, consumer: str = "") -> Store:
+    if url.startswith("sqlite:///"):
+        from app.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url.removeprefix("sqlite:///"))
+    from app.store.redis import RedisStore
+
+    return RedisStore(url, consumer=consumer)

@@ -1,0 +1,246 @@
+"""The embedded store: one SQLite file in WAL mode, synchronous=FULL, one writer thread with group commit.
+
+Every operation runs on the writer thread. The thread takes whatever has queued up (up to `MAX_GROUP`
+operations), runs each inside its own savepoint and commits them together: one fsync serves many concurrent
+requests, and the event loop never blocks on the disk. Use one process per database file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from app.keys import KeyRecord
+from app.store import DeadLetter, Job, NewJob, QueueStats, StoreError, VendorStats
+
+T = TypeVar("T")
+MAX_GROUP = 512
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, digest TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL, vendors TEXT NOT NULL DEFAULT '', revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS seen (
+    tenant TEXT NOT NULL, message_id TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (tenant, message_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_at);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY, vendor TEXT NOT NULL, tenant TEXT NOT NULL, message_id TEXT NOT NULL,
+    event_name TEXT NOT NULL, batch_key TEXT NOT NULL, payload BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, due_at REAL NOT NULL,
+    leased INTEGER NOT NULL DEFAULT 0, dead INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER, last_body TEXT NOT NULL DEFAULT '', died_at REAL);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (dead, vendor, due_at);
+"""
+_JOB_COLUMNS = "id, vendor, tenant, message_id, event_name, batch_key, payload, attempts, created_at"
+
+
+class _Stop:
+    pass
+
+
+class SQLiteStore:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._conn = self._connect()
+        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._thread.start()
+        self.commits = 0  # transactions committed (group commit makes this much smaller than operations)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.executescript(SCHEMA)
+        return conn
+
+    # The writer thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        conn = self._conn
+        while True:
+            item = self._ops.get()
+            if isinstance(item, _Stop):
+                break
+            group = [item]
+            while len(group) < MAX_GROUP:
+                try:
+                    nxt = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(nxt, _Stop):
+                    self._ops.put(nxt)
+                    break
+                group.append(nxt)
+            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for fn, fut in group:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        results.append((fut, fn(conn), None))
+                        conn.execute("RELEASE op")
+                    except sqlite3.Error as exc:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        results.append((fut, None, StoreError(f"sqlite: {exc}")))
+                conn.execute("COMMIT")
+                self.commits += 1
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                results = [(fut, None, StoreError(f"sqlite commit failed: {exc}")) for _, fut in group]
+            by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+            for entry in results:
+                by_loop.setdefault(entry[0].get_loop(), []).append(entry)
+            for loop, entries in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the loop closed while we worked
+                    loop.call_soon_threadsafe(_resolve, entries)
+        conn.close()
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._thread.is_alive():
+            raise StoreError("sqlite store is closed")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._ops.put((fn, fut))
+        return await fut
+
+    # Store protocol -------------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._call(lambda c: c.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        if self._thread.is_alive():
+            self._ops.put(_Stop())
+            await asyncio.to_thread(self._thread.join)
+
+    async def save_key(self, record: KeyRecord) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (record.key_id, record.tenant, record.digest, record.created_at, record.expires_at,
+                       ",".join(record.vendors), int(record.revoked)))
+        await self._call(op)
+
+    async def find_key(self, key_id: str) -> KeyRecord | None:
+        row = await self._call(lambda c: c.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
+                               .fetchone())
+        return _key(row) if row else None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._call(lambda c: c.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall())
+        return [_key(r) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        count = await self._call(
+            lambda c: c.execute("UPDATE api_keys SET revoked = 1 WHERE key_id = ?", (key_id,)).rowcount)
+        return count > 0
+
+    async def accept(self, tenant: str, message_id: str, jobs: Sequence[NewJob], *, now: float,
+                     ttl: float) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            row = c.execute("SELECT expires_at FROM seen WHERE tenant = ? AND message_id = ?",
+                            (tenant, message_id)).fetchone()
+            if row is not None and row[0] > now:
+                return False
+            c.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)", (tenant, message_id, now + ttl))
+            c.executemany(
+                "INSERT INTO jobs (vendor, tenant, message_id, event_name, batch_key, payload, created_at, due_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(j.vendor, j.tenant, j.message_id, j.event_name, j.batch_key, j.payload, now, now) for j in jobs],
+            )
+            return True
+        return await self._call(op)
+
+    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
+        def op(c: sqlite3.Connection) -> list[Job]:
+            rows = c.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE dead = 0 AND vendor = ? AND due_at <= ?"  # noqa: S608
+                " ORDER BY due_at LIMIT ?", (vendor, now, limit)).fetchall()
+            c.executemany("UPDATE jobs SET leased = 1, due_at = ? WHERE id = ?",
+                          [(now + lease_seconds, r[0]) for r in rows])
+            return [_job(r) for r in rows]
+        return await self._call(op)
+
+    async def complete(self, jobs: Sequence[Job]) -> None:
+        await self._call(lambda c: c.executemany("DELETE FROM jobs WHERE id = ?", [(int(j.id),) for j in jobs]))
+
+    async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None:
+        await self._call(lambda c: c.execute(
+            "UPDATE jobs SET leased = 0, due_at = ?, attempts = ?, last_status = ?, last_body = ? WHERE id = ?",
+            (due_at, job.attempts + 1, status, body, int(job.id))))
+
+    async def release(self, jobs: Sequence[Job], *, due_at: float) -> None:
+        await self._call(lambda c: c.executemany("UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?",
+                                                 [(due_at, int(j.id)) for j in jobs]))
+
+    async def bury(self, job: Job, *, now: float, status: int | None, body: str) -> None:
+        await self._call(lambda c: c.execute(
+            "UPDATE jobs SET leased = 0, dead = 1, attempts = ?, last_status = ?, last_body = ?, died_at = ?"
+            " WHERE id = ?", (job.attempts + 1, status, body, now, int(job.id))))
+
+    async def dead_letters(self, vendor: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        sql = ("SELECT id, vendor, tenant, message_id, event_name, attempts, last_status, last_body, created_at,"
+               " died_at FROM jobs WHERE dead = 1")
+        args: tuple[Any, ...] = ()
+        if vendor:
+            sql, args = sql + " AND vendor = ?", (vendor,)
+        rows = await self._call(lambda c: c.execute(sql + " ORDER BY died_at LIMIT ?", (*args, limit)).fetchall())
+        return [DeadLetter(str(r[0]), *r[1:]) for r in rows]
+
+    async def replay(self, ids: Sequence[str] | None, *, now: float) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            update = ("UPDATE jobs SET dead = 0, leased = 0, attempts = 0, created_at = ?, due_at = ?,"
+                      " died_at = NULL WHERE dead = 1")
+            if ids is None:
+                return c.execute(update, (now, now)).rowcount
+            return sum(c.execute(update + " AND id = ?", (now, now, int(i))).rowcount for i in ids if i.isdigit())
+        return await self._call(op)
+
+    async def stats(self, *, now: float) -> QueueStats:
+        rows = await self._call(lambda c: c.execute(
+            "SELECT vendor, SUM(dead = 0 AND leased = 0), SUM(dead = 0 AND leased = 1 AND due_at > ?),"
+            " SUM(dead = 0 AND due_at <= ?), SUM(dead = 1) FROM jobs GROUP BY vendor", (now, now)).fetchall())
+        return QueueStats({r[0]: VendorStats(*(int(x or 0) for x in r[1:])) for r in rows})
+
+    async def depth(self) -> int:
+        row = await self._call(lambda c: c.execute("SELECT COUNT(*) FROM jobs WHERE dead = 0").fetchone())
+        return int(row[0])
+
+    async def housekeeping(self, *, now: float) -> None:
+        await self._call(lambda c: c.execute(
+            "DELETE FROM seen WHERE (tenant, message_id) IN"
+            " (SELECT tenant, message_id FROM seen WHERE expires_at <= ? LIMIT 5000)", (now,)))
+
+    async def recover_leases(self, *, now: float) -> int:
+        """At boot: leases held by a previous (dead) process become due now. One process per file."""
+        return await self._call(lambda c: c.execute(
+            "UPDATE jobs SET leased = 0, due_at = ? WHERE leased = 1 AND dead = 0", (now,)).rowcount)
+
+
+def _resolve(entries: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, result, error in entries:
+        if fut.done():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+
+def _key(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(row[0], row[1], row[2], row[3], row[4], tuple(v for v in row[5].split(",") if v),
+                     bool(row[6]))
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job(str(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], str(row[0]))

@@ -1,0 +1,50 @@
+"""One event and its settings -> the postbacks to send and the skips, for every active vendor."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.errors import BadRequestError, ForbiddenError
+from app.event import Event
+from handlers import VENDORS, Postback, Settings, Skip, Vendor
+
+
+@dataclass(slots=True)
+class Translation:
+    postbacks: list[Postback] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    vendors: list[str] = field(default_factory=list)
+
+
+def active_vendors(settings: Settings, entitled: Collection[str] = ()) -> list[Vendor]:
+    """Vendors enabled by the settings; 400 when one lacks a required setting, 403 when not entitled."""
+    active = []
+    for vendor in VENDORS:
+        if not vendor.is_active(settings):
+            continue
+        if entitled and vendor.slug not in entitled:
+            raise ForbiddenError(f"This API key is not allowed to send to {vendor.title} ({vendor.slug}); "
+                                 f"remove its settings or ask for a key that includes it")
+        for setting in vendor.settings:
+            if setting.required and settings.get(setting.name) in (None, ""):
+                raise BadRequestError(f"Setting '{setting.name}' is required when {vendor.title} is enabled")
+        active.append(vendor)
+    return active
+
+
+def translate(event: Event, settings: Settings, vendors: list[Vendor]) -> Translation:
+    result = Translation(vendors=[v.slug for v in vendors])
+    for vendor in vendors:
+        for outcome in vendor.build(event, settings):
+            (result.postbacks if isinstance(outcome, Postback) else result.skips).append(outcome)  # type: ignore[arg-type]
+    return result
+
+
+def summary(translation: Translation) -> list[dict[str, Any]]:
+    """The per-postback part of our answer to Segment."""
+    rows: list[dict[str, Any]] = [{"vendor": p.vendor, "target": p.target, "status": "queued"}
+                                  for p in translation.postbacks]
+    rows += [{"vendor": s.vendor, "status": "skipped", "reason": s.reason} for s in translation.skips]
+    return rows

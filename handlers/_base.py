@@ -1,0 +1,195 @@
+"""What a vendor module is made of: declared settings, postbacks, skips and shared field helpers.
+
+A vendor module is data plus one pure function `build(event, settings) -> list[Postback | Skip]`: no I/O, no
+clock, no randomness. Auth is declared on the postback and applied by delivery, which also owns retries,
+metrics and logging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Literal
+
+from app.event import Event
+
+SettingType = Literal["string", "boolean", "array", "uuid", "select"]
+Settings = Mapping[str, Any]  # resolved settings: declared name -> coerced value
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    type: SettingType
+    description: str
+    required: bool = False  # required once the vendor is active
+    secret: bool = False
+    activates: bool = False  # its presence makes the vendor active for the request
+    default: Any = None
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BasicAuth:
+    """`Authorization: Basic base64("<username>:")`."""
+
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderAuth:
+    name: str
+    value: str
+
+
+Auth = BasicAuth | HeaderAuth
+
+
+@dataclass(frozen=True, slots=True)
+class Postback:
+    vendor: str
+    target: str  # which endpoint of the vendor: a bounded word, used in responses and logs
+    path: str  # appended to the operator-configured base URL of the vendor
+    body: dict[str, Any]
+    form: bool = False  # form-encoded flat body instead of JSON
+    auth: Auth | None = None
+    batch_key: str = ""  # postbacks with the same non-empty key may share one request
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    vendor: str
+    code: str  # bounded word for metrics: not_routed, missing_field, too_large
+    reason: str  # what a customer reads in Segment's Event Delivery view
+
+
+Outcome = Postback | Skip
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    envelope: str  # {"<envelope>": [body, ...]}
+    max_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Vendor:
+    slug: str
+    title: str
+    settings: tuple[Setting, ...]
+    build: Callable[[Event, Settings], list[Outcome]]
+    default_url: str
+    batch: Batch | None = None
+    success: Callable[[int, bytes], bool] = field(default=lambda status, body: 200 <= status < 300)
+
+    @property
+    def url_env(self) -> str:
+        return f"SEGRELAY_{self.slug.upper()}_URL"
+
+    def is_active(self, settings: Settings) -> bool:
+        return any(settings.get(s.name) not in (None, "", []) for s in self.settings if s.activates)
+
+
+# Shared field helpers ------------------------------------------------------------------------------------
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_SNAKE = re.compile(r"[^a-z0-9]+")
+_UUID_EPOCH = datetime(1582, 10, 15, tzinfo=UTC)
+_MULTICAST = 0x010000000000
+
+
+def sha256_hex(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def email_hash(email: str, *, lower: bool) -> str:
+    """sha256 hex of the trimmed (and optionally lower-cased) address; a 64-hex value is already a hash."""
+    value = email.strip()
+    if _HEX64.match(value):
+        return value.lower()
+    return sha256_hex(value.lower() if lower else value)
+
+
+def snake_case(name: str) -> str:
+    """"Subscription Created" -> "subscription_created"."""
+    return _SNAKE.sub("_", name.lower()).strip("_")
+
+
+def iso_millis(ts: datetime) -> str:
+    """2026-11-20T10:30:00.123Z."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def deterministic_uuid1(ts: datetime, seed: str) -> str:
+    """A version-1 UUID whose time is `ts` and whose clock_seq and node come from sha256(seed).
+
+    The same message always gets the same id, so a vendor deduplicating on it drops our retries.
+    """
+    delta = ts - _UUID_EPOCH
+    ticks = (delta.days * 86_400 + delta.seconds) * 10_000_000 + delta.microseconds * 10
+    digest = hashlib.sha256(seed.encode()).digest()
+    clock_seq = int.from_bytes(digest[:2], "big") & 0x3FFF
+    node = int.from_bytes(digest[2:8], "big") | _MULTICAST
+    fields = (
+        ticks & 0xFFFFFFFF,
+        (ticks >> 32) & 0xFFFF,
+        (ticks >> 48) & 0x0FFF,
+        clock_seq >> 8,
+        clock_seq & 0xFF,
+        node,
+    )
+    return str(uuid.UUID(fields=fields, version=1))
+
+
+def money(value: Decimal, *, comma: bool = False) -> str:
+    """Two decimals, "100.00" (or "100,00")."""
+    result = f"{value.quantize(Decimal('0.01'), rounding=ROUND_HALF_UP):f}"
+    return result.replace(".", ",") if comma else result
+
+
+def as_number(value: Decimal) -> int | float:
+    """A JSON number: integral values stay integers only when written as such."""
+    return int(value) if value == value.to_integral_value() and value.as_tuple().exponent == 0 else float(value)
+
+
+def quantity(value: Decimal) -> int | float:
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+def drop_empty(value: Any) -> Any:
+    """Remove None, "", {} and [] recursively."""
+    if isinstance(value, dict):
+        cleaned = {k: drop_empty(v) for k, v in value.items()}
+        return {k: v for k, v in cleaned.items() if v is not None and v != "" and v != {} and v != []}
+    if isinstance(value, list):
+        return [drop_empty(v) for v in value]
+    return value
+
+
+def routed_name(event: Event, settings: Settings, table: Mapping[str, str]) -> str | None:
+    """The vendor's name for a spec event, from its routing table (`page` and canonical track names)."""
+    key = "page" if event.type == "page" else (event.canonical_name or "")
+    return table.get(key)
+
+
+def is_conversion(event: Event, settings: Settings) -> bool:
+    names = settings.get("conversionEvents") or []
+    return event.type == "track" and listed(event.event_name, names)
+
+
+def listed(name: str | None, names: list[str]) -> bool:
+    """Case-insensitive membership of an event name in a list setting."""
+    if not name:
+        return False
+    wanted = name.strip().lower()
+    return any(n.strip().lower() == wanted for n in names)
+
+
+def describe(event: Event) -> str:
+    """'track "Order Completed"' or 'page' for messages."""
+    return f'{event.type} "{event.event_name}"' if event.type == "track" else event.type

@@ -1,0 +1,110 @@
+"""Audiohook: the S2S pixel, one flat JSON object per request. `vendors.md` §4."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.event import Event, fold
+from handlers._base import (
+    Outcome,
+    Postback,
+    Setting,
+    Settings,
+    Skip,
+    Vendor,
+    as_number,
+    describe,
+    drop_empty,
+    email_hash,
+    is_conversion,
+    iso_millis,
+    listed,
+    quantity,
+    routed_name,
+    snake_case,
+)
+
+SLUG = "audiohook"
+ROUTES = {
+    "page": "pageview",
+    "Product Viewed": "product_viewed",
+    "Product Added": "add_to_cart",
+    "Checkout Started": "checkout_started",
+    "Order Completed": "purchase",
+}
+FALLBACK_IP = "0.0.0.0"
+# Properties already mapped to a field of their own (or PII) are left out of event_payload.
+_MAPPED = frozenset(
+    fold(k)
+    for k in ("order_id", "checkout_id", "total", "value", "currency", "products", "url", "referrer", "email",
+              "session_id", "product_id", "sku", "name", "price", "quantity")
+)
+
+SETTINGS = (
+    Setting("audiohookId", "uuid", "Audiohook account id (the UUID in the pixel URL)", activates=True),
+    Setting("audiohookEvents", "array", "Other track events to send to Audiohook (snake_case names)"),
+    Setting("audiohookMissingIp", "select", "Purchases without ip/user agent: skip, or send with 0.0.0.0",
+            default="skip", choices=("skip", "fallback")),
+)
+
+
+def build(event: Event, settings: Settings) -> list[Outcome]:
+    name = routed_name(event, settings, ROUTES)
+    if name is None and event.type == "track" and event.event_name and (
+        is_conversion(event, settings) or listed(event.event_name, settings.get("audiohookEvents") or [])
+    ):
+        name = snake_case(event.event_name)
+    if name is None:
+        return [Skip(SLUG, "not_routed", f"Audiohook: {describe(event)} is not mapped and not listed in "
+                                         f"audiohookEvents or conversionEvents")]
+    ip, user_agent = event.ip, event.user_agent
+    if not (ip and user_agent):
+        if not (name == "purchase" and settings.get("audiohookMissingIp") == "fallback"):
+            missing = " and ".join(n for n, v in (("ip", ip), ("user agent", user_agent)) if not v)
+            return [Skip(SLUG, "missing_field", f"Audiohook: {describe(event)} has no {missing} (context.ip, "
+                                                f"context.userAgent); set audiohookMissingIp to fallback to "
+                                                f"send purchases anyway")]
+        ip, user_agent = ip or FALLBACK_IP, user_agent or event.library or "unknown"
+    visitor = event.anonymous_id or event.user_id
+    body: dict[str, Any] = {
+        "event_name": name,
+        "timestamp": iso_millis(event.ts),
+        "visitor_id": visitor,
+        "persistent_anonymous_user_id": visitor,
+        "session_id": event.session_id,
+        "ip_address": ip,
+        "user_agent": user_agent,
+        "url": event.page_url,
+        "referrer": event.referrer,
+        "email": email_hash(event.email, lower=True) if event.email else None,
+    }
+    if name == "purchase":
+        if event.order_id is None:
+            return [Skip(SLUG, "missing_field", "Audiohook: purchase has no order_id")]
+        body["order_id"] = event.order_id
+        body["items"] = [
+            {
+                "product_id": p.id,
+                "product_name": p.name,
+                "price": as_number(p.price) if p.price is not None else None,
+                "quantity": quantity(p.quantity),
+            }
+            for p in event.products
+        ]
+    if name == "purchase" or is_conversion(event, settings):
+        body["value"] = as_number(event.order_total) if event.order_total is not None else None
+        body["currency"] = event.currency
+    body["event_payload"] = {
+        k: v for k, v in event.raw_props.items()
+        if fold(k) not in _MAPPED and isinstance(v, str | int | float | bool)
+    }
+    return [Postback(SLUG, "pixel", f"/{settings['audiohookId']}/pixel.png", drop_empty(body))]
+
+
+VENDOR = Vendor(
+    slug=SLUG,
+    title="Audiohook",
+    settings=SETTINGS,
+    build=build,
+    default_url="https://listen.audiohook.com",
+)

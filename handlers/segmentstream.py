@@ -1,0 +1,208 @@
+"""SegmentStream: the postback API (`/track`) and the webhook data stream (`/ds/<id>`). `vendors.md` §2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from app.event import Event, Product, number, text
+from handlers._base import (
+    BasicAuth,
+    Outcome,
+    Postback,
+    Setting,
+    Settings,
+    Skip,
+    Vendor,
+    as_number,
+    describe,
+    deterministic_uuid1,
+    drop_empty,
+    email_hash,
+    is_conversion,
+    iso_millis,
+    money,
+    quantity,
+)
+
+SLUG = "segmentstream"
+MAX_BYTES = 64 * 1024
+ECOMMERCE = "Ecommerce"
+ORDER_STATUS = {"Order Updated": "updated", "Order Refunded": "refunded", "Order Cancelled": "cancelled"}
+DATA_STREAM_STATUS = {"Order Completed": "completed", **ORDER_STATUS}
+
+# canonical Segment name -> (SegmentStream event name, category)
+ROUTES: dict[str, tuple[str, str | None]] = {
+    "page": ("Viewed Page", None),
+    "Product Viewed": ("Viewed Product Detail", ECOMMERCE),
+    "Product Added": ("Added Product", ECOMMERCE),
+    "Checkout Started": ("Started Order", ECOMMERCE),
+    "Order Completed": ("Completed Transaction", ECOMMERCE),
+    **{name: ("Updated Transaction", ECOMMERCE) for name in ORDER_STATUS},
+}
+
+SETTINGS = (
+    Setting("segmentstreamApiToken", "string", "SegmentStream API token (postback API)", secret=True,
+            activates=True),
+    Setting("segmentstreamDataStreamId", "uuid", "SegmentStream webhook data stream id (orders to BigQuery)",
+            activates=True),
+    Setting("segmentstreamSource", "string", "event.source sent to SegmentStream", default="Segment"),
+    Setting("segmentstreamRegion", "string", "event.website.region"),
+    Setting("segmentstreamEnvironment", "string", "event.website.environment", default="production"),
+)
+
+
+def build(event: Event, settings: Settings) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    if event.type not in ("track", "page"):
+        return [Skip(SLUG, "not_routed", f"SegmentStream takes track and page calls, not {event.type}")]
+    if settings.get("segmentstreamApiToken"):
+        outcomes.append(_track(event, settings))
+    stream_id = settings.get("segmentstreamDataStreamId")
+    if stream_id and event.canonical_name in DATA_STREAM_STATUS:
+        outcomes.append(_data_stream(event, stream_id))
+    return outcomes
+
+
+def _track(event: Event, settings: Settings) -> Outcome:
+    key = "page" if event.type == "page" else (event.canonical_name or "")
+    name, category = ROUTES.get(key, (event.event_name or "", None))
+    if event.type == "track" and is_conversion(event, settings):
+        name, category = event.event_name or name, None
+    body_event: dict[str, Any] = {
+        "name": name,
+        "category": category,
+        "label": text(event.prop("label")),
+        "value": _value(event),
+        "nonInteraction": _non_interaction(event),
+        "source": settings.get("segmentstreamSource") or "Segment",
+        "user": {
+            "userId": event.user_id,
+            "anonymousId": event.anonymous_id,
+            "emailHash": email_hash(event.email, lower=False) if event.email else None,
+        },
+        "website": {
+            "region": settings.get("segmentstreamRegion"),
+            "environment": settings.get("segmentstreamEnvironment") or "production",
+            "currency": event.currency,
+        },
+    }
+    if name in ("Completed Transaction", "Updated Transaction"):
+        if event.order_id is None:
+            return Skip(SLUG, "missing_field", f"SegmentStream: {describe(event)} has no order_id")
+        body_event["transaction"] = _transaction(event)
+    body = drop_empty(
+        {
+            "hitId": deterministic_uuid1(event.ts, event.message_id),
+            "sentAt": iso_millis(event.ts),
+            "event": body_event,
+            "context": {"ip": event.ip},
+            "integrations": {"Google Analytics": {"clientId": event.ga_client_id}},
+        }
+    )
+    body = _fit(body)
+    if body is None:
+        return Skip(SLUG, "too_large", "SegmentStream: postback exceeds 64 KB even without line items")
+    token = settings["segmentstreamApiToken"]
+    return Postback(SLUG, "track", "/track", body, auth=BasicAuth(token))
+
+
+def _value(event: Event) -> int | None:
+    amount = number(event.prop("value"))
+    if amount is None or amount < 0:
+        return None
+    return int(amount.to_integral_value())
+
+
+def _non_interaction(event: Event) -> bool | None:
+    for key in ("nonInteraction", "non_interaction"):
+        value = event.prop(key)
+        if isinstance(value, bool):
+            return value
+    return True if event.canonical_name in ORDER_STATUS else None
+
+
+def _transaction(event: Event) -> dict[str, Any]:
+    status = ORDER_STATUS.get(event.canonical_name or "") or text(event.prop("status"))
+    discount = number(event.prop("discount"))
+    subtotal, shipping = number(event.prop("subtotal")), number(event.prop("shipping"))
+    return {
+        "orderId": event.order_id,
+        "total": as_number(event.order_total) if event.order_total is not None else None,
+        "subtotal": as_number(subtotal) if subtotal is not None else None,
+        "status": status,
+        "currency": event.currency,
+        "voucher": text(event.prop("coupon")),
+        "voucherDiscount": str(discount) if discount is not None else None,
+        "shippingCost": as_number(shipping) if shipping is not None else None,
+        "paymentMethod": text(event.prop("payment_method")),
+        "lineItems": [_line_item(p, event.currency) for p in event.products],
+    }
+
+
+def _line_item(product: Product, currency: str | None) -> dict[str, Any]:
+    price = product.price
+    unit_price = product.compare_at_price if product.compare_at_price is not None else price
+    return {
+        "quantity": quantity(product.quantity),
+        "subtotal": as_number(price * product.quantity) if price is not None else None,
+        "product": {
+            "id": product.id,
+            "name": product.name,
+            "currency": currency,
+            "unitSalePrice": as_number(price) if price is not None else None,
+            "unitPrice": as_number(unit_price) if unit_price is not None else None,
+            "category": product.category,
+            "manufacturer": product.brand,
+            "skuCode": product.sku,
+        },
+    }
+
+
+def _fit(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Shrink a body over 64 KB: drop category/manufacturer, then names, then line items; never totals."""
+    if len(orjson.dumps(body)) <= MAX_BYTES:
+        return body
+    items: list[dict[str, Any]] = body.get("event", {}).get("transaction", {}).get("lineItems", [])
+    for keys in (("category", "manufacturer"), ("name",)):
+        for item in items:
+            for key in keys:
+                item.get("product", {}).pop(key, None)
+        if len(orjson.dumps(body)) <= MAX_BYTES:
+            return body
+    while items:
+        del items[len(items) // 2 :]
+        if len(orjson.dumps(body)) <= MAX_BYTES:
+            return body
+    return None
+
+
+def _data_stream(event: Event, stream_id: str) -> Outcome:
+    if event.order_id is None:
+        return Skip(SLUG, "missing_field", f"SegmentStream data stream: {describe(event)} has no order_id")
+    status = text(event.prop("status")) or DATA_STREAM_STATUS[event.canonical_name or ""]
+    stamp = iso_millis(event.ts)
+    body = drop_empty(
+        {
+            "orderId": event.order_id,
+            "status": status,
+            "total": money(event.order_total) if event.order_total is not None else None,
+            "currency": event.currency,
+            "userId": event.user_id,
+            "anonymousId": event.anonymous_id,
+            "messageId": event.message_id,
+            "createdAt": stamp,
+            "updatedAt": stamp,
+        }
+    )
+    return Postback(SLUG, "data_stream", f"/ds/{stream_id}", body, form=True)
+
+
+VENDOR = Vendor(
+    slug=SLUG,
+    title="SegmentStream",
+    settings=SETTINGS,
+    build=build,
+    default_url="https://track.segmentstream.com",
+)

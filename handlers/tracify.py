@@ -1,0 +1,138 @@
+"""Tracify: the server-side events API. `vendors.md` §3."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from app.event import Event, text
+from handlers._base import (
+    Batch,
+    HeaderAuth,
+    Outcome,
+    Postback,
+    Setting,
+    Settings,
+    Skip,
+    Vendor,
+    describe,
+    drop_empty,
+    is_conversion,
+    money,
+    quantity,
+    routed_name,
+)
+
+SLUG = "tracify"
+ROUTES = {
+    "page": "pageview",
+    "Product Viewed": "productview",
+    "Product Added": "addtocart",
+    "Order Completed": "purchase",
+}
+WITH_URL_PARAMS = frozenset({"pageview", "productview"})
+
+SETTINGS = (
+    Setting("tracifyApiToken", "string", "Tracify API token (tracify-token header)", required=True, secret=True,
+            activates=True),
+    Setting("tracifyCustomerSiteId", "uuid", "Tracify customer site id", required=True, activates=True),
+    Setting("tracifyDecimalComma", "boolean", "Send amounts as \"100,00\" instead of \"100.00\"", default=False),
+)
+
+
+def calc_group(value: str) -> str:
+    """sha256hex(sha256hex(x)[:-5]): Tracify's identity hash, dropping five hex characters."""
+    inner = hashlib.sha256(value.encode()).hexdigest()[:-5]
+    return hashlib.sha256(inner.encode()).hexdigest()
+
+
+def identity_data(event: Event) -> dict[str, int]:
+    identities: dict[str, int] = {}
+    if event.email:
+        identities[calc_group(event.email.strip().lower())] = 1
+    if event.ip and event.user_agent:
+        identities[calc_group(f"{event.ip}|{event.user_agent}")] = 2
+    if event.ip:
+        identities[calc_group(event.ip)] = 3
+    if event.user_agent:
+        identities[calc_group(event.user_agent)] = 4
+    return identities
+
+
+def build(event: Event, settings: Settings) -> list[Outcome]:
+    kind = "conversion" if is_conversion(event, settings) else routed_name(event, settings, ROUTES)
+    if kind is None:
+        return [Skip(SLUG, "not_routed", f"Tracify takes page views, product views, add-to-cart, purchases "
+                                         f"and conversionEvents; {describe(event)} is none of them")]
+    if not event.page_url:
+        return [Skip(SLUG, "missing_field", f"Tracify: {describe(event)} has no page url (context.page.url)")]
+    identities = identity_data(event)
+    if not identities:
+        return [Skip(SLUG, "missing_field", f"Tracify: {describe(event)} has no email, ip or user agent")]
+    parts = urlsplit(event.page_url)
+    comma = bool(settings.get("tracifyDecimalComma"))
+    data: dict[str, Any] = {"origin": f"{parts.scheme}://{parts.netloc}", "Referer": event.referrer}
+    if kind in WITH_URL_PARAMS:
+        data.update(event.url_params)
+    if kind == "purchase":
+        missing = [n for n, v in (("order_id", event.order_id), ("currency", event.currency),
+                                  ("amount", event.order_total)) if v is None]
+        if missing:
+            return [Skip(SLUG, "missing_field", f"Tracify: purchase has no {', '.join(missing)}")]
+        data.update(_purchase(event, comma))
+    elif kind == "conversion":
+        data["conversion_id"] = text(event.prop("conversion_id")) or event.order_id or event.message_id
+        data["currency"] = event.currency
+        data["amount"] = money(event.order_total, comma=comma) if event.order_total is not None else None
+    body = {
+        "url": urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),
+        "customer_site_id": settings["tracifyCustomerSiteId"],
+        "datetime": event.ts.strftime("%Y-%m-%d %H:%M:%S"),
+        "type": kind,
+        "identity_data": identities,
+        "data": drop_empty(data),
+    }
+    token, site = settings["tracifyApiToken"], settings["tracifyCustomerSiteId"]
+    batch_key = hashlib.sha256(f"{token}\0{site}".encode()).hexdigest()[:32]
+    return [Postback(SLUG, "events", "/api/v1/events", body, auth=HeaderAuth("tracify-token", token),
+                     batch_key=batch_key)]
+
+
+def _purchase(event: Event, comma: bool) -> dict[str, Any]:
+    assert event.order_total is not None
+    data: dict[str, Any] = {
+        "order_id": event.order_id,
+        "currency": event.currency,
+        "cc": event.currency,
+        "amount": money(event.order_total, comma=comma),
+    }
+    for n, product in enumerate(event.products, start=1):
+        data[f"ITEM{n}"] = product.name or product.sku or product.id
+        data[f"AMT{n}"] = money(product.price, comma=comma) if product.price is not None else None
+        data[f"QTY{n}"] = str(quantity(product.quantity))
+    return data
+
+
+def succeeded(status: int, body: bytes) -> bool:
+    """HTTP 200 and {"status": true}: Tracify answers 200 with status false on failure."""
+    if status != 200:
+        return False
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(answer, dict) and answer.get("status") is True
+
+
+VENDOR = Vendor(
+    slug=SLUG,
+    title="Tracify",
+    settings=SETTINGS,
+    build=build,
+    default_url="https://api.tracify.ai",
+    batch=Batch(envelope="events", max_size=100),
+    success=succeeded,
+)
