@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import RedisServer, Segrelay, VendorStub
+
+
+@pytest.fixture(scope="session")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VendorStub]:
+    vendor_stub = VendorStub(tmp_path_factory.mktemp("stub"))
+    yield vendor_stub
+    vendor_stub.stop()
+
+
+@pytest.fixture
+def fresh_stub(stub: VendorStub) -> VendorStub:
+    stub.reset()
+    return stub
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, stub: VendorStub) -> Iterator[Segrelay]:
+    """One segrelay process per test module, its vendors pointed at the stub."""
+    service = Segrelay(tmp_path_factory.mktemp("segrelay"), stub.env()).start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, stub: VendorStub) -> Iterator[type[Segrelay]]:
+    started: list[Segrelay] = []
+
+    class Factory(Segrelay):
+        def __init__(self, env: dict[str, str] | None = None, name: str = "segrelay", tmp: Path = tmp_path) -> None:
+            super().__init__(tmp, {**stub.env(), **(env or {})}, name)
+            started.append(self)
+
+    yield Factory
+    for service in started:
+        if service.proc is not None and service.proc.poll() is None:
+            service.proc.kill()
+            service.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
