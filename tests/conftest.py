@@ -27,6 +27,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, stub: VendorStub) -> Iterat
     service = Segrelay(tmp_path_factory.mktemp("segrelay"), stub.env()).start()
     yield service
     service.stop()
+    service.cleanup()
 
 
 @pytest.fixture
@@ -40,9 +41,7 @@ def make_server(tmp_path: Path, stub: VendorStub) -> Iterator[type[Segrelay]]:
 
     yield Factory
     for service in started:
-        if service.proc is not None and service.proc.poll() is None:
-            service.proc.kill()
-            service.proc.wait(10)
+        service.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -164,6 +164,14 @@ class Segrelay:
         if self.proc is not None and self.proc.poll() is None:
             self.terminate()
 
+    def cleanup(self) -> None:
+        """Kill whatever is still running (a test that failed half-way) and close the log."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc is not None and not self.log.closed:
+            self.log.close()
+
     def logs(self) -> str:
         return (self.tmp / f"{self.name}.log").read_text()
 

@@ -1,0 +1,208 @@
+"""Durable delivery end to end: the real server, a real SQLite file, the vendor stub answering as scripted."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import ALL_VENDORS, SITE_ID, Segrelay, VendorStub, fixture, wait_until
+
+SS_ONLY = {"segmentstreamApiToken": "ss-token"}
+TRACIFY_ONLY = {"tracifyApiToken": "tr-token", "tracifyCustomerSiteId": SITE_ID}
+
+
+def order(message_id: str | None = None) -> dict[str, Any]:
+    return {**fixture("order_completed.json"), "messageId": message_id or f"m-{uuid.uuid4()}"}
+
+
+def delivered(stub: VendorStub, prefix: str, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+    assert wait_until(lambda: len(stub.requests(prefix)) >= count, timeout), stub.requests(prefix)
+    return stub.requests(prefix)
+
+
+def dlq(service: Segrelay) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(service.cli("dlq", "list", "--json").stdout)
+    return rows
+
+
+def queue_stats(service: Segrelay) -> dict[str, dict[str, int]]:
+    stats: dict[str, dict[str, int]] = json.loads(service.cli("queue", "stats", "--json").stdout)
+    return stats
+
+
+def settled(service: Segrelay, vendor: str) -> bool:
+    row = queue_stats(service)[vendor]
+    return row["pending"] == 0 and row["leased"] == 0
+
+
+def test_500_503_500_then_204_is_delivered_once_with_the_same_hit_id(fresh_stub: VendorStub,
+                                                                     make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/segmentstream/track", [{"status": 500}, {"status": 503}, {"status": 500}])
+    service = make_server().start()
+    assert service.post(order(), SS_ONLY).status_code == 202
+    requests = delivered(fresh_stub, "/segmentstream/track", 4)
+    assert wait_until(lambda: settled(service, "segmentstream"))
+    assert len(fresh_stub.requests("/segmentstream/track")) == 4
+    assert len({json.loads(r["body"])["hitId"] for r in requests}) == 1
+    assert requests[0]["headers"]["authorization"] == "Basic c3MtdG9rZW46"
+    metrics = httpx.get(service.url + "/metrics").text
+    assert 'segrelay_postbacks_total{outcome="retried",vendor="segmentstream"} 3.0' in metrics
+    assert 'segrelay_postbacks_total{outcome="delivered",vendor="segmentstream"} 1.0' in metrics
+    assert dlq(service) == []
+
+
+def test_429_with_retry_after_waits_before_the_next_attempt(fresh_stub: VendorStub,
+                                                            make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/segmentstream/track", [{"status": 429, "headers": {"Retry-After": "1"}}])
+    service = make_server().start()
+    service.post(order(), SS_ONLY)
+    first, second = delivered(fresh_stub, "/segmentstream/track", 2)
+    gap = second["at"] - first["at"]
+    assert gap >= 1.0, f"the retry came {gap:.3f} s after a Retry-After of 1 s"
+
+
+def test_a_hang_past_the_read_timeout_is_retried(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/segmentstream/track", [{"status": 204, "delay": 3}])
+    service = make_server({"SEGRELAY_READ_TIMEOUT": "0.5"}).start()
+    service.post(order(), SS_ONLY)
+    delivered(fresh_stub, "/segmentstream/track", 2)
+    assert wait_until(lambda: settled(service, "segmentstream"))
+    assert dlq(service) == []
+
+
+def test_400_is_dead_lettered_at_once_then_replayed(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/segmentstream/track", [{"status": 400, "body": '{"error": "hitId malformed"}'}])
+    service = make_server().start()
+    event = order()
+    service.post(event, SS_ONLY)
+    assert wait_until(lambda: len(dlq(service)) == 1)
+    (letter,) = dlq(service)
+    assert letter["vendor"] == "segmentstream" and letter["last_status"] == 400 and letter["attempts"] == 1
+    assert letter["last_body"] == '{"error": "hitId malformed"}'
+    assert letter["message_id"] == event["messageId"] and letter["tenant"] == "acme"
+    assert len(fresh_stub.requests("/segmentstream/track")) == 1
+    text_listing = service.cli("dlq", "list").stdout
+    assert "hitId malformed" in text_listing and "status=400" in text_listing
+    assert "replayed 1" in service.cli("dlq", "replay", letter["id"]).stdout
+    delivered(fresh_stub, "/segmentstream/track", 2)
+    assert wait_until(lambda: settled(service, "segmentstream") and dlq(service) == [])
+
+
+def test_tracify_status_false_is_dead_lettered(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/tracify", [{"status": 200, "body": '{"status": false, "error": "invalid token"}'}])
+    service = make_server().start()
+    service.post(order(), TRACIFY_ONLY)
+    assert wait_until(lambda: len(dlq(service)) == 1)
+    letter = dlq(service)[0]
+    assert letter["vendor"] == "tracify" and letter["last_status"] == 200 and "invalid token" in letter["last_body"]
+    request = fresh_stub.requests("/tracify")[0]
+    assert request["path"] == "/tracify/api/v1/events" and request["headers"]["tracify-token"] == "tr-token"
+
+
+def test_a_duplicate_message_id_is_not_sent_twice(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    service = make_server().start()
+    event = order()
+    assert service.post(event, SS_ONLY).status_code == 202
+    delivered(fresh_stub, "/segmentstream/track", 1)
+    again = service.post(event, SS_ONLY)
+    assert again.status_code == 200 and again.json()["message"] == "duplicate"
+    assert wait_until(lambda: settled(service, "segmentstream"))
+    assert len(fresh_stub.requests("/segmentstream/track")) == 1
+    assert "segrelay_duplicates_total 1.0" in httpx.get(service.url + "/metrics").text
+
+
+def test_queue_past_its_bound_answers_503_with_retry_after(fresh_stub: VendorStub,
+                                                           make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/segmentstream", [], default={"status": 503})
+    service = make_server({"SEGRELAY_MAX_QUEUE": "3", "SEGRELAY_RETRY_BASE_SECONDS": "30"}).start()
+    answers = [service.post(order(), SS_ONLY) for _ in range(5)]
+    assert [a.status_code for a in answers] == [202, 202, 202, 503, 503]
+    assert answers[3].headers["retry-after"] == "30"
+    assert "queue is full" in answers[3].json()["message"]
+
+
+def test_retries_exhausted_become_dead_letters_with_the_last_answer(fresh_stub: VendorStub,
+                                                                    make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/audiohook", [], default={"status": 502, "body": "bad gateway"})
+    service = make_server({"SEGRELAY_MAX_ATTEMPTS": "3"}).start()
+    service.post(order(), {"audiohookId": ALL_VENDORS["audiohookId"]})
+    assert wait_until(lambda: len(dlq(service)) == 1)
+    letter = dlq(service)[0]
+    assert (letter["attempts"], letter["last_status"], letter["last_body"]) == (3, 502, "bad gateway")
+    assert len(fresh_stub.requests("/audiohook")) == 3
+
+
+def test_tracify_postbacks_due_together_share_one_request(fresh_stub: VendorStub,
+                                                          make_server: type[Segrelay]) -> None:
+    service = make_server({"SEGRELAY_DELIVERY": "off"}).start()
+    for _ in range(5):
+        assert service.post(order(), TRACIFY_ONLY).status_code == 202
+    service.terminate()
+    service.env["SEGRELAY_DELIVERY"] = "on"
+    service.start()
+    (request,) = delivered(fresh_stub, "/tracify", 1)
+    assert len(json.loads(request["body"])["events"]) == 5
+    assert wait_until(lambda: settled(service, "tracify"))
+    assert len(fresh_stub.requests("/tracify")) == 1
+
+
+def test_a_slow_vendor_does_not_delay_the_others(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/audiohook", [{"status": 200, "delay": 4}])
+    service = make_server().start()
+    service.post(order(), ALL_VENDORS)
+    delivered(fresh_stub, "/segmentstream/track", 1)
+    delivered(fresh_stub, "/tracify", 1)
+    # Audiohook is still on its first (hanging) request while the others are done.
+    assert queue_stats(service)["audiohook"]["leased"] == 1
+    delivered(fresh_stub, "/audiohook", 1)
+
+
+def test_order_completed_reaches_all_three_vendors_exactly(fresh_stub: VendorStub,
+                                                         make_server: type[Segrelay]) -> None:
+    service = make_server().start()
+    assert service.post(order("oc-e2e-1"), ALL_VENDORS).status_code == 202
+    assert wait_until(lambda: len(fresh_stub.requests()) == 4), fresh_stub.requests()
+    by_path = {r["path"]: r for r in fresh_stub.requests()}
+    track = by_path["/segmentstream/track"]
+    assert track["headers"]["content-type"] == "application/json"
+    assert json.loads(track["body"])["event"]["transaction"]["orderId"] == "50314b8e9bcf000000000000"
+    stream = by_path[f"/segmentstream/ds/{ALL_VENDORS['segmentstreamDataStreamId']}"]
+    assert stream["headers"]["content-type"] == "application/x-www-form-urlencoded"
+    assert "orderId=50314b8e9bcf000000000000" in stream["body"] and "authorization" not in stream["headers"]
+    tracify = by_path["/tracify/api/v1/events"]
+    assert json.loads(tracify["body"])["events"][0]["data"]["amount"] == "30.00"
+    pixel = by_path[f"/audiohook/{ALL_VENDORS['audiohookId']}/pixel.png"]
+    assert json.loads(pixel["body"])["event_name"] == "purchase"
+
+
+def test_stored_payloads_are_encrypted_at_rest(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    service = make_server({"SEGRELAY_DELIVERY": "off"}).start()
+    service.post(order(), ALL_VENDORS)
+    service.terminate()
+    raw = b"".join(p.read_bytes() for p in service.tmp.glob("store.db*"))
+    for secret in (b"203.0.113.195", b"Jane.Doe", b"Chrome/124", b"ss-token", b"tr-token", service.key.encode()):
+        assert secret not in raw
+
+
+def test_dry_run_sends_nothing_and_shows_everything(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    service = make_server().start()
+    response = service.post(order(), {**ALL_VENDORS, "dryRun": True})
+    assert response.status_code == 200
+    body = response.json()
+    assert len(body["wouldSend"]) == 4 and body["skipped"] == []
+    urls = sorted(r["url"] for r in body["wouldSend"])
+    assert urls[0].startswith(fresh_stub.url + "/audiohook/")
+    assert "ss-token" not in response.text and "tr-token" not in response.text
+    assert settled(service, "segmentstream") and queue_stats(service)["tracify"]["pending"] == 0
+    assert fresh_stub.requests() == []
+
+
+@pytest.mark.parametrize("args", [["dlq", "replay"], ["dlq", "replay", "--all", "1"]])
+def test_dlq_replay_needs_ids_or_all(make_server: type[Segrelay], args: list[str]) -> None:
+    service = make_server()
+    result = service.cli(*args, check=False)
+    assert result.returncode == 2
