@@ -30,7 +30,7 @@ from app.delivery.worker import Deliverer
 from app.errors import ContractError, PayloadTooLargeError
 from app.ingest import Backpressure, Ingest
 from app.log import request_id
-from app.store import Store, open_store
+from app.store import Store, StoreUnavailableError, open_store
 from handlers import VENDORS
 
 log = logging.getLogger("segrelay.server")
@@ -162,6 +162,9 @@ def create_app(config: Config, *, store: Store | None = None,
         except ContractError as exc:
             headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
             response = error(exc.status_code, exc.message, headers)
+        except StoreUnavailableError:
+            log.warning("store unavailable", exc_info=True)
+            response = error(503, "Storage is temporarily unavailable; retry later", {"retry-after": "5"})
         except Exception:
             log.exception("unexpected error in /segment")
             response = error(500, "Internal error in segrelay; Segment will retry this event")

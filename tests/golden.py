@@ -1,4 +1,4 @@
-"""Golden requests: every fixture in fixtures/segment × every vendor -> fixtures/expected/<vendor>/<name>.json.
+"""Golden requests: every fixture in fixtures/segment x every vendor -> fixtures/expected/<vendor>/<name>.json.
 
 Regenerating is deliberate: `python -m tests.golden --write`, then review the diff.
 """

@@ -1,4 +1,4 @@
-"""Every fixture × every vendor gives exactly the checked-in request (or skip, or contract error)."""
+"""Every fixture x every vendor gives exactly the checked-in request (or skip, or contract error)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_fixture_translates_to_the_expected_requests(fixture: Path) -> None:
     for vendor, result in results.items():
         path = expected_path(vendor, fixture)
         assert path.exists(), f"missing {path}: run python -m tests.golden --write and review it"
-        assert result == json.loads(path.read_text()), f"{vendor} × {fixture.name} differs from {path}"
+        assert result == json.loads(path.read_text()), f"{vendor} x {fixture.name} differs from {path}"
 
 
 def test_every_fixture_reaches_at_least_one_vendor_or_a_contract_error() -> None:

@@ -71,7 +71,11 @@ class QueueStats:
 
 
 class StoreError(Exception):
-    """The store cannot be reached or refused an operation."""
+    """The store refused an operation."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached right now: the request should be retried (503)."""
 
 
 class Store(Protocol):
@@ -91,7 +95,13 @@ class Store(Protocol):
         """
         ...
 
-    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]: ...
+    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
+        """Up to `limit` due jobs of one vendor, leased: they are due again once a lease expires.
+
+        Every caller passes the same lease_seconds (SEGRELAY_LEASE_SECONDS): Redis applies it when it takes
+        over an idle entry, SQLite when it hands one out.
+        """
+        ...
     async def complete(self, jobs: Sequence[Job]) -> None: ...
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None: ...
     async def release(self, jobs: Sequence[Job], *, due_at: float) -> None:

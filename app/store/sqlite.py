@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from app.keys import KeyRecord
-from app.store import DeadLetter, Job, NewJob, QueueStats, StoreError, VendorStats
+from app.store import DeadLetter, Job, NewJob, QueueStats, StoreError, StoreUnavailableError, VendorStats
 
 T = TypeVar("T")
 MAX_GROUP = 512
@@ -92,13 +92,13 @@ class SQLiteStore:
                     except sqlite3.Error as exc:
                         conn.execute("ROLLBACK TO op")
                         conn.execute("RELEASE op")
-                        results.append((fut, None, StoreError(f"sqlite: {exc}")))
+                        results.append((fut, None, _error(exc)))
                 conn.execute("COMMIT")
                 self.commits += 1
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                results = [(fut, None, StoreError(f"sqlite commit failed: {exc}")) for _, fut in group]
+                results = [(fut, None, _error(exc)) for _, fut in group]
             by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
             for entry in results:
                 by_loop.setdefault(entry[0].get_loop(), []).append(entry)
@@ -225,6 +225,13 @@ class SQLiteStore:
         """At boot: leases held by a previous (dead) process become due now. One process per file."""
         return await self._call(lambda c: c.execute(
             "UPDATE jobs SET leased = 0, due_at = ? WHERE leased = 1 AND dead = 0", (now,)).rowcount)
+
+
+def _error(exc: sqlite3.Error) -> StoreError:
+    """Locked, busy, full or failing disks are passing conditions (503); anything else is our bug (500)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return StoreUnavailableError(f"sqlite: {exc}")
+    return StoreError(f"sqlite: {exc}")
 
 
 def _resolve(entries: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

@@ -1,0 +1,144 @@
+"""The store contract, run against every implementation: SQLite (a real file) and Redis (a real server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from app.keys import KeyRecord
+from app.store import NewJob, Store, open_store
+from tests.support import RedisServer
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    db = request.node.nodeid.__hash__() % 15 + 1  # a fresh logical database per test
+    import redis as redis_lib
+
+    redis_lib.Redis.from_url(f"redis://127.0.0.1:{redis.port}/{db}").flushdb()
+    yield f"redis://127.0.0.1:{redis.port}/{db}"
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    opened = open_store(store_url, consumer="test-consumer")
+    yield opened
+    await opened.close()
+
+
+def job(vendor: str = "tracify", tenant: str = "acme", message_id: str = "m1", payload: bytes = b"sealed",
+        batch_key: str = "") -> NewJob:
+    return NewJob(vendor, tenant, message_id, "Order Completed", batch_key, payload)
+
+
+
+async def test_keys_round_trip_and_revoke(store: Store) -> None:
+    record = KeyRecord("abcdefghijkl", "acme", "digest", 1.0, 99.0, ("tracify",))
+    await store.save_key(record)
+    assert await store.find_key("abcdefghijkl") == record
+    assert await store.find_key("nope") is None
+    assert [k.key_id for k in await store.list_keys()] == ["abcdefghijkl"]
+    assert await store.revoke_key("abcdefghijkl") is True
+    assert await store.revoke_key("missing") is False
+    found = await store.find_key("abcdefghijkl")
+    assert found is not None and found.revoked
+
+
+async def test_accept_is_idempotent_per_tenant_and_message(store: Store) -> None:
+    now = time.time()
+    assert await store.accept("acme", "m1", [job(), job("audiohook")], now=now, ttl=60)
+    assert not await store.accept("acme", "m1", [job()], now=now + 1, ttl=60)
+    assert await store.accept("other", "m1", [job(tenant="other")], now=now + 1, ttl=60)
+    assert await store.depth() == 3
+    assert await store.accept("acme", "m1", [job()], now=now + 61, ttl=60)  # the window has passed
+
+
+async def test_lease_complete_and_stats(store: Store) -> None:
+    now = time.time()
+    await store.accept("acme", "m1", [job(payload=b"p1")], now=now, ttl=60)
+    await store.accept("acme", "m2", [job(message_id="m2", payload=b"p2")], now=now, ttl=60)
+    leased = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    assert sorted(j.payload for j in leased) == [b"p1", b"p2"]
+    assert all(j.attempts == 0 and j.tenant == "acme" for j in leased)
+    assert await store.lease("tracify", now=now, limit=10, lease_seconds=30) == []
+    stats = (await store.stats(now=now)).vendors["tracify"]
+    assert (stats.leased, stats.dead) == (2, 0)
+    await store.complete(leased)
+    assert await store.depth() == 0
+    assert await store.lease("tracify", now=now + 100, limit=10, lease_seconds=30) == []
+
+
+async def test_an_expired_lease_makes_the_job_due_again(store: Store) -> None:
+    now = time.time()
+    await store.accept("acme", "m1", [job()], now=now, ttl=60)
+    (first,) = await store.lease("tracify", now=now, limit=10, lease_seconds=0.5)
+    assert await store.lease("tracify", now=now + 0.1, limit=10, lease_seconds=0.5) == []
+    await asyncio.sleep(0.7)  # Redis measures idle time on its own clock
+    (again,) = await store.lease("tracify", now=time.time(), limit=10, lease_seconds=0.5)
+    assert again.message_id == first.message_id and again.attempts == 0
+
+
+async def test_retry_counts_an_attempt_and_waits_until_due(store: Store) -> None:
+    now = time.time()
+    await store.accept("acme", "m1", [job()], now=now, ttl=60)
+    (leased,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    await store.retry(leased, due_at=now + 5, status=503, body="busy")
+    assert await store.lease("tracify", now=now + 1, limit=10, lease_seconds=30) == []
+    assert (await store.stats(now=now + 1)).vendors["tracify"].pending == 1
+    (again,) = await store.lease("tracify", now=now + 6, limit=10, lease_seconds=30)
+    assert again.attempts == 1 and again.payload == b"sealed"
+
+
+async def test_release_does_not_count_an_attempt(store: Store) -> None:
+    now = time.time()
+    await store.accept("acme", "m1", [job()], now=now, ttl=60)
+    (leased,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    await store.release([leased], due_at=now)
+    (again,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    assert again.attempts == 0
+
+
+async def test_bury_list_and_replay_dead_letters(store: Store) -> None:
+    now = time.time()
+    await store.accept("acme", "m1", [job(), job("audiohook")], now=now, ttl=60)
+    (tracify_job,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    (audiohook_job,) = await store.lease("audiohook", now=now, limit=10, lease_seconds=30)
+    await store.bury(tracify_job, now=now, status=400, body='{"error": "bad"}')
+    await store.bury(audiohook_job, now=now, status=None, body="ConnectError")
+    letters = await store.dead_letters("tracify")
+    assert [(d.vendor, d.last_status, d.last_body, d.attempts) for d in letters] == [
+        ("tracify", 400, '{"error": "bad"}', 1)]
+    assert len(await store.dead_letters()) == 2
+    assert await store.depth() == 0
+    assert (await store.stats(now=now)).vendors["tracify"].dead == 1
+    assert await store.replay([letters[0].id], now=now) == 1
+    assert await store.replay(["no-such-id"], now=now) == 0
+    (replayed,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    assert replayed.attempts == 0 and replayed.payload == b"sealed"
+    assert await store.replay(None, now=now) == 1
+    assert await store.dead_letters() == []
+
+
+async def test_vendors_have_separate_queues(store: Store) -> None:
+    now = time.time()
+    await store.accept("acme", "m1", [job("tracify"), job("audiohook"), job("segmentstream")], now=now, ttl=60)
+    assert [j.vendor for j in await store.lease("audiohook", now=now, limit=10, lease_seconds=30)] == ["audiohook"]
+    assert len(await store.lease("tracify", now=now, limit=10, lease_seconds=30)) == 1
+
+
+async def test_recover_leases_and_housekeeping(store: Store) -> None:
+    now = time.time()
+    await store.accept("acme", "m1", [job()], now=now, ttl=1)
+    await store.lease("tracify", now=now, limit=10, lease_seconds=300)
+    await store.recover_leases(now=now)
+    await store.housekeeping(now=now + 10)
+    assert await store.accept("acme", "m1", [], now=now + 10, ttl=1)
+    await store.ping()
