@@ -1,0 +1,69 @@
+"""Two `segrelay serve` replicas sharing one real Redis: any replica accepts, dedupes and delivers."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import redis
+
+from tests.support import RedisServer, Segrelay, VendorStub, fixture, wait_until
+from tests.test_crash_e2e import Load, delivered_message_ids, hit_ids, report
+
+SS_ONLY = {"segmentstreamApiToken": "ss-token"}
+
+
+def replicas(make_server: type[Segrelay], redis_server: RedisServer, db: int,
+             env: dict[str, str] | None = None) -> tuple[Segrelay, Segrelay]:
+    url = f"redis://127.0.0.1:{redis_server.port}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    shared = {"SEGRELAY_STORE": url, **(env or {})}
+    first = make_server(shared, name="replica-a")
+    second = make_server(shared, name="replica-b")
+    first.start()
+    second.key = first.key
+    second.start()
+    return first, second
+
+
+def order() -> dict[str, Any]:
+    return {**fixture("order_completed.json"), "messageId": f"m-{uuid.uuid4()}"}
+
+
+def drained(service: Segrelay) -> bool:
+    row = json.loads(service.cli("queue", "stats", "--json").stdout)["segmentstream"]
+    return bool(row["pending"] == 0 and row["leased"] == 0)
+
+
+def test_events_posted_alternately_are_all_delivered_and_duplicates_caught_anywhere(
+        fresh_stub: VendorStub, make_server: type[Segrelay], redis_server: RedisServer) -> None:
+    a, b = replicas(make_server, redis_server, db=14)
+    events = [order() for _ in range(40)]
+    for i, event in enumerate(events):
+        assert (a if i % 2 else b).post(event, SS_ONLY).status_code == 202
+    wanted = hit_ids({e["messageId"] for e in events})
+    assert wait_until(lambda: wanted <= set(delivered_message_ids(fresh_stub)), 30)
+    duplicate = b.post(events[1], SS_ONLY)  # events[1] was accepted by replica a
+    assert duplicate.status_code == 200 and duplicate.json()["message"] == "duplicate"
+    assert wait_until(lambda: drained(a))
+    seen = delivered_message_ids(fresh_stub)
+    assert sum(seen.values()) == len(events)  # nothing sent twice
+
+
+def test_kill_9_of_one_replica_loses_nothing(fresh_stub: VendorStub, make_server: type[Segrelay],
+                                             redis_server: RedisServer) -> None:
+    fresh_stub.script("/segmentstream", [], default={"status": 204, "delay": 0.2})
+    a, b = replicas(make_server, redis_server, db=13, env={"SEGRELAY_LEASE_SECONDS": "3",
+                                                           "SEGRELAY_VENDOR_CONCURRENCY": "8",
+                                                           "SEGRELAY_TENANT_CONCURRENCY": "8"})
+    load = Load(a, total=200).start()
+    assert wait_until(lambda: len(load.accepted) >= 150, 60)
+    a.kill()  # with postbacks leased and on the wire
+    load.join()
+    wanted = hit_ids(load.accepted)
+    assert wait_until(lambda: wanted <= set(delivered_message_ids(fresh_stub)), 120)
+    assert wait_until(lambda: drained(b), 30)
+    figures = report("redis kill -9 of one replica", load, delivered_message_ids(fresh_stub), {"in_flight_limit": 8})
+    assert figures["lost"] == 0
+    assert figures["duplicate_sends"] <= 8
