@@ -6,6 +6,7 @@ separator-insensitive: `orderId`, `order_id` and `OrderID` all fold to `orderid`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ _CAMPAIGN_TO_UTM = (
 _FOLD = re.compile(r"[^a-z0-9]")
 
 
+@functools.lru_cache(maxsize=8192)
 def fold(key: str) -> str:
     """`orderId`, `order_id`, `Order-ID` -> `orderid`."""
     return _FOLD.sub("", key.lower())
@@ -65,18 +67,19 @@ def canonical_event_name(name: str) -> str:
     return _CANONICAL_EVENTS.get(name.strip().lower(), name)
 
 
-def folded(value: Any) -> Any:
-    """Fold every object key recursively; on a collision the first non-empty value wins."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            name = fold(key)
-            if is_empty(out.get(name)):
-                out[name] = folded(item)
-        return out
-    if isinstance(value, list):
-        return [folded(item) for item in value]
-    return value
+def folded(value: Any) -> dict[str, Any]:
+    """An object's keys folded (one level; nested objects are folded when read, by `obj`).
+
+    On a collision (`orderId` and `order_id` both present) the first non-empty value wins.
+    """
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        name = fold(key)
+        if name not in out or is_empty(out[name]):
+            out[name] = item
+    return out
 
 
 def is_empty(value: Any) -> bool:
@@ -116,7 +119,8 @@ def number(value: Any) -> Decimal | None:
 
 
 def obj(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
+    """A nested object with folded keys, or {} when the value is not an object."""
+    return folded(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +231,7 @@ def _require_object(raw: dict[str, Any], name: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise BadRequestError(f"'{name}' must be a JSON object, got {type(value).__name__}")
-    return value
+    return folded(value)
 
 
 def call_type(body: Any) -> str:
@@ -285,7 +289,8 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
     if canonical in SINGLE_PRODUCT_EVENTS:
         products: tuple[Product, ...] = (_product(props),)
     else:
-        products = tuple(_product(p) for p in (props.get("products") or []) if isinstance(p, dict))
+        items = props.get("products")
+        products = tuple(_product(folded(p)) for p in items if isinstance(p, dict)) if isinstance(items, list) else ()
     currency = text(props.get("currency"))
     library = obj(context.get("library"))
     library_name = "/".join(x for x in (text(library.get("name")), text(library.get("version"))) if x)

@@ -19,7 +19,7 @@ from app.errors import BadRequestError, UnavailableError
 from app.event import call_type, parse_event
 from app.keys import KeyRecord
 from app.outgoing import pack, render
-from app.settings import decode_header, resolve
+from app.settings import from_header
 from app.store import NewJob, Store
 from app.translate import Translation, active_vendors, summary, translate
 from handlers import BY_SLUG
@@ -72,7 +72,7 @@ class Ingest:
         except orjson.JSONDecodeError:
             raise BadRequestError("Request body is not valid JSON") from None
         kind = call_type(document)
-        settings = resolve(decode_header(settings_header))
+        settings = from_header(settings_header)
         now = time.time()
         event = parse_event(document, body, datetime.fromtimestamp(now, UTC), settings.get("defaultCurrency"))
         translation = translate(event, settings, active_vendors(settings, key.vendors))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -15,6 +18,12 @@ from handlers import ALL_SETTINGS
 from handlers._base import Setting
 
 _BY_FOLDED = {fold(s.name): s for s in ALL_SETTINGS}
+
+
+@functools.lru_cache(maxsize=1024)
+def from_header(header: str | None) -> Mapping[str, Any]:
+    """Resolved settings for a header value; cached, since a destination sends the same header every time."""
+    return MappingProxyType(resolve(decode_header(header)))
 
 
 def decode_header(header: str | None) -> dict[str, Any]:

@@ -122,7 +122,9 @@ def snake_case(name: str) -> str:
 
 def iso_millis(ts: datetime) -> str:
     """2026-11-20T10:30:00.123Z."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+    ts = ts.astimezone(UTC)
+    return (f"{ts.year:04d}-{ts.month:02d}-{ts.day:02d}T{ts.hour:02d}:{ts.minute:02d}:{ts.second:02d}."
+            f"{ts.microsecond // 1000:03d}Z")
 
 
 def deterministic_uuid1(ts: datetime, seed: str) -> str:
@@ -163,11 +165,19 @@ def quantity(value: Decimal) -> int | float:
 
 def drop_empty(value: Any) -> Any:
     """Remove None, "", {} and [] recursively."""
-    if isinstance(value, dict):
-        cleaned = {k: drop_empty(v) for k, v in value.items()}
-        return {k: v for k, v in cleaned.items() if v is not None and v != "" and v != {} and v != []}
-    if isinstance(value, list):
-        return [drop_empty(v) for v in value]
+    if type(value) is dict:
+        out = {}
+        for key, item in value.items():
+            if type(item) is dict or type(item) is list:
+                item = drop_empty(item)
+                if not item:
+                    continue
+            elif item is None or item == "":
+                continue
+            out[key] = item
+        return out
+    if type(value) is list:
+        return [drop_empty(item) if type(item) is dict or type(item) is list else item for item in value]
     return value
 
 

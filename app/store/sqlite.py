@@ -81,24 +81,7 @@ class SQLiteStore:
                     self._ops.put(nxt)
                     break
                 group.append(nxt)
-            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                for fn, fut in group:
-                    conn.execute("SAVEPOINT op")
-                    try:
-                        results.append((fut, fn(conn), None))
-                        conn.execute("RELEASE op")
-                    except sqlite3.Error as exc:
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
-                        results.append((fut, None, _error(exc)))
-                conn.execute("COMMIT")
-                self.commits += 1
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                results = [(fut, None, _error(exc)) for _, fut in group]
+            results = self._commit_group(conn, group)
             by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
             for entry in results:
                 by_loop.setdefault(entry[0].get_loop(), []).append(entry)
@@ -106,6 +89,30 @@ class SQLiteStore:
                 with contextlib.suppress(RuntimeError):  # the loop closed while we worked
                     loop.call_soon_threadsafe(_resolve, entries)
         conn.close()
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[Any]) -> list[Any]:
+        """Run the group in one transaction; if one operation fails, redo each in its own transaction."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [(fut, fn(conn), None) for fn, fut in group]
+            conn.execute("COMMIT")
+            self.commits += 1
+            return results
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        results = []
+        for fn, fut in group:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                results.append((fut, fn(conn), None))
+                conn.execute("COMMIT")
+                self.commits += 1
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                results.append((fut, None, _error(exc)))
+        return results
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._thread.is_alive():
@@ -147,18 +154,19 @@ class SQLiteStore:
 
     async def accept(self, tenant: str, message_id: str, jobs: Sequence[NewJob], *, now: float,
                      ttl: float) -> bool:
+        rows = [(j.vendor, j.tenant, j.message_id, j.event_name, j.batch_key, j.payload, now, now) for j in jobs]
+        insert = ("INSERT INTO jobs (vendor, tenant, message_id, event_name, batch_key, payload, created_at, due_at)"
+                  " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows)))
+
         def op(c: sqlite3.Connection) -> bool:
-            row = c.execute("SELECT expires_at FROM seen WHERE tenant = ? AND message_id = ?",
-                            (tenant, message_id)).fetchone()
-            if row is not None and row[0] > now:
-                return False
-            c.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)", (tenant, message_id, now + ttl))
-            c.executemany(
-                "INSERT INTO jobs (vendor, tenant, message_id, event_name, batch_key, payload, created_at, due_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(j.vendor, j.tenant, j.message_id, j.event_name, j.batch_key, j.payload, now, now) for j in jobs],
-            )
-            return True
+            # Inserted, or replaced an expired record: new. An unexpired record: a duplicate (no row changed).
+            fresh = c.execute(
+                "INSERT INTO seen VALUES (?, ?, ?) ON CONFLICT (tenant, message_id) DO UPDATE"
+                " SET expires_at = excluded.expires_at WHERE seen.expires_at <= ?",
+                (tenant, message_id, now + ttl, now)).rowcount
+            if fresh and rows:
+                c.execute(insert, [value for row in rows for value in row])
+            return bool(fresh)
         return await self._call(op)
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:

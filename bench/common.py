@@ -1,0 +1,93 @@
+"""Shared pieces of the benchmarks: processes on loopback, wrk runs and their parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support import (  # noqa: E402
+    ALL_VENDORS,
+    SECRET,
+    RedisServer,
+    VendorStub,
+    _wait_http,
+    basic,
+    free_port,
+    settings_header,
+)
+
+__all__ = ["ALL_VENDORS", "SECRET", "RedisServer", "VendorStub", "basic", "free_port", "settings_header"]
+
+WRK_SCRIPT = """
+local counter = 0
+local prefix = ""
+function setup(thread)
+  thread:set("tid", tostring(math.random(1, 1000000000)))
+end
+function init(args)
+  prefix = tid
+end
+function request()
+  counter = counter + 1
+  local body = string.gsub(wrk.body, "__MESSAGE_ID__", "bench-" .. prefix .. "-" .. counter)
+  return wrk.format("POST", "/segment", wrk.headers, body)
+end
+"""
+
+
+def require_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("wrk is not installed: apt-get install -y wrk")
+    return wrk
+
+
+def wrk(url: str, body: str, headers: dict[str, str], *, seconds: int, connections: int,
+        threads: int = 1) -> dict[str, float]:
+    """Run wrk against url/segment with a unique messageId per request; req/s and latency percentiles in ms."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        lines = [WRK_SCRIPT, f"wrk.method = 'POST'\nwrk.body = {json.dumps(body)}"]
+        lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+        script.write_text("\n".join(lines))
+        out = subprocess.run([require_wrk(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+                              "-s", str(script), url + "/segment"], capture_output=True, text=True,
+                             check=True).stdout
+    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        match = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        assert match, out
+        value, unit = float(match.group(1)), match.group(2)
+        figures[f"p{pct}_ms"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    figures["non_2xx"] = float(non2xx.group(1)) if non2xx else 0.0
+    return figures
+
+
+def start(args: list[str], env: dict[str, str], ready: str, log: Path) -> subprocess.Popen[bytes]:
+    handle = open(log, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT, cwd=log.parent)
+    _wait_http(ready, proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(30)
+
+
+def print_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> None:
+    print(f"\n{title}")
+    print(f"{'':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}")
+    for name, f in rows:
+        print(f"{name:<28}{f['rps']:>10.0f}{f['p50_ms']:>10.2f}{f['p99_ms']:>10.2f}{f['non_2xx']:>10.0f}")
