@@ -6,6 +6,7 @@ Admin endpoints (JSON):
   POST /_stub/script    {"prefix": "/tracify", "answers": [{"status": 500, "body": "...", "headers": {},
                          "delay": 0.0}, ...], "default": {...}}   answers are used once each, in order
   GET  /_stub/requests  every request received: method, path, headers, body (text), at (unix time)
+  GET  /_stub/count     {"count": n, "first": t0, "last": t1} (request arrival times)
   POST /_stub/reset     forget requests and scripts
 """
 
@@ -63,6 +64,11 @@ def create_stub_app() -> Starlette:
     async def requests(request: Request) -> Response:
         return Response(orjson.dumps(stub.requests), media_type="application/json")
 
+    async def count(request: Request) -> Response:
+        times = [r["at"] for r in stub.requests]
+        summary = {"count": len(times), "first": min(times, default=None), "last": max(times, default=None)}
+        return Response(orjson.dumps(summary), media_type="application/json")
+
     async def reset(request: Request) -> Response:
         stub.reset()
         return Response(b"{}", media_type="application/json")
@@ -82,6 +88,7 @@ def create_stub_app() -> Starlette:
         Route("/_stub/script", script, methods=["POST"]),
         Route("/_stub/requests", requests, methods=["GET"]),
         Route("/_stub/reset", reset, methods=["POST"]),
+        Route("/_stub/count", count, methods=["GET"]),
         Route("/{path:path}", vendor, methods=["GET", "POST", "PUT"]),
     ])
 
