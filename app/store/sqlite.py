@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_status INTEGER, last_body TEXT NOT NULL DEFAULT '', died_at REAL);
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (dead, vendor, due_at);
 """
+_INSERT_JOBS = (
+    "INSERT INTO jobs (vendor, tenant, message_id, event_name, batch_key, payload, created_at, due_at) VALUES ")
 _JOB_COLUMNS = "id, vendor, tenant, message_id, event_name, batch_key, payload, attempts, created_at"
 
 
@@ -94,7 +96,7 @@ class SQLiteStore:
         """Run the group in one transaction; if one operation fails, redo each in its own transaction."""
         try:
             conn.execute("BEGIN IMMEDIATE")
-            results = [(fut, fn(conn), None) for fn, fut in group]
+            results: list[tuple[Any, Any, StoreError | None]] = [(fut, fn(conn), None) for fn, fut in group]
             conn.execute("COMMIT")
             self.commits += 1
             return results
@@ -155,8 +157,8 @@ class SQLiteStore:
     async def accept(self, tenant: str, message_id: str, jobs: Sequence[NewJob], *, now: float,
                      ttl: float) -> bool:
         rows = [(j.vendor, j.tenant, j.message_id, j.event_name, j.batch_key, j.payload, now, now) for j in jobs]
-        insert = ("INSERT INTO jobs (vendor, tenant, message_id, event_name, batch_key, payload, created_at, due_at)"
-                  " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows)))
+        placeholders = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))  # only "?": no value is spliced in
+        insert = _INSERT_JOBS + placeholders
 
         def op(c: sqlite3.Connection) -> bool:
             # Inserted, or replaced an expired record: new. An unexpired record: a duplicate (no row changed).

@@ -1,0 +1,116 @@
+"""The `segrelay` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support import ALL_VENDORS, FIXTURES, SECRET, free_port, wait_until
+
+
+def segrelay(*args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None,
+             ) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SEGRELAY_")}
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env={**base, **(env or {})},
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def test_help_lists_every_command(tmp_path: Path) -> None:
+    out = segrelay("--help", cwd=tmp_path).stdout
+    for command in ("serve", "keys", "translate", "dlq", "queue"):
+        assert command in out
+    assert "--expires-in-days" in segrelay("keys", "create", "--help", cwd=tmp_path).stdout
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    env = {"SEGRELAY_SECRET": SECRET}
+    created = json.loads(segrelay("keys", "create", "--tenant", "acme", "--vendors", "tracify,audiohook",
+                                  "--expires-in-days", "30", "--json", cwd=tmp_path, env=env).stdout)
+    assert set(created) >= {"key", "key_id", "tenant", "expires_at", "vendors"}
+    assert created["vendors"] == ["tracify", "audiohook"] and created["key"].startswith("sr_" + created["key_id"])
+    listed = segrelay("keys", "list", "--json", cwd=tmp_path, env=env).stdout
+    assert created["key_id"] in listed and created["key"] not in listed
+    table = segrelay("keys", "list", cwd=tmp_path, env=env).stdout
+    assert "acme" in table and created["key"] not in table
+    assert segrelay("keys", "revoke", created["key_id"], cwd=tmp_path, env=env).returncode == 0
+    assert json.loads(segrelay("keys", "list", "--json", cwd=tmp_path, env=env).stdout)[0]["revoked"] is True
+    missing = segrelay("keys", "revoke", "nope", cwd=tmp_path, env=env)
+    assert missing.returncode == 1 and "no key with id nope" in missing.stderr
+    db = (tmp_path / "var" / "segrelay.db").read_bytes()
+    assert created["key"].encode() not in db  # only the HMAC is stored
+
+
+def test_keys_create_rejects_unknown_vendors(tmp_path: Path) -> None:
+    result = segrelay("keys", "create", "--tenant", "x", "--vendors", "tracify,facebook", cwd=tmp_path,
+                      env={"SEGRELAY_SECRET": SECRET})
+    assert result.returncode == 2 and "unknown vendor(s): facebook" in result.stderr
+
+
+def test_configuration_errors_are_reported_not_raised(tmp_path: Path) -> None:
+    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_STORE": "postgres://x"})
+    assert result.returncode == 2 and "SEGRELAY_STORE must start with" in result.stderr
+    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_STORE": "redis://127.0.0.1:1/0"})
+    assert result.returncode == 2 and "SEGRELAY_SECRET or SEGRELAY_SECRET_FILE is required" in result.stderr
+    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_SECRET": "short"})
+    assert result.returncode == 2 and "at least 32 bytes" in result.stderr
+
+
+def test_translate_prints_requests_with_secrets_redacted(tmp_path: Path) -> None:
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(ALL_VENDORS))
+    event = FIXTURES / "segment" / "order_completed.json"
+    result = segrelay("translate", "--settings", str(settings), str(event), cwd=tmp_path,
+                      env={"SEGRELAY_TRACIFY_URL": "http://127.0.0.1:9/tracify"})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    by_url = {r["url"]: r for r in out["send"]}
+    assert by_url["http://127.0.0.1:9/tracify/api/v1/events"]["headers"]["tracify-token"] == "<redacted>"
+    assert "https://track.segmentstream.com/track" in by_url
+    assert "ss-token" not in result.stdout and "tr-token" not in result.stdout
+    assert not (tmp_path / "var").exists()  # translating needs no store and no secret
+
+
+def test_translate_reads_stdin_and_reports_skips_and_errors(tmp_path: Path) -> None:
+    event = (FIXTURES / "segment" / "order_completed_server.json").read_text()
+    result = segrelay("translate", "--settings", json.dumps(ALL_VENDORS), "-", cwd=tmp_path, stdin=event)
+    skipped = json.loads(result.stdout)["skipped"]
+    assert {s["vendor"] for s in skipped} == {"tracify", "audiohook"}
+    screen = (FIXTURES / "segment" / "screen.json").read_text()
+    result = segrelay("translate", cwd=tmp_path, stdin=screen)
+    assert result.returncode == 1 and json.loads(result.stdout)["status"] == 501
+    assert segrelay("translate", "--settings", "nope.json", cwd=tmp_path, stdin="{}").returncode == 2
+
+
+def test_first_serve_creates_a_key_and_prints_a_working_curl_command(tmp_path: Path) -> None:
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SEGRELAY_")}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=tmp_path, env=base, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_until(lambda: "Basic " in (tmp_path / "serve.log").read_text(), 20)
+        text = (tmp_path / "serve.log").read_text()
+        auth = re.search(r"-H 'Authorization: (Basic [^']+)'", text)
+        body = re.search(r"-d '([^']+)'", text)
+        assert auth and body
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+            except httpx.HTTPError:
+                return False
+        assert wait_until(ready, 20)
+        response = httpx.post(f"http://127.0.0.1:{port}/segment", content=body.group(1),
+                              headers={"Authorization": auth.group(1), "Content-Type": "application/json"})
+        assert response.status_code == 200 and response.json()["message"] == "accepted"
+        assert (tmp_path / "var" / "secret").stat().st_mode & 0o777 == 0o600
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()

@@ -1,0 +1,100 @@
+"""Authorization, X-Segment-Settings and event normalisation, in process."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from app.auth import api_key_from_header
+from app.errors import BadRequestError, UnauthorizedError, UnsupportedTypeError
+from app.event import fold, parse_event
+from app.settings import coerce, decode_header, resolve
+from handlers._base import Setting
+from tests.support import fixture
+
+NOW = datetime(2026, 11, 23, tzinfo=UTC)
+
+
+def parse(raw: dict[str, Any]) -> Any:
+    return parse_event(raw, json.dumps(raw).encode(), NOW)
+
+
+def test_api_key_split_on_the_first_colon_only() -> None:
+    header = "Basic " + base64.b64encode(b"key:with:colons").decode()
+    assert api_key_from_header(header) == "key"
+    assert api_key_from_header("basic " + base64.b64encode(b"segment:").decode()) == "segment"
+    assert api_key_from_header("Basic " + base64.b64encode(b"k:").decode().rstrip("=")) == "k"
+    with pytest.raises(UnauthorizedError):
+        api_key_from_header("Basic")
+
+
+def test_settings_header_variants() -> None:
+    payload = json.dumps({"a": "b?>"}).encode()
+    assert decode_header(base64.b64encode(payload).decode()) == {"a": "b?>"}
+    assert decode_header(base64.urlsafe_b64encode(payload).decode().rstrip("=")) == {"a": "b?>"}
+    assert decode_header(None) == {} and decode_header("  ") == {}
+
+
+def test_settings_coercion() -> None:
+    assert coerce(Setting("x", "array", ""), "a, b,,c") == ["a", "b", "c"]
+    assert coerce(Setting("x", "array", ""), [" a "]) == ["a"]
+    assert coerce(Setting("x", "boolean", ""), "TRUE") is True
+    with pytest.raises(BadRequestError, match="'x' must be a string"):
+        coerce(Setting("x", "string", ""), 5)
+    resolved = resolve({"SEGMENTSTREAM_API_TOKEN": "t", "unknownSetting": 1, "dryRun": None})
+    assert resolved["segmentstreamApiToken"] == "t" and resolved["dryRun"] is False
+    assert "unknownSetting" not in resolved
+
+
+def test_fold() -> None:
+    assert fold("orderId") == fold("order_id") == fold("OrderID") == fold("ORDER-ID") == "orderid"
+
+
+def test_timestamp_fallbacks_and_timezones() -> None:
+    base = {"type": "page", "userId": "u"}
+    assert parse(base).ts == NOW
+    assert parse({**base, "receivedAt": "2026-01-01T00:00:00Z"}).ts == datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse({**base, "sentAt": "2026-01-01T02:00:00+02:00", "receivedAt": "2020-01-01T00:00:00Z"}).ts == (
+        datetime(2026, 1, 1, tzinfo=UTC))
+    assert parse({**base, "timestamp": "2026-01-01T00:00:00"}).ts.tzinfo is UTC
+
+
+def test_normalised_view_of_the_odd_casing_fixture() -> None:
+    raw = fixture("order_completed_v1_casing.json")
+    event = parse(raw)
+    assert event.canonical_name == "Order Completed" and event.event_name == "Completed Order"
+    assert (event.order_id, event.order_total, event.currency) == ("N1", Decimal("120.13"), "USD")
+    assert event.ip == "198.51.100.42" and event.user_agent.startswith("Mozilla")
+    assert event.page_url == "https://shop.example.com/thanks"
+    assert event.referrer == "https://shop.example.com/cart"
+    (product,) = event.products
+    assert (product.price, product.quantity, product.name) == (Decimal("60.00"), Decimal(2), "Widget")
+
+
+def test_order_total_fallbacks() -> None:
+    def total(props: dict[str, Any]) -> Decimal | None:
+        result: Decimal | None = parse({"type": "track", "event": "Order Completed", "userId": "u",
+                                        "properties": props}).order_total
+        return result
+    assert total({"revenue": 10, "shipping": "2.5", "tax": 1}) == Decimal("13.5")
+    assert total({"value": "7"}) == Decimal(7)
+    assert total({"products": [{"price": 2, "quantity": 3}, {"price": "1.5"}]}) == Decimal("7.5")
+    assert total({}) is None
+
+
+def test_email_sources_in_order() -> None:
+    identify = parse({"type": "identify", "userId": "u", "traits": {"email": "a@x"}, "email": "b@x"})
+    assert identify.email == "a@x"
+    track = parse({"type": "track", "event": "E", "userId": "u", "traits": {"email": "a@x"}, "email": "b@x"})
+    assert track.email == "b@x"  # traits.email counts for identify only
+
+
+def test_unsupported_types() -> None:
+    with pytest.raises(UnsupportedTypeError, match="Unsupported call type: Screen"):
+        parse({"type": "Screen", "userId": "u"})
+    assert parse({"type": "TRACK", "event": "e", "userId": 5}).user_id == "5"
