@@ -1,0 +1,48 @@
+"""503 with Retry-After whenever segrelay cannot promise to keep an event: draining, disk, store down."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from pathlib import Path
+
+import httpx
+
+from tests.support import RedisServer, Segrelay, fixture
+
+SS_ONLY = {"segmentstreamApiToken": "ss-token"}
+
+
+def order() -> dict[str, object]:
+    return {**fixture("order_completed.json"), "messageId": f"m-{uuid.uuid4()}"}
+
+
+def test_sigterm_turns_readiness_false_and_answers_503_while_draining(make_server: type[Segrelay]) -> None:
+    service = make_server({"SEGRELAY_SHUTDOWN_DELAY_SECONDS": "3"}).start()
+    assert service.post(order(), SS_ONLY).status_code == 202
+    assert service.proc is not None
+    service.proc.send_signal(signal.SIGTERM)
+    ready = httpx.get(service.url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["message"] == "draining: shutting down"
+    refused = service.post(order(), SS_ONLY)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    assert "restarting" in refused.json()["message"]
+    assert service.proc.wait(30) in (0, -15)
+
+
+def test_nearly_full_disk_answers_503(make_server: type[Segrelay]) -> None:
+    service = make_server({"SEGRELAY_MIN_FREE_DISK_MB": str(10**12)}).start()
+    response = service.post(order(), SS_ONLY)
+    assert response.status_code == 503 and response.headers["retry-after"] == "60"
+    assert response.json() == {"message": "Storage is nearly full; retry later"}
+
+
+def test_redis_down_answers_503_not_500(make_server: type[Segrelay], tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path)
+    service = make_server({"SEGRELAY_STORE": redis.url}).start()
+    assert service.post(order(), SS_ONLY).status_code == 202
+    redis.stop()
+    response = service.post(order(), SS_ONLY)
+    assert response.status_code == 503, response.text
+    assert response.json()["message"] == "Storage is temporarily unavailable; retry later"
+    assert httpx.get(service.url + "/readyz").json() == {"message": "store unreachable"}
