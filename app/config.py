@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from handlers import VENDORS
 
@@ -48,7 +49,7 @@ class Config:
         store = env.get("SEGRELAY_STORE", DEFAULT_STORE)
         if not store.startswith(("sqlite:///", "redis://", "rediss://")):
             raise ConfigError("SEGRELAY_STORE must start with sqlite:///, redis:// or rediss://")
-        return cls(
+        config = cls(
             store=store,
             secret=load_secret(env, store),
             vendor_urls=vendor_urls(env),
@@ -72,6 +73,12 @@ class Config:
             delivery=_bool(env, "SEGRELAY_DELIVERY", True),
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
         )
+        if config.lease_seconds <= config.connect_timeout + config.read_timeout:
+            raise ConfigError("SEGRELAY_LEASE_SECONDS must exceed SEGRELAY_CONNECT_TIMEOUT + SEGRELAY_READ_TIMEOUT, "
+                              "or a slow send could be leased twice")
+        if config.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError("SEGRELAY_LOG_LEVEL must be debug, info, warning or error")
+        return config
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -119,26 +126,24 @@ def _generated_secret(path: Path) -> bytes:
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}")
-    return value
+    return _parsed(env, name, default, minimum, int, "an integer")
 
 
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+    return _parsed(env, name, default, minimum, float, "a number")
+
+
+N = TypeVar("N", int, float)
+
+
+def _parsed(env: Mapping[str, str], name: str, default: N, minimum: N, cast: Callable[[str], N], kind: str) -> N:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = float(raw)
+        value = cast(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}")
     return value

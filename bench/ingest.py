@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,10 +44,9 @@ def body() -> str:
 def run_segrelay(tmp: Path, store: str, args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
     env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_DELIVERY": "off",
-           "SEGRELAY_LOG_LEVEL": "warning", "SEGRELAY_MAX_QUEUE": "100000000"}
-    key_out = __import__("subprocess").run([sys.executable, "-m", "app", "keys", "create", "--tenant", "bench",
-                                            "--json"], env={**__import__("os").environ, **env}, cwd=tmp,
-                                           capture_output=True, text=True, check=True).stdout
+           "SEGRELAY_MAX_QUEUE": "100000000"}  # default log level: one JSON line per request, as in production
+    key_out = subprocess.run([sys.executable, "-m", "app", "keys", "create", "--tenant", "bench", "--json"],
+                             env={**os.environ, **env}, cwd=tmp, capture_output=True, text=True, check=True).stdout
     key = json.loads(key_out)["key"]
     proc = start([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)], env,
                  f"http://127.0.0.1:{port}/readyz", tmp / "segrelay.log")

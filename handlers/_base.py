@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,7 +49,7 @@ class HeaderAuth:
 Auth = BasicAuth | HeaderAuth
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Postback:
     vendor: str
     target: str  # which endpoint of the vendor: a bounded word, used in responses and logs
@@ -61,7 +60,7 @@ class Postback:
     batch_key: str = ""  # postbacks with the same non-empty key may share one request
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Skip:
     vendor: str
     code: str  # bounded word for metrics: not_routed, missing_field, too_large
@@ -135,17 +134,10 @@ def deterministic_uuid1(ts: datetime, seed: str) -> str:
     delta = ts - _UUID_EPOCH
     ticks = (delta.days * 86_400 + delta.seconds) * 10_000_000 + delta.microseconds * 10
     digest = hashlib.sha256(seed.encode()).digest()
-    clock_seq = int.from_bytes(digest[:2], "big") & 0x3FFF
+    clock_seq = (int.from_bytes(digest[:2], "big") & 0x3FFF) | 0x8000  # RFC 4122 variant
     node = int.from_bytes(digest[2:8], "big") | _MULTICAST
-    fields = (
-        ticks & 0xFFFFFFFF,
-        (ticks >> 32) & 0xFFFF,
-        (ticks >> 48) & 0x0FFF,
-        clock_seq >> 8,
-        clock_seq & 0xFF,
-        node,
-    )
-    return str(uuid.UUID(fields=fields, version=1))
+    time_hi = ((ticks >> 48) & 0x0FFF) | 0x1000  # version 1
+    return f"{ticks & 0xFFFFFFFF:08x}-{(ticks >> 32) & 0xFFFF:04x}-{time_hi:04x}-{clock_seq:04x}-{node:012x}"
 
 
 def money(value: Decimal, *, comma: bool = False) -> str:

@@ -59,6 +59,10 @@ def test_configuration_errors_are_reported_not_raised(tmp_path: Path) -> None:
     assert result.returncode == 2 and "SEGRELAY_SECRET or SEGRELAY_SECRET_FILE is required" in result.stderr
     result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_SECRET": "short"})
     assert result.returncode == 2 and "at least 32 bytes" in result.stderr
+    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_LEASE_SECONDS": "10"})
+    assert result.returncode == 2 and "SEGRELAY_LEASE_SECONDS must exceed" in result.stderr
+    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_MAX_QUEUE": "lots"})
+    assert result.returncode == 2 and "SEGRELAY_MAX_QUEUE must be an integer, got 'lots'" in result.stderr
 
 
 def test_translate_prints_requests_with_secrets_redacted(tmp_path: Path) -> None:

@@ -55,6 +55,8 @@ def test_kill_9_of_one_replica_loses_nothing(fresh_stub: VendorStub, make_server
                                              redis_server: RedisServer) -> None:
     fresh_stub.script("/segmentstream", [], default={"status": 204, "delay": 0.2})
     a, b = replicas(make_server, redis_server, db=13, env={"SEGRELAY_LEASE_SECONDS": "3",
+                                                           "SEGRELAY_CONNECT_TIMEOUT": "1",
+                                                           "SEGRELAY_READ_TIMEOUT": "1.5",
                                                            "SEGRELAY_VENDOR_CONCURRENCY": "8",
                                                            "SEGRELAY_TENANT_CONCURRENCY": "8"})
     load = Load(a, total=200).start()

@@ -16,7 +16,7 @@ from typing import Protocol
 from app.keys import KeyRecord
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewJob:
     vendor: str
     tenant: str
@@ -26,7 +26,7 @@ class NewJob:
     payload: bytes  # sealed (encrypted) postback
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Job:
     id: str
     vendor: str
