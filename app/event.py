@@ -95,12 +95,11 @@ def first(*values: Any) -> Any:
 
 def text(value: Any) -> str | None:
     """A non-empty string from a string or a number; anything else is absent."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, str):
-        value = value.strip()
-        return value or None
-    if isinstance(value, int | float):
+    kind = type(value)
+    if kind is str:
+        stripped: str = value.strip()
+        return stripped or None
+    if kind is int or kind is float:
         return str(value)
     return None
 

@@ -147,12 +147,9 @@ def money(value: Decimal, *, comma: bool = False) -> str:
 
 
 def as_number(value: Decimal) -> int | float:
-    """A JSON number: integral values stay integers only when written as such."""
-    return int(value) if value == value.to_integral_value() and value.as_tuple().exponent == 0 else float(value)
-
-
-def quantity(value: Decimal) -> int | float:
-    return int(value) if value == value.to_integral_value() else float(value)
+    """A JSON number: integral values as integers (30, not 30.0)."""
+    integral = int(value)
+    return integral if integral == value else float(value)
 
 
 def drop_empty(value: Any) -> Any:

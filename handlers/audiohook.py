@@ -19,7 +19,6 @@ from handlers._base import (
     is_conversion,
     iso_millis,
     listed,
-    quantity,
     routed_name,
     snake_case,
 )
@@ -87,7 +86,7 @@ def build(event: Event, settings: Settings) -> list[Outcome]:
                 "product_id": p.id,
                 "product_name": p.name,
                 "price": as_number(p.price) if p.price is not None else None,
-                "quantity": quantity(p.quantity),
+                "quantity": as_number(p.quantity),
             }
             for p in event.products
         ]

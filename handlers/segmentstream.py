@@ -23,7 +23,6 @@ from handlers._base import (
     is_conversion,
     iso_millis,
     money,
-    quantity,
 )
 
 SLUG = "segmentstream"
@@ -145,7 +144,7 @@ def _line_item(product: Product, currency: str | None) -> dict[str, Any]:
     price = product.price
     unit_price = product.compare_at_price if product.compare_at_price is not None else price
     return {
-        "quantity": quantity(product.quantity),
+        "quantity": as_number(product.quantity),
         "subtotal": as_number(price * product.quantity) if price is not None else None,
         "product": {
             "id": product.id,

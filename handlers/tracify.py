@@ -18,11 +18,11 @@ from handlers._base import (
     Settings,
     Skip,
     Vendor,
+    as_number,
     describe,
     drop_empty,
     is_conversion,
     money,
-    quantity,
     routed_name,
 )
 
@@ -112,7 +112,7 @@ def _purchase(event: Event, comma: bool) -> dict[str, Any]:
     for n, product in enumerate(event.products, start=1):
         data[f"ITEM{n}"] = product.name or product.sku or product.id
         data[f"AMT{n}"] = money(product.price, comma=comma) if product.price is not None else None
-        data[f"QTY{n}"] = str(quantity(product.quantity))
+        data[f"QTY{n}"] = str(as_number(product.quantity))
     return data
 
 
