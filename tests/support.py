@@ -123,8 +123,8 @@ class Segrelay:
         return subprocess.run([sys.executable, "-m", "app", *args], env=self.env, capture_output=True, text=True,
                               check=check, cwd=self.tmp, timeout=60)
 
-    def create_key(self, *extra: str) -> str:
-        out = self.cli("keys", "create", "--tenant", "acme", "--json", *extra)
+    def create_key(self, *extra: str, tenant: str = "acme") -> str:
+        out = self.cli("keys", "create", "--tenant", tenant, "--json", *extra)
         key: str = json.loads(out.stdout)["key"]
         return key
 

@@ -206,3 +206,21 @@ def test_dlq_replay_needs_ids_or_all(make_server: type[Segrelay], args: list[str
     service = make_server()
     result = service.cli(*args, check=False)
     assert result.returncode == 2
+
+
+def test_one_tenants_hanging_endpoint_does_not_starve_another(fresh_stub: VendorStub,
+                                                              make_server: type[Segrelay]) -> None:
+    slow_id, fast_id = str(uuid.uuid4()), str(uuid.uuid4())
+    fresh_stub.script(f"/audiohook/{slow_id}", [], default={"status": 200, "delay": 5})
+    service = make_server({"SEGRELAY_TENANT_CONCURRENCY": "4", "SEGRELAY_VENDOR_CONCURRENCY": "8"}).start()
+    other = service.create_key(tenant="other")
+    for _ in range(12):
+        assert service.post(order(), {"audiohookId": slow_id}).status_code == 202
+    for _ in range(5):
+        assert service.post(order(), {"audiohookId": fast_id}, key=other).status_code == 202
+    fast = delivered(fresh_stub, f"/audiohook/{fast_id}", 5, timeout=30)
+    slow = fresh_stub.requests(f"/audiohook/{slow_id}")
+    # The other tenant was served before the stub had answered any of the slow tenant's requests, and the slow
+    # tenant never held more than its share of connections.
+    assert max(r["at"] for r in fast) < min(r["at"] for r in slow) + 5
+    assert len(slow) <= 4
