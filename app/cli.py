@@ -22,7 +22,7 @@ from app.config import Config, ConfigError, vendor_urls
 from app.crypto import KeyHasher
 from app.errors import ContractError
 from app.event import parse_event
-from app.keys import KeyRecord, new_key
+from app.keys import new_key
 from app.outgoing import render
 from app.settings import resolve
 from app.store import Store, open_store
@@ -194,9 +194,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     expires = now + args.expires_in_days * 86_400 if args.expires_in_days is not None else None
     key, record = new_key(KeyHasher(config.secret), args.tenant.strip(), now, expires, vendors)
 
-    async def action(store: Store) -> None:
-        await store.save_key(record)
-    _with_store(config, action)
+    _with_store(config, lambda store: store.save_key(record))
     if args.json:
         _dump({"key": key, **record.public()})
     else:
@@ -209,9 +207,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     config = Config.from_env()
 
-    async def action(store: Store) -> list[KeyRecord]:
-        return await store.list_keys()
-    records = _with_store(config, action)
+    records = _with_store(config, lambda store: store.list_keys())
     if args.json:
         _dump([r.public() for r in records])
         return 0
@@ -225,9 +221,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     config = Config.from_env()
 
-    async def action(store: Store) -> bool:
-        return await store.revoke_key(args.key_id)
-    if not _with_store(config, action):
+    if not _with_store(config, lambda store: store.revoke_key(args.key_id)):
         print(f"segrelay: no key with id {args.key_id}", file=sys.stderr)
         return 1
     print(f"revoked {args.key_id}")
@@ -280,9 +274,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 def cmd_dlq_list(args: argparse.Namespace) -> int:
     config = Config.from_env()
 
-    async def action(store: Store) -> list[Any]:
-        return await store.dead_letters(args.vendor, args.limit)
-    letters = _with_store(config, action)
+    letters = _with_store(config, lambda store: store.dead_letters(args.vendor, args.limit))
     if args.json:
         _dump([{"id": d.id, "vendor": d.vendor, "tenant": d.tenant, "message_id": d.message_id,
                 "event": d.event_name, "attempts": d.attempts, "last_status": d.last_status,
@@ -303,9 +295,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         return 2
     config = Config.from_env()
 
-    async def action(store: Store) -> int:
-        return await store.replay(None if args.all else args.ids, now=time.time())
-    count = _with_store(config, action)
+    count = _with_store(config, lambda store: store.replay(None if args.all else args.ids, now=time.time()))
     print(f"replayed {count} dead letter(s)")
     return 0 if count or args.all else 1
 
@@ -313,9 +303,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 def cmd_queue_stats(args: argparse.Namespace) -> int:
     config = Config.from_env()
 
-    async def action(store: Store) -> Any:
-        return await store.stats(now=time.time())
-    stats = _with_store(config, action)
+    stats = _with_store(config, lambda store: store.stats(now=time.time()))
     rows = {slug: stats.vendors.get(slug) for slug in BY_SLUG}
     table = {slug: {"pending": s.pending, "leased": s.leased, "due": s.due, "dead": s.dead} if s else
              {"pending": 0, "leased": 0, "due": 0, "dead": 0} for slug, s in rows.items()}

@@ -72,6 +72,17 @@ def hit_ids(message_ids: set[str]) -> set[str]:
     return {deterministic_uuid1(ts, m) for m in message_ids}
 
 
+def settle(service: Segrelay, stub: VendorStub, load: Load) -> None:
+    """Wait until every accepted event has reached the stub and nothing is left in the queue."""
+    wanted = hit_ids(load.accepted)
+    assert wait_until(lambda: wanted <= set(delivered_message_ids(stub)), 120)
+
+    def empty() -> bool:
+        row = json.loads(service.cli("queue", "stats", "--json").stdout)["segmentstream"]
+        return bool(row["pending"] == 0 and row["leased"] == 0)
+    assert wait_until(empty, 30)
+
+
 def report(name: str, load: Load, seen: Counter[str], extra: dict[str, Any]) -> dict[str, Any]:
     wanted = hit_ids(load.accepted)
     figures = {"accepted": len(load.accepted), "answers": dict(load.statuses),
@@ -92,10 +103,7 @@ def test_kill_9_under_load_loses_nothing(fresh_stub: VendorStub, make_server: ty
     load.join()
     assert len(load.accepted) >= 300
     service.start()
-    wanted = hit_ids(load.accepted)
-    assert wait_until(lambda: wanted <= set(delivered_message_ids(fresh_stub)), 120)
-    assert wait_until(lambda: json.loads(service.cli("queue", "stats", "--json").stdout)["segmentstream"]
-                      ["pending"] == 0, 30)
+    settle(service, fresh_stub, load)
     figures = report("kill -9", load, delivered_message_ids(fresh_stub), {"in_flight_limit": vendor_slots})
     assert figures["lost"] == 0
     assert figures["duplicate_sends"] <= vendor_slots  # only what was on the wire when the process died
@@ -113,10 +121,7 @@ def test_sigterm_under_load_loses_and_duplicates_nothing(fresh_stub: VendorStub,
     load.join()
     before_restart = delivered_message_ids(fresh_stub)
     service.start()
-    wanted = hit_ids(load.accepted)
-    assert wait_until(lambda: wanted <= set(delivered_message_ids(fresh_stub)), 120)
-    assert wait_until(lambda: json.loads(service.cli("queue", "stats", "--json").stdout)["segmentstream"]
-                      ["pending"] == 0, 30)
+    settle(service, fresh_stub, load)
     figures = report("SIGTERM", load, delivered_message_ids(fresh_stub),
                      {"delivered_before_restart": len(before_restart)})
     assert figures["lost"] == 0

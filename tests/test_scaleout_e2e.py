@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from tests.support import RedisServer, Segrelay, VendorStub, fixture, wait_until
-from tests.test_crash_e2e import Load, delivered_message_ids, hit_ids, report
+from tests.test_crash_e2e import Load, delivered_message_ids, hit_ids, report, settle
 
 SS_ONLY = {"segmentstreamApiToken": "ss-token"}
 
@@ -63,9 +63,7 @@ def test_kill_9_of_one_replica_loses_nothing(fresh_stub: VendorStub, make_server
     assert wait_until(lambda: len(load.accepted) >= 150, 60)
     a.kill()  # with postbacks leased and on the wire
     load.join()
-    wanted = hit_ids(load.accepted)
-    assert wait_until(lambda: wanted <= set(delivered_message_ids(fresh_stub)), 120)
-    assert wait_until(lambda: drained(b), 30)
+    settle(b, fresh_stub, load)
     figures = report("redis kill -9 of one replica", load, delivered_message_ids(fresh_stub), {"in_flight_limit": 8})
     assert figures["lost"] == 0
     assert figures["duplicate_sends"] <= 8
