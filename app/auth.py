@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import time
 
 from app.crypto import KeyHasher
-from app.errors import UnauthorizedError
+from app.errors import UnauthorizedError, UnavailableError
 from app.keys import KeyRecord, key_id_of
 from app.store import Store
 
@@ -34,8 +35,8 @@ def api_key_from_header(header: str | None) -> str:
 class Authenticator:
     """Verifies keys against the store, caching records briefly (revocation takes effect within `ttl`)."""
 
-    def __init__(self, store: Store, hasher: KeyHasher, ttl: float = 5.0) -> None:
-        self._store, self._hasher, self._ttl = store, hasher, ttl
+    def __init__(self, store: Store, hasher: KeyHasher, ttl: float = 5.0, timeout: float = 3.0) -> None:
+        self._store, self._hasher, self._ttl, self._timeout = store, hasher, ttl, timeout
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
 
     async def authenticate(self, header: str | None, now: float | None = None) -> KeyRecord:
@@ -57,7 +58,10 @@ class Authenticator:
         cached = self._cache.get(key_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        record = await self._store.find_key(key_id)
+        try:
+            record = await asyncio.wait_for(self._store.find_key(key_id), timeout=self._timeout)
+        except TimeoutError:
+            raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[key_id] = (now + self._ttl, record)

@@ -35,6 +35,7 @@ class Config:
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
     lease_seconds: float = 60.0
+    accept_timeout_seconds: float = 3.0
     drain_seconds: float = 20.0
     shutdown_delay_seconds: float = 0.0
     vendor_concurrency: int = 32
@@ -65,6 +66,7 @@ class Config:
             connect_timeout=_float(env, "SEGRELAY_CONNECT_TIMEOUT", 5.0),
             read_timeout=_float(env, "SEGRELAY_READ_TIMEOUT", 15.0),
             lease_seconds=_float(env, "SEGRELAY_LEASE_SECONDS", 60.0),
+            accept_timeout_seconds=_float(env, "SEGRELAY_ACCEPT_TIMEOUT_SECONDS", 3.0),
             drain_seconds=_float(env, "SEGRELAY_DRAIN_SECONDS", 20.0, minimum=0),
             shutdown_delay_seconds=_float(env, "SEGRELAY_SHUTDOWN_DELAY_SECONDS", 0.0, minimum=0),
             vendor_concurrency=_int(env, "SEGRELAY_VENDOR_CONCURRENCY", 32),

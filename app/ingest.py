@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Callable
@@ -91,8 +92,15 @@ class Ingest:
         self.backpressure.check(len(translation.postbacks))
         jobs = [NewJob(p.vendor, key.tenant, event.message_id, event.event_name or event.type, p.batch_key,
                        self.sealer.seal(pack(p))) for p in translation.postbacks]
-        if not await self.store.accept(key.tenant, event.message_id, jobs, now=now,
-                                       ttl=self.config.idempotency_seconds):
+        accepting = self.store.accept(key.tenant, event.message_id, jobs, now=now,
+                                      ttl=self.config.idempotency_seconds)
+        try:
+            # Segment gives up after ~10 s: answer 503 well before. If the write still lands later, Segment's
+            # retry of this messageId is answered as a duplicate, so the event is kept exactly once.
+            fresh = await asyncio.wait_for(accepting, timeout=self.config.accept_timeout_seconds)
+        except TimeoutError:
+            raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
+        if not fresh:
             metrics.DUPLICATES.inc()
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
         self.backpressure.depth += len(jobs)

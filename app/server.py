@@ -104,7 +104,8 @@ class Service:
         self.backpressure = Backpressure(config)
         self.deliverer = Deliverer(config, self.store, self.sealer, transport=transport)
         self.ingest = Ingest(config, self.store, self.sealer,
-                             Authenticator(self.store, KeyHasher(config.secret), config.key_cache_seconds),
+                             Authenticator(self.store, KeyHasher(config.secret), config.key_cache_seconds,
+                                           config.accept_timeout_seconds),
                              self.backpressure, self.deliverer.notify)
         self._tasks: list[asyncio.Task[None]] = []
 

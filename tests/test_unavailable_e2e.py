@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -46,3 +47,21 @@ def test_redis_down_answers_503_not_500(make_server: type[Segrelay], tmp_path: P
     assert response.status_code == 503, response.text
     assert response.json()["message"] == "Storage is temporarily unavailable; retry later"
     assert httpx.get(service.url + "/readyz").json() == {"message": "store unreachable"}
+
+
+def test_a_stalled_store_answers_503_and_the_late_write_makes_the_retry_a_duplicate(
+        make_server: type[Segrelay]) -> None:
+    service = make_server({"SEGRELAY_ACCEPT_TIMEOUT_SECONDS": "1", "SEGRELAY_KEY_CACHE_SECONDS": "60"}).start()
+    assert service.post(order(), SS_ONLY).status_code == 202  # the key is now cached: the stall hits the write
+    event = order()
+    blocker = sqlite3.connect(service.tmp / "store.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+    try:
+        response = service.post(event, SS_ONLY)
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        assert response.json() == {"message": "Storage is slow to answer; retry later"}
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    retry = service.post(event, SS_ONLY)  # Segment retries the same messageId
+    assert retry.status_code == 200 and retry.json()["message"] == "duplicate"
