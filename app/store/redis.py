@@ -158,8 +158,12 @@ class RedisStore:
             rows = await pipe.execute()
         jobs, orphans = [], []
         for (eid, fields), row in zip(entries, rows, strict=True):
-            if not row:
-                orphans.append(eid)  # completed by another replica after its lease expired
+            if b"payload" not in row:
+                # Completed by another replica after a lease expired (and perhaps touched again by the slower
+                # one): nothing is left to send.
+                orphans.append(eid)
+                if "vendor" in row:  # a hash re-touched after completion has no job left
+                    await self.client.delete(f"{P}job:{_s(fields[b'id'])}")
                 continue
             r = {_s(k): v for k, v in row.items()}
             jobs.append(Job(_s(fields[b"id"]), _s(r["vendor"]), _s(r["tenant"]), _s(r["message_id"]),
@@ -206,7 +210,7 @@ class RedisStore:
             for raw_id in await self.client.zrange(f"{P}dead:{slug}", 0, limit - 1):
                 row = {_s(k): _s(v) for k, v in (await self.client.hgetall(f"{P}job:{_s(raw_id)}")).items()
                        if _s(k) != "payload"}
-                if row:
+                if "vendor" in row:  # a hash re-touched after completion has no job left
                     letters.append(DeadLetter(_s(raw_id), row["vendor"], row["tenant"], row["message_id"],
                                               row["event_name"], int(row["attempts"]),
                                               int(row["last_status"]) if row.get("last_status") else None,
