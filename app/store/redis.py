@@ -162,7 +162,7 @@ class RedisStore:
                 # Completed by another replica after a lease expired (and perhaps touched again by the slower
                 # one): nothing is left to send.
                 orphans.append(eid)
-                if "vendor" in row:  # a hash re-touched after completion has no job left
+                if row:
                     await self.client.delete(f"{P}job:{_s(fields[b'id'])}")
                 continue
             r = {_s(k): v for k, v in row.items()}
