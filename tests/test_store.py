@@ -142,3 +142,14 @@ async def test_recover_leases_and_housekeeping(store: Store) -> None:
     await store.housekeeping(now=now + 10)
     assert await store.accept("acme", "m1", [], now=now + 10, ttl=1)
     await store.ping()
+
+
+async def test_a_job_completed_elsewhere_is_not_resurrected_by_a_late_retry(store: Store) -> None:
+    now = time.time()
+    await store.accept("acme", "m1", [job()], now=now, ttl=60)
+    (leased,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    await store.complete([leased])  # the replica that took the job over delivered it
+    await store.retry(leased, due_at=now, status=503, body="late answer of the first attempt")
+    await store.bury(leased, now=now, status=400, body="late")
+    assert await store.lease("tracify", now=now + 1, limit=10, lease_seconds=30) == []
+    assert await store.dead_letters() == []

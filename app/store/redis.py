@@ -45,6 +45,14 @@ for _ = 1, tonumber(ARGV[3]) do
 end
 return 1
 """
+_MOVE = """
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[3], ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
 _PROMOTE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(ids) do
@@ -66,6 +74,7 @@ class RedisStore:
         self.consumer = consumer or uuid.uuid4().hex[:12]
         self._accept = self.client.register_script(_ACCEPT)
         self._promote = self.client.register_script(_PROMOTE)
+        self._move = self.client.register_script(_MOVE)
         self._groups: set[str] = set()
 
     async def _group(self, vendor: str) -> str:
@@ -174,35 +183,35 @@ class RedisStore:
             await self.client.xdel(stream, *orphans)
         return jobs
 
-    async def _finish(self, jobs: Sequence[Job], extra: Any) -> None:
-        """Ack the stream entries of `jobs` and apply `extra(pipe, job)`, in one transaction."""
+    async def complete(self, jobs: Sequence[Job]) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
             for job in jobs:
                 stream = f"{P}stream:{job.vendor}"
                 pipe.xack(stream, GROUP, job.receipt)
                 pipe.xdel(stream, job.receipt)
-                extra(pipe, job)
+                pipe.delete(f"{P}job:{job.id}")
             await pipe.execute()
 
-    async def complete(self, jobs: Sequence[Job]) -> None:
-        await self._finish(jobs, lambda pipe, job: pipe.delete(f"{P}job:{job.id}"))
+    async def _move_to(self, job: Job, zset: str, score: float, fields: dict[str, Any]) -> None:
+        """Ack the job's stream entry and park its id in `zset`, unless the job is gone (completed
+        elsewhere after its lease expired): atomic, so a late answer never resurrects a delivered job."""
+        args: list[Any] = [GROUP, job.receipt, score, job.id]
+        for name, value in fields.items():
+            args += [name, value]
+        await self._move(keys=[f"{P}job:{job.id}", f"{P}{zset}:{job.vendor}", f"{P}stream:{job.vendor}"],
+                         args=args)
 
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None:
-        def later(pipe: Any, j: Job) -> None:
-            pipe.hset(f"{P}job:{j.id}", mapping={"attempts": j.attempts + 1, "last_status": _status(status),
-                                                 "last_body": body})
-            pipe.zadd(f"{P}delayed:{j.vendor}", {j.id: due_at})
-        await self._finish([job], later)
+        await self._move_to(job, "delayed", due_at,
+                            {"attempts": job.attempts + 1, "last_status": _status(status), "last_body": body})
 
     async def release(self, jobs: Sequence[Job], *, due_at: float) -> None:
-        await self._finish(jobs, lambda pipe, j: pipe.zadd(f"{P}delayed:{j.vendor}", {j.id: due_at}))
+        for job in jobs:
+            await self._move_to(job, "delayed", due_at, {})
 
     async def bury(self, job: Job, *, now: float, status: int | None, body: str) -> None:
-        def dead(pipe: Any, j: Job) -> None:
-            pipe.hset(f"{P}job:{j.id}", mapping={"attempts": j.attempts + 1, "last_status": _status(status),
-                                                 "last_body": body, "died_at": now})
-            pipe.zadd(f"{P}dead:{j.vendor}", {j.id: now})
-        await self._finish([job], dead)
+        await self._move_to(job, "dead", now, {"attempts": job.attempts + 1, "last_status": _status(status),
+                                               "last_body": body, "died_at": now})
 
     async def dead_letters(self, vendor: str | None = None, limit: int = 100) -> list[DeadLetter]:
         letters: list[DeadLetter] = []
