@@ -224,3 +224,22 @@ def test_one_tenants_hanging_endpoint_does_not_starve_another(fresh_stub: Vendor
     # tenant never held more than its share of connections.
     assert max(r["at"] for r in fast) < min(r["at"] for r in slow) + 5
     assert len(slow) <= 4
+
+
+def test_an_unreachable_vendor_opens_its_circuit_and_the_others_carry_on(fresh_stub: VendorStub,
+                                                                         make_server: type[Segrelay]) -> None:
+    from tests.support import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}/audiohook"  # nothing listens there: connection refused
+    service = make_server({"SEGRELAY_AUDIOHOOK_URL": closed}).start()
+    for _ in range(6):
+        assert service.post(order(), ALL_VENDORS).status_code == 202
+    delivered(fresh_stub, "/segmentstream/track", 6)
+    delivered(fresh_stub, "/tracify", 1)
+
+    def circuit_open() -> bool:
+        return 'segrelay_circuit_open{vendor="audiohook"} 1.0' in httpx.get(service.url + "/metrics").text
+    assert wait_until(circuit_open, 20)
+    assert 'segrelay_circuit_open{vendor="segmentstream"} 0.0' in httpx.get(service.url + "/metrics").text
+    assert dlq(service) == []  # refused connections are retried, not dead-lettered
+    assert queue_stats(service)["audiohook"]["pending"] == 6
