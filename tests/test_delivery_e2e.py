@@ -151,7 +151,7 @@ def test_tracify_postbacks_due_together_share_one_request(fresh_stub: VendorStub
 
 
 def test_a_slow_vendor_does_not_delay_the_others(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
-    fresh_stub.script("/audiohook", [{"status": 200, "delay": 4}])
+    fresh_stub.script("/audiohook", [{"status": 200, "delay": 8}])
     service = make_server().start()
     service.post(order(), ALL_VENDORS)
     delivered(fresh_stub, "/segmentstream/track", 1)
