@@ -177,7 +177,7 @@ class Segrelay:
 
 
 class RedisServer:
-    """A private redis-server on a free port, AOF on, in a temporary directory."""
+    """A private redis-server on a free port, AOF on (appendfsync always), in a temporary directory."""
 
     def __init__(self, tmp: Path) -> None:
         binary = shutil.which("redis-server")
@@ -185,10 +185,14 @@ class RedisServer:
             if os.environ.get("CI") == "true":
                 pytest.fail("redis-server is not installed (CI must run .ci/run, which installs it)")
             pytest.skip("redis-server is not installed")
+        self.binary, self.tmp = binary, tmp
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp)],
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.tmp)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def ping() -> bool:
@@ -200,6 +204,10 @@ class RedisServer:
                 return False
         if not wait_until(ping, 10):
             raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
 
     def stop(self) -> None:
         self.proc.terminate()

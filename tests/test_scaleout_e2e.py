@@ -6,6 +6,7 @@ import json
 import uuid
 from typing import Any
 
+import pytest
 import redis
 
 from tests.support import RedisServer, Segrelay, VendorStub, fixture, wait_until
@@ -67,3 +68,26 @@ def test_kill_9_of_one_replica_loses_nothing(fresh_stub: VendorStub, make_server
     figures = report("redis kill -9 of one replica", load, delivered_message_ids(fresh_stub), {"in_flight_limit": 8})
     assert figures["lost"] == 0
     assert figures["duplicate_sends"] <= 8
+
+
+def test_kill_9_of_redis_itself_loses_nothing_accepted(fresh_stub: VendorStub, make_server: type[Segrelay],
+                                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    redis_server = RedisServer(tmp_path_factory.mktemp("redis-crash"))  # AOF, appendfsync always
+    fresh_stub.script("/segmentstream", [], default={"status": 204, "delay": 0.2})
+    service = make_server({"SEGRELAY_STORE": redis_server.url, "SEGRELAY_LEASE_SECONDS": "3",
+                           "SEGRELAY_CONNECT_TIMEOUT": "1", "SEGRELAY_READ_TIMEOUT": "1.5",
+                           "SEGRELAY_VENDOR_CONCURRENCY": "8", "SEGRELAY_TENANT_CONCURRENCY": "8"},
+                          name="replica-r")
+    service.start()
+    try:
+        load = Load(service, total=300).start()
+        assert wait_until(lambda: len(load.accepted) >= 100, 60)
+        redis_server.kill()  # the store itself dies, with work queued and leased
+        assert wait_until(lambda: load.statuses["503"] > 0, 30)  # Segment is told to retry meanwhile
+        redis_server.start()  # same port and directory: the AOF is replayed
+        load.join()
+        settle(service, fresh_stub, load)
+        figures = report("redis kill -9 and restart", load, delivered_message_ids(fresh_stub), {})
+        assert figures["lost"] == 0
+    finally:
+        redis_server.stop()

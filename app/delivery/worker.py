@@ -152,11 +152,15 @@ class Deliverer:
             await self._attempt(vendor, jobs)
         except asyncio.CancelledError:
             # Shutdown while sending: hand the jobs back without counting an attempt.
-            await asyncio.shield(self.store.release(jobs, due_at=self.clock()))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release(jobs, due_at=self.clock()))
             raise
         except Exception:
+            # Most likely the store failed to record the outcome. Hand the jobs back if it can; if not, their
+            # lease expires and they are sent again (at least once, never lost).
             log.exception("delivery error", extra={"vendor": slug})
-            await self.store.release(jobs, due_at=self.clock() + self.config.retry_base_seconds)
+            with contextlib.suppress(Exception):
+                await self.store.release(jobs, due_at=self.clock() + self.config.retry_base_seconds)
         finally:
             key = (slug, jobs[0].tenant)
             self._tenant_inflight[key] -= 1
