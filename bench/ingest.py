@@ -5,7 +5,7 @@ headers from wrk on loopback, and are measured in the same run. segrelay runs wi
 the figure is the accept path alone: auth, settings, normalisation, translation for three vendors (four
 postbacks), encryption, durable group commit.
 
-    python bench/ingest.py [--store sqlite|redis|both] [--seconds 10] [--connections 32]
+    python bench/ingest.py [--store sqlite|redis|both] [--seconds 10] [--connections 32] [--fixture F]
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from common import (
 UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--no-access-log", "--log-level", "warning"]
 
 
-def body() -> str:
-    event = json.loads((ROOT / "tests/fixtures/segment/order_completed.json").read_text())
+def body(fixture: str = "order_completed.json") -> str:
+    event = json.loads((ROOT / "tests/fixtures/segment" / fixture).read_text())
     event["messageId"] = "__MESSAGE_ID__"
     return json.dumps(event)
 
@@ -53,8 +53,9 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace) -> dict[str, f
     try:
         headers = {"Authorization": basic(key), "X-Segment-Settings": settings_header(ALL_VENDORS),
                    "Content-Type": "application/json"}
-        wrk(f"http://127.0.0.1:{port}", body(), headers, seconds=2, connections=args.connections)  # warm-up
-        return wrk(f"http://127.0.0.1:{port}", body(), headers, seconds=args.seconds, connections=args.connections)
+        event = body(args.fixture)
+        wrk(f"http://127.0.0.1:{port}", event, headers, seconds=2, connections=args.connections)  # warm-up
+        return wrk(f"http://127.0.0.1:{port}", event, headers, seconds=args.seconds, connections=args.connections)
     finally:
         stop(proc)
 
@@ -66,8 +67,9 @@ def run_bare(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
     try:
         headers = {"Authorization": "Basic eDo=", "X-Segment-Settings": settings_header(ALL_VENDORS),
                    "Content-Type": "application/json"}
-        wrk(f"http://127.0.0.1:{port}", body(), headers, seconds=2, connections=args.connections)
-        return wrk(f"http://127.0.0.1:{port}", body(), headers, seconds=args.seconds, connections=args.connections)
+        event = body(args.fixture)
+        wrk(f"http://127.0.0.1:{port}", event, headers, seconds=2, connections=args.connections)
+        return wrk(f"http://127.0.0.1:{port}", event, headers, seconds=args.seconds, connections=args.connections)
     finally:
         stop(proc)
 
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--store", choices=["sqlite", "redis", "both"], default="both")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--fixture", default="order_completed.json", help="event from tests/fixtures/segment")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as raw_tmp:
@@ -92,7 +95,8 @@ def main() -> None:
                 rows.append(("segrelay, Redis AOF always", run_segrelay(tmp, redis.url, args)))
             finally:
                 redis.stop()
-    print_table(f"POST /segment, Order Completed to 3 vendors, wrk -c{args.connections} -d{args.seconds}s", rows)
+    print_table(f"POST /segment, {args.fixture} with settings for all 3 vendors, wrk -c{args.connections} "
+                f"-d{args.seconds}s", rows)
     for name, figures in rows[1:]:
         print(f"ratio {name} / bare Starlette: {figures['rps'] / bare['rps']:.2f}")
 
