@@ -13,12 +13,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from app.event import Event
 
 SettingType = Literal["string", "boolean", "array", "uuid", "select"]
 Settings = Mapping[str, Any]  # resolved settings: declared name -> coerced value
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,10 +171,12 @@ def drop_empty(value: Any) -> Any:
     return value
 
 
-def routed_name(event: Event, settings: Settings, table: Mapping[str, str]) -> str | None:
-    """The vendor's name for a spec event, from its routing table (`page` and canonical track names)."""
-    key = "page" if event.type == "page" else (event.canonical_name or "")
-    return table.get(key)
+def routed_name(event: Event, table: Mapping[str, T]) -> T | None:
+    """The vendor's entry for a spec event in its routing table, keyed by `page` and canonical track names.
+
+    Spec events keep their meaning even when also listed in `conversionEvents`.
+    """
+    return table.get("page" if event.type == "page" else (event.canonical_name or ""))
 
 
 def is_conversion(event: Event, settings: Settings) -> bool:

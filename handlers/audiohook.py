@@ -48,7 +48,7 @@ SETTINGS = (
 
 
 def build(event: Event, settings: Settings) -> list[Outcome]:
-    name = routed_name(event, settings, ROUTES)
+    name = routed_name(event, ROUTES)
     if name is None and event.type == "track" and event.event_name and (
         is_conversion(event, settings) or listed(event.event_name, settings.get("audiohookEvents") or [])
     ):

@@ -20,9 +20,9 @@ from handlers._base import (
     deterministic_uuid1,
     drop_empty,
     email_hash,
-    is_conversion,
     iso_millis,
     money,
+    routed_name,
 )
 
 SLUG = "segmentstream"
@@ -65,10 +65,7 @@ def build(event: Event, settings: Settings) -> list[Outcome]:
 
 
 def _track(event: Event, settings: Settings) -> Outcome:
-    key = "page" if event.type == "page" else (event.canonical_name or "")
-    name, category = ROUTES.get(key, (event.event_name or "", None))
-    if event.type == "track" and is_conversion(event, settings):
-        name, category = event.event_name or name, None
+    name, category = routed_name(event, ROUTES) or (event.event_name or "", None)  # else: custom, as sent
     body_event: dict[str, Any] = {
         "name": name,
         "category": category,

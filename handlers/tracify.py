@@ -63,7 +63,7 @@ def identity_data(event: Event) -> dict[str, int]:
 
 
 def build(event: Event, settings: Settings) -> list[Outcome]:
-    kind = "conversion" if is_conversion(event, settings) else routed_name(event, settings, ROUTES)
+    kind = routed_name(event, ROUTES) or ("conversion" if is_conversion(event, settings) else None)
     if kind is None:
         return [Skip(SLUG, "not_routed", f"Tracify takes page views, product views, add-to-cart, purchases "
                                          f"and conversionEvents; {describe(event)} is none of them")]

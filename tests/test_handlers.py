@@ -279,3 +279,13 @@ def test_uuid_settings_are_normalised_so_nothing_else_reaches_the_path() -> None
     assert settings["audiohookId"] == AUDIOHOOK_ID
     postback = only_postback(audiohook.build(event(ORDER), settings))
     assert postback.path == f"/{AUDIOHOOK_ID}/pixel.png"
+
+
+def test_spec_events_keep_their_meaning_when_also_listed_as_conversions() -> None:
+    settings = {**SETTINGS, "conversionEvents": ["order completed", "Subscription Created"]}
+    assert only_postback(tracify.build(event(ORDER), settings)).body["type"] == "purchase"
+    assert only_postback(audiohook.build(event(ORDER), settings)).body["event_name"] == "purchase"
+    track = segmentstream.build(event(ORDER), settings)[0]
+    assert isinstance(track, Postback) and track.body["event"]["name"] == "Completed Transaction"
+    sub = segmentstream.build(event(fixture("subscription_created.json")), settings)[0]
+    assert isinstance(sub, Postback) and sub.body["event"]["name"] == "Subscription Created"
