@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,9 +78,6 @@ class Ingest:
         now = time.time()
         event = parse_event(document, body, datetime.fromtimestamp(now, UTC), settings.get("defaultCurrency"))
         translation = translate(event, settings, active_vendors(settings, key.vendors))
-        for skip in translation.skips:
-            metrics.POSTBACKS.labels(skip.vendor, "skipped").inc()
-            metrics.SKIPS.labels(skip.vendor, skip.code).inc()
         if settings.get("dryRun"):
             return Answer(200, self._dry_run(translation), kind)
         rows = summary(translation)
@@ -88,6 +86,7 @@ class Ingest:
             answer["warning"] = ("No vendor is configured in this destination's settings: set "
                                  "segmentstreamApiToken, tracifyApiToken and tracifyCustomerSiteId, or audiohookId")
         if not translation.postbacks:
+            _count(translation)
             return Answer(200, answer, kind)
         self.backpressure.check(len(translation.postbacks))
         jobs = [NewJob(p.vendor, key.tenant, event.message_id, event.event_name or event.type, p.batch_key,
@@ -104,9 +103,8 @@ class Ingest:
             metrics.DUPLICATES.inc()
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
         self.backpressure.depth += len(jobs)
+        _count(translation)
         for vendor in {p.vendor for p in translation.postbacks}:
-            metrics.POSTBACKS.labels(vendor, "queued").inc(sum(1 for p in translation.postbacks
-                                                                if p.vendor == vendor))
             self.notify(vendor)
         return Answer(202, answer, kind)
 
@@ -115,3 +113,12 @@ class Ingest:
                       .describe(p.vendor) for p in translation.postbacks]
         skipped = [{"vendor": s.vendor, "reason": s.reason} for s in translation.skips]
         return {"message": "dry run: nothing was queued or sent", "wouldSend": would_send, "skipped": skipped}
+
+
+def _count(translation: Translation) -> None:
+    """Metrics for an event taken on (not for duplicates or dry runs)."""
+    for vendor, queued in Counter(p.vendor for p in translation.postbacks).items():
+        metrics.POSTBACKS.labels(vendor, "queued").inc(queued)
+    for skip in translation.skips:
+        metrics.POSTBACKS.labels(skip.vendor, "skipped").inc()
+        metrics.SKIPS.labels(skip.vendor, skip.code).inc()

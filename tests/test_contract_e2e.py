@@ -250,8 +250,12 @@ def test_health_readiness_and_metrics(server: Segrelay) -> None:
     assert_json(httpx.get(server.url + "/healthz"), 200)
     assert assert_json(httpx.get(server.url + "/readyz"), 200)["status"] == "ready"
     server.post(fresh(TRACK))
+    server.post(fresh(fixture("devcenter_test_event.json")), ALL_VENDORS)
     text = httpx.get(server.url + "/metrics").text
     assert 'segrelay_requests_total{call_type="track",status="200"}' in text
+    assert 'segrelay_skips_total{reason="not_routed",vendor="tracify"}' in text
+    assert 'segrelay_postbacks_total{outcome="skipped",vendor="audiohook"}' in text
+    assert 'segrelay_postbacks_total{outcome="queued",vendor="segmentstream"}' in text
     assert "segrelay_request_duration_seconds_bucket" in text
 
 
