@@ -124,6 +124,10 @@ def test_scaled_overlay_autoscales_replicas_on_redis() -> None:
     docs = render("scaled")
     hpa, deployment = one(docs, "HorizontalPodAutoscaler"), one(docs, "Deployment")
     assert hpa["spec"]["minReplicas"] >= 3 and hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    assert "SEGRELAY_STORE" not in one(docs, "ConfigMap")["data"]  # the Redis URL comes from the Secret
+    # The real Redis URL (with its password) comes from the Secret, listed after the ConfigMap so it wins; the
+    # ConfigMap's placeholder keeps a forgotten Secret from silently falling back to a pod-local SQLite file.
+    assert one(docs, "ConfigMap")["data"]["SEGRELAY_STORE"].startswith("redis://")
+    env_from = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert [next(iter(e)) for e in env_from] == ["configMapRef", "secretRef"]
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
