@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.support import RedisServer, Segrelay, VendorStub
 
@@ -49,3 +50,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty store of each kind: a new SQLite file, or a flushed database on the test Redis."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    url = f"redis://127.0.0.1:{server.port}/11"
+    redis.Redis.from_url(url).flushdb()
+    yield url

@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
 from app.keys import KeyRecord
 from app.store import NewJob, Store, open_store
-from tests.support import RedisServer
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    redis: RedisServer = request.getfixturevalue("redis_server")
-    db = request.node.nodeid.__hash__() % 15 + 1  # a fresh logical database per test
-    import redis as redis_lib
-
-    redis_lib.Redis.from_url(f"redis://127.0.0.1:{redis.port}/{db}").flushdb()
-    yield f"redis://127.0.0.1:{redis.port}/{db}"
 
 
 @pytest.fixture

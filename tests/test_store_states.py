@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis as redis_lib
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from app.store import Job, NewJob, Store, open_store
-from tests.support import RedisServer
 
 VENDORS = ["tracify", "audiohook"]
 LEASE = 1000.0  # leases never expire during a run: expiry has its own tests
@@ -113,26 +110,17 @@ class QueueMachine(RuleBasedStateMachine):
             assert leased == sum(1 for s in mine.values() if s == "leased")
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def machine_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'machine.db'}"
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    yield f"redis://127.0.0.1:{server.port}/12"
-
-
-def test_queue_state_machine(machine_url: str, tmp_path: Path) -> None:
+def test_queue_state_machine(store_url: str, tmp_path: Path) -> None:
     counter = iter(range(10_000))
 
     class Machine(QueueMachine):
         @initialize()
         def open(self) -> None:
-            if machine_url.startswith("sqlite"):
+            if store_url.startswith("sqlite"):
                 self.url = f"sqlite:///{tmp_path / f'machine-{next(counter)}.db'}"
             else:
-                redis_lib.Redis.from_url(machine_url).flushdb()
-                self.url = machine_url
+                redis_lib.Redis.from_url(store_url).flushdb()
+                self.url = store_url
             super().open()
 
     Machine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
