@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -96,13 +95,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 class Service:
     """Everything one running segrelay holds: store, ingest, delivery."""
 
-    def __init__(self, config: Config, store: Store | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = store or open_store(config.store, consumer=uuid.uuid4().hex[:12])
+        self.store: Store = open_store(config.store, consumer=uuid.uuid4().hex[:12])
         self.sealer = Sealer(config.secret)
         self.backpressure = Backpressure(config)
-        self.deliverer = Deliverer(config, self.store, self.sealer, transport=transport)
+        self.deliverer = Deliverer(config, self.store, self.sealer)
         self.ingest = Ingest(config, self.store, self.sealer,
                              Authenticator(self.store, KeyHasher(config.secret), config.key_cache_seconds,
                                            config.accept_timeout_seconds),
@@ -147,9 +145,8 @@ class Service:
                 log.exception("monitor error")
 
 
-def create_app(config: Config, *, store: Store | None = None,
-               transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
-    service = Service(config, store, transport)
+def create_app(config: Config) -> Starlette:
+    service = Service(config)
 
     async def segment(request: Request) -> Response:
         started, kind = time.perf_counter(), "unknown"
