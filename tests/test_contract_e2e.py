@@ -241,6 +241,10 @@ def test_internal_error_gets_500_with_a_generic_message(make_server: type[Segrel
     assert body == {"message": "Internal error in segrelay; Segment will retry this event"}
     assert "disk says no" not in json.dumps(body)
     service.terminate()
+    errors = [json.loads(line) for line in service.logs().splitlines() if '"unexpected error in /segment"' in line]
+    assert errors and errors[0]["error"] == "StoreError" and errors[0]["request_id"]
+    assert any("app/ingest.py" in frame for frame in errors[0]["trace"])
+    assert "disk says no" not in service.logs()  # exception messages may quote request data: never logged
 
 
 # health, readiness, metrics, logs ----------------------------------------------------------------------------
