@@ -23,7 +23,7 @@ from app.crypto import KeyHasher
 from app.errors import ContractError
 from app.event import parse_event
 from app.keys import new_key
-from app.outgoing import render
+from app.outgoing import preview
 from app.settings import resolve
 from app.store import Store, open_store
 from app.translate import active_vendors, translate
@@ -260,11 +260,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     except ContractError as exc:
         _dump({"status": exc.status_code, "message": exc.message})
         return 1
-    _dump({
-        "send": [render(BY_SLUG[p.vendor], [p], urls[p.vendor], redact=True).describe(p.vendor)
-                 for p in translation.postbacks],
-        "skipped": [{"vendor": s.vendor, "reason": s.reason} for s in translation.skips],
-    })
+    _dump(preview(translation.postbacks, translation.skips, urls))
     return 0
 
 

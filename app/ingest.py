@@ -20,11 +20,10 @@ from app.crypto import Sealer
 from app.errors import BadRequestError, UnavailableError
 from app.event import call_type, parse_event
 from app.keys import KeyRecord
-from app.outgoing import pack, render
+from app.outgoing import pack, preview
 from app.settings import from_header
 from app.store import NewJob, Store
 from app.translate import Translation, active_vendors, summary, translate
-from handlers import BY_SLUG
 
 
 @dataclass(slots=True)
@@ -109,10 +108,9 @@ class Ingest:
         return Answer(202, answer, kind)
 
     def _dry_run(self, translation: Translation) -> dict[str, Any]:
-        would_send = [render(BY_SLUG[p.vendor], [p], self.config.vendor_urls[p.vendor], redact=True)
-                      .describe(p.vendor) for p in translation.postbacks]
-        skipped = [{"vendor": s.vendor, "reason": s.reason} for s in translation.skips]
-        return {"message": "dry run: nothing was queued or sent", "wouldSend": would_send, "skipped": skipped}
+        shown = preview(translation.postbacks, translation.skips, self.config.vendor_urls)
+        return {"message": "dry run: nothing was queued or sent", "wouldSend": shown["send"],
+                "skipped": shown["skipped"]}
 
 
 def _count(translation: Translation) -> None:

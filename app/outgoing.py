@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
 
-from handlers import Postback, Vendor
+from handlers import BY_SLUG, Postback, Skip, Vendor
 from handlers._base import BasicAuth, HeaderAuth
 
 REDACTED = "<redacted>"
@@ -49,6 +50,14 @@ def render(vendor: Vendor, postbacks: list[Postback], base_url: str, *, redact: 
     elif isinstance(first.auth, HeaderAuth):
         headers[first.auth.name] = REDACTED if redact else first.auth.value
     return OutgoingRequest("POST", base_url.rstrip("/") + first.path, headers, content)
+
+
+def preview(postbacks: list[Postback], skips: list[Skip], urls: Mapping[str, str]) -> dict[str, list[Any]]:
+    """What would be sent (secrets redacted) and what is skipped and why: dry runs and `segrelay translate`."""
+    return {
+        "send": [render(BY_SLUG[p.vendor], [p], urls[p.vendor], redact=True).describe(p.vendor) for p in postbacks],
+        "skipped": [{"vendor": s.vendor, "reason": s.reason} for s in skips],
+    }
 
 
 def _form_value(value: Any) -> str:
