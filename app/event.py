@@ -68,7 +68,8 @@ def canonical_event_name(name: str) -> str:
 
 
 def folded(value: Any) -> dict[str, Any]:
-    """An object's keys folded (one level; nested objects are folded when read, by `obj`).
+    """An object's keys folded, or {} for anything that is not an object (one level: nested objects are
+    folded when read).
 
     On a collision (`orderId` and `order_id` both present) the first non-empty value wins.
     """
@@ -115,11 +116,6 @@ def number(value: Any) -> Decimal | None:
             return None
         return result if result.is_finite() else None
     return None
-
-
-def obj(value: Any) -> dict[str, Any]:
-    """A nested object with folded keys, or {} when the value is not an object."""
-    return folded(value)
 
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses are several times slower to build
@@ -291,16 +287,16 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
     elif kind == "page":
         event_name = text(raw.get("name"))
 
-    page = obj(context.get("page"))
+    page = folded(context.get("page"))
     page_url = text(first(page.get("url"), props.get("url")))
-    campaign = obj(context.get("campaign"))
+    campaign = folded(context.get("campaign"))
     if canonical in SINGLE_PRODUCT_EVENTS:
         products: tuple[Product, ...] = (_product(props),)
     else:
         items = props.get("products")
         products = tuple(_product(folded(p)) for p in items if isinstance(p, dict)) if isinstance(items, list) else ()
     currency = text(props.get("currency"))
-    library = obj(context.get("library"))
+    library = folded(context.get("library"))
     library_name = "/".join(x for x in (text(library.get("name")), text(library.get("version"))) if x)
 
     return Event(
@@ -314,7 +310,7 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         email=text(
             first(
                 traits.get("email") if kind == "identify" else None,
-                obj(context.get("traits")).get("email"),
+                folded(context.get("traits")).get("email"),
                 props.get("email"),
                 raw.get("email"),
             )
@@ -328,7 +324,7 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         order_id=text(first(props.get("orderid"), props.get("checkoutid"))),
         order_total=_order_total(props, products),
         products=products,
-        ga_client_id=text(obj(obj(raw.get("integrations")).get("googleanalytics")).get("clientid")),
+        ga_client_id=text(folded(folded(raw.get("integrations")).get("googleanalytics")).get("clientid")),
         session_id=text(first(context.get("sessionid"), props.get("sessionid"))),
         library=library_name or None,
         props=props,

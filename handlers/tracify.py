@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,6 +23,7 @@ from handlers._base import (
     is_conversion,
     money,
     routed_name,
+    sha256_hex,
 )
 
 SLUG = "tracify"
@@ -45,8 +45,7 @@ SETTINGS = (
 
 def calc_group(value: str) -> str:
     """sha256hex(sha256hex(x)[:-5]): Tracify's identity hash, dropping five hex characters."""
-    inner = hashlib.sha256(value.encode()).hexdigest()[:-5]
-    return hashlib.sha256(inner.encode()).hexdigest()
+    return sha256_hex(sha256_hex(value)[:-5])
 
 
 def identity_data(event: Event) -> dict[str, int]:
@@ -96,7 +95,7 @@ def build(event: Event, settings: Settings) -> list[Outcome]:
         "data": drop_empty(data),
     }
     token, site = settings["tracifyApiToken"], settings["tracifyCustomerSiteId"]
-    batch_key = hashlib.sha256(f"{token}\0{site}".encode()).hexdigest()[:32]
+    batch_key = sha256_hex(f"{token}\0{site}")[:32]
     return [Postback(SLUG, "events", "/api/v1/events", body, auth=HeaderAuth("tracify-token", token),
                      batch_key=batch_key)]
 
