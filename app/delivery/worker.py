@@ -75,10 +75,6 @@ class Deliverer:
         for client in self.clients.values():
             await client.aclose()
 
-    @property
-    def inflight(self) -> int:
-        return sum(len(tasks) for tasks in self._inflight.values())
-
     # Dispatch ---------------------------------------------------------------------------------------------
 
     async def _dispatch(self, vendor: Vendor) -> None:
@@ -173,10 +169,7 @@ class Deliverer:
         try:
             postbacks = [unpack(self.sealer.open(job.payload)) for job in jobs]
         except InvalidTag:
-            for job in jobs:
-                await self.store.bury(job, now=self.clock(), status=None,
-                                      body="stored payload cannot be decrypted: was SEGRELAY_SECRET changed?")
-            metrics.POSTBACKS.labels(slug, "dead").inc(len(jobs))
+            await self._bury(slug, jobs, None, "stored payload cannot be decrypted: was SEGRELAY_SECRET changed?")
             return
         request = render(vendor, postbacks, self.config.vendor_urls[slug])
         started = time.monotonic()
@@ -203,9 +196,7 @@ class Deliverer:
             log.debug("delivered", extra=extra)
             return
         if verdict is Verdict.DEAD:
-            for job in jobs:
-                await self.store.bury(job, now=now, status=status, body=body)
-            metrics.POSTBACKS.labels(slug, "dead").inc(len(jobs))
+            await self._bury(slug, jobs, status, body)
             log.warning("dead-lettered: vendor refused the postback", extra=extra)
             return
         if pause is not None:
@@ -213,11 +204,17 @@ class Deliverer:
         for job in jobs:
             attempts = job.attempts + 1
             if self.policy.exhausted(attempts, now - job.created_at):
-                await self.store.bury(job, now=now, status=status, body=body)
-                metrics.POSTBACKS.labels(slug, "dead").inc()
+                await self._bury(slug, [job], status, body)
                 log.warning("dead-lettered: retries exhausted", extra=extra)
             else:
                 delay = max(self.policy.backoff(attempts), pause or 0.0)
                 await self.store.retry(job, due_at=now + delay, status=status, body=body)
                 metrics.POSTBACKS.labels(slug, "retried").inc()
                 log.info("retry scheduled", extra={**extra, "delay_seconds": round(delay, 3)})
+
+    async def _bury(self, slug: str, jobs: list[Job], status: int | None, body: str) -> None:
+        """Dead-letter jobs with the vendor's answer (or what went wrong) kept."""
+        now = self.clock()
+        for job in jobs:
+            await self.store.bury(job, now=now, status=status, body=body)
+        metrics.POSTBACKS.labels(slug, "dead").inc(len(jobs))

@@ -1,8 +1,9 @@
 """The embedded store: one SQLite file in WAL mode, synchronous=FULL, one writer thread with group commit.
 
 Every operation runs on the writer thread. The thread takes whatever has queued up (up to `MAX_GROUP`
-operations), runs each inside its own savepoint and commits them together: one fsync serves many concurrent
-requests, and the event loop never blocks on the disk. Use one process per database file.
+operations) and commits them in one transaction: one fsync serves many concurrent requests, and the event loop
+never blocks on the disk. If one operation fails, the group is rolled back and each operation is redone in a
+transaction of its own, so only the failing one fails. Use one process per database file.
 """
 
 from __future__ import annotations
