@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
@@ -51,7 +52,7 @@ class _Stop:
 class SQLiteStore:
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(self.path)
         self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._conn = self._connect()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
@@ -69,7 +70,6 @@ class SQLiteStore:
     # The writer thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        conn = self._conn
         while True:
             item = self._ops.get()
             if isinstance(item, _Stop):
@@ -84,37 +84,43 @@ class SQLiteStore:
                     self._ops.put(nxt)
                     break
                 group.append(nxt)
-            results = self._commit_group(conn, group)
+            results = self._commit_group(self._conn, group)
             by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
             for entry in results:
                 by_loop.setdefault(entry[0].get_loop(), []).append(entry)
             for loop, entries in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # the loop closed while we worked
                     loop.call_soon_threadsafe(_resolve, entries)
-        conn.close()
+        self._conn.close()
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[Any]) -> list[Any]:
-        """Run the group in one transaction; if one operation fails, redo each in its own transaction."""
+        """Run the group in one transaction; if it fails, redo each operation in its own transaction.
+
+        A caller learns success only once its transaction has committed: results are collected first and handed
+        out after COMMIT returns. A failed COMMIT (a full disk, an I/O error) fails every operation in it.
+        """
         try:
             conn.execute("BEGIN IMMEDIATE")
-            results: list[tuple[Any, Any, StoreError | None]] = [(fut, fn(conn), None) for fn, fut in group]
+            values = [fn(conn) for fn, _ in group]
             conn.execute("COMMIT")
             self.commits += 1
-            return results
-        except sqlite3.Error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        results = []
+            return [(fut, value, None) for (_, fut), value in zip(group, values, strict=True)]
+        except Exception as exc:
+            _rollback(conn)
+            if len(group) == 1:
+                return [(group[0][1], None, _error(exc))]
+        results: list[tuple[Any, Any, StoreError | None]] = []
         for fn, fut in group:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                results.append((fut, fn(conn), None))
+                value = fn(conn)
                 conn.execute("COMMIT")
                 self.commits += 1
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            except Exception as exc:
+                _rollback(conn)
                 results.append((fut, None, _error(exc)))
+            else:
+                results.append((fut, value, None))
         return results
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -238,11 +244,31 @@ class SQLiteStore:
             "UPDATE jobs SET leased = 0, due_at = ? WHERE leased = 1 AND dead = 0", (now,)).rowcount)
 
 
-def _error(exc: sqlite3.Error) -> StoreError:
+def _private_file(path: Path) -> None:
+    """The database folder (0700) and file (0600) are private; SQLite gives -wal and -shm the file's mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    with contextlib.suppress(OSError):  # not ours to change (a mounted volume): best effort
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Undo an open transaction; SQLite may already have rolled it back after a failed COMMIT."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _error(exc: BaseException) -> StoreError:
     """Locked, busy, full or failing disks are passing conditions (503); anything else is our bug (500)."""
     if isinstance(exc, sqlite3.OperationalError):
         return StoreUnavailableError(f"sqlite: {exc}")
-    return StoreError(f"sqlite: {exc}")
+    if isinstance(exc, sqlite3.Error):
+        return StoreError(f"sqlite: {exc}")
+    return StoreError(f"sqlite: {type(exc).__name__} in a store operation")
 
 
 def _resolve(entries: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
