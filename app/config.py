@@ -23,7 +23,7 @@ class Config:
     store: str = DEFAULT_STORE
     secret: bytes = b""
     vendor_urls: dict[str, str] = field(default_factory=dict)
-    max_body_bytes: int = 512 * 1024
+    max_body_bytes: int = 128 * 1024
     idempotency_seconds: int = 7 * 86_400
     max_queue: int = 1_000_000
     min_free_disk_mb: int = 256
@@ -54,7 +54,7 @@ class Config:
             store=store,
             secret=load_secret(env, store),
             vendor_urls=vendor_urls(env),
-            max_body_bytes=_int(env, "SEGRELAY_MAX_BODY_BYTES", 512 * 1024),
+            max_body_bytes=_int(env, "SEGRELAY_MAX_BODY_BYTES", 128 * 1024),
             idempotency_seconds=_int(env, "SEGRELAY_IDEMPOTENCY_SECONDS", 7 * 86_400),
             max_queue=_int(env, "SEGRELAY_MAX_QUEUE", 1_000_000),
             min_free_disk_mb=_int(env, "SEGRELAY_MIN_FREE_DISK_MB", 256, minimum=0),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +57,19 @@ _CAMPAIGN_TO_UTM = (
 )
 _FOLD = re.compile(r"[^a-z0-9]")
 
+# Bounds on what one event may cost to read (documented in the README's "Limits" section).
+MAX_PRODUCTS = 250  # products read per event (Segment caps an event at 32 KB); more are dropped with a warning
+MAX_KEYS = 1000  # keys read per object
+MAX_KEY_LENGTH = 256  # longer keys are never one we look for
+MAX_TEXT = 2000  # characters kept of a string value
+MAX_NUMBER_TEXT = 40  # characters of a numeric string
+MAX_DIGITS = 15  # amounts and quantities below 10**15
+MAX_INT = 10**MAX_DIGITS
+_MAX_FLOAT = float(MAX_INT)
+# Timestamps outside these years are unreadable (a clock at 0001-01-01 is not a time to report to a vendor).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+
 
 @functools.lru_cache(maxsize=8192)
 def fold(key: str) -> str:
@@ -71,13 +85,15 @@ def folded(value: Any) -> dict[str, Any]:
     """An object's keys folded, or {} for anything that is not an object (one level: nested objects are
     folded when read).
 
-    On a collision (`orderId` and `order_id` both present) the first non-empty value wins.
+    On a collision (`orderId` and `order_id` both present) the first non-empty value wins. Only the first
+    `MAX_KEYS` keys of an object are read, so a hostile object costs a bounded time.
     """
     if not isinstance(value, dict):
         return {}
     out: dict[str, Any] = {}
-    for key, item in value.items():
-        name = fold(key)
+    items = value.items() if len(value) <= MAX_KEYS else itertools.islice(value.items(), MAX_KEYS)
+    for key, item in items:
+        name = fold(key) if len(key) <= MAX_KEY_LENGTH else ""
         if name not in out or is_empty(out[name]):
             out[name] = item
     return out
@@ -95,27 +111,43 @@ def first(*values: Any) -> Any:
 
 
 def text(value: Any) -> str | None:
-    """A non-empty string from a string or a number; anything else is absent."""
+    """A non-empty string from a string or a number, at most MAX_TEXT characters; anything else is absent."""
     kind = type(value)
     if kind is str:
         stripped: str = value.strip()
-        return stripped or None
-    if kind is int or kind is float:
-        return str(value)
+        return stripped[:MAX_TEXT] or None
+    if kind is int:
+        return str(value) if -MAX_INT < value < MAX_INT else None
+    if kind is float:
+        return repr(value)
     return None
 
 
 def number(value: Any) -> Decimal | None:
-    """A finite decimal from a number or a numeric string ("120.13", "1,5" is not a number)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float | str):
+    """A finite decimal of sensible size from a number or a numeric string ("120.13"; "1,5" is not a number).
+
+    Magnitudes of 10**15 and more are not amounts (and would cost unbounded time to print): absent. Numbers
+    closer to zero than 10**-12 read as 0. A numeric string longer than 40 characters is not a number.
+    """
+    kind = type(value)
+    if kind is int:
+        return Decimal(value) if -MAX_INT < value < MAX_INT else None
+    if kind is float:
+        if not -_MAX_FLOAT < value < _MAX_FLOAT:  # also rejects inf and nan
+            return None
+        result = Decimal(repr(value))
+    elif kind is str:
+        if len(value) > MAX_NUMBER_TEXT:
+            return None
         try:
-            result = Decimal(str(value).strip())
+            result = Decimal(value.strip())
         except InvalidOperation:
             return None
-        return result if result.is_finite() else None
-    return None
+        if not result.is_finite() or result.adjusted() >= MAX_DIGITS:
+            return None
+    else:
+        return None
+    return result if result.is_zero() or result.adjusted() >= -12 else Decimal(0)
 
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses are several times slower to build
@@ -155,23 +187,49 @@ class Event:
     library: str | None = None
     props: dict[str, Any] = field(default_factory=dict)  # folded properties
     raw_props: dict[str, Any] = field(default_factory=dict)  # properties with the customer's key names
+    warnings: list[str] = field(default_factory=list)  # what was read differently from how it was sent
 
     def prop(self, name: str) -> Any:
         return self.props.get(fold(name))
 
 
-def parse_timestamp(name: str, value: Any) -> datetime | None:
-    if is_empty(value):
+def parse_timestamp(value: Any) -> datetime | None:
+    """ISO 8601 (any offset; no offset is UTC), or epoch seconds or milliseconds as a number or numeric string.
+
+    None when the value is absent, unreadable, or outside 1970..2200; never raises.
+    """
+    if type(value) is str:
+        raw = value.strip()
+        if not raw or len(raw) > 64:
+            return None
+        if raw[0] == "-" or raw[0].isdigit() and raw.replace(".", "", 1).isdigit():
+            return _from_epoch(number(raw)) if raw.replace(".", "", 1).lstrip("-").isdigit() else None
+        try:
+            parsed = datetime.fromisoformat(raw.replace("z", "Z"))
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        try:
+            parsed = parsed.astimezone(UTC)
+        except (OverflowError, ValueError):  # 0001-01-01T00:00:00+01:00 has no UTC time
+            return None
+        return parsed if EARLIEST <= parsed < LATEST else None
+    if type(value) in (int, float):
+        return _from_epoch(number(value))
+    return None
+
+
+def _from_epoch(value: Decimal | None) -> datetime | None:
+    """Epoch seconds, or milliseconds when the number is too large to be seconds before 2200."""
+    if value is None or value < 0:
         return None
-    if not isinstance(value, str):
-        raise BadRequestError(f"'{name}' must be an ISO 8601 date string, got {type(value).__name__}")
+    seconds = float(value) / 1000 if value >= 10**10 else float(value)
     try:
-        parsed = datetime.fromisoformat(value.strip().replace("z", "Z"))
-    except ValueError:
-        raise BadRequestError(f"'{name}' is not an ISO 8601 date: {value[:40]!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+        parsed = datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
+    return parsed if EARLIEST <= parsed < LATEST else None
 
 
 def _url_params(page_url: str | None, search: Any, campaign: dict[str, Any]) -> dict[str, str]:
@@ -234,6 +292,14 @@ def _require_object(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return folded(value)
 
 
+_TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
+
+
+def _shown(value: Any) -> str:
+    """A short, safe rendering of a value for a warning."""
+    return repr(value)[:40] if isinstance(value, str | int | float) else type(value).__name__
+
+
 def call_type(body: Any) -> str:
     """The call's type, lower-cased; 400 when missing, 501 when not one we handle."""
     if not isinstance(body, dict):
@@ -269,9 +335,15 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
     if len(message_id) > MAX_MESSAGE_ID:
         raise BadRequestError(f"'messageId' is longer than {MAX_MESSAGE_ID} characters")
 
+    warnings: list[str] = []
     ts = None
-    for name in ("timestamp", "originalTimestamp", "sentAt", "receivedAt"):
-        ts = ts or parse_timestamp(name, raw.get(fold(name)))
+    for name in _TIME_FIELDS:
+        value = raw.get(fold(name))
+        ts = parse_timestamp(value)
+        if ts is not None:
+            break
+        if not is_empty(value):
+            warnings.append(f"'{name}' is not a readable time ({_shown(value)}): the next time field was used")
     user_id, anonymous_id = text(raw.get("userid")), text(raw.get("anonymousid"))
     if user_id is None and anonymous_id is None:
         raise BadRequestError(f"{kind} call has neither 'userId' nor 'anonymousId': one of them is required")
@@ -294,7 +366,12 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         products: tuple[Product, ...] = (_product(props),)
     else:
         items = props.get("products")
-        products = tuple(_product(folded(p)) for p in items if isinstance(p, dict)) if isinstance(items, list) else ()
+        products = ()
+        if isinstance(items, list):
+            if len(items) > MAX_PRODUCTS:
+                warnings.append(f"{len(items)} products: only the first {MAX_PRODUCTS} were read")
+                items = items[:MAX_PRODUCTS]
+            products = tuple(_product(folded(p)) for p in items if isinstance(p, dict))
     currency = text(props.get("currency"))
     library = folded(context.get("library"))
     library_name = "/".join(x for x in (text(library.get("name")), text(library.get("version"))) if x)
@@ -329,4 +406,5 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         library=library_name or None,
         props=props,
         raw_props=raw_props,
+        warnings=warnings,
     )

@@ -70,7 +70,9 @@ class Ingest:
         """Everything after authentication: 200 / 202 or a ContractError."""
         try:
             document = orjson.loads(body)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as exc:
+            if "depth limit" in str(exc):
+                raise BadRequestError("Event is nested deeper than 1024 levels") from None
             raise BadRequestError("Request body is not valid JSON") from None
         kind = call_type(document)
         settings = from_header(settings_header)
@@ -81,6 +83,8 @@ class Ingest:
             return Answer(200, self._dry_run(translation), kind)
         rows = summary(translation)
         answer: dict[str, Any] = {"message": "accepted", "postbacks": rows}
+        if event.warnings:
+            answer["warnings"] = event.warnings
         if not translation.vendors:
             answer["warning"] = ("No vendor is configured in this destination's settings: set "
                                  "segmentstreamApiToken, tracifyApiToken and tracifyCustomerSiteId, or audiohookId")

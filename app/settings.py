@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import re
 import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -17,6 +18,7 @@ from app.event import fold
 from handlers import ALL_SETTINGS
 from handlers._base import Setting
 
+_HEADER_SAFE = re.compile(r"^[\x20-\x7e]+$")  # printable ASCII: what every HTTP client sends in a header
 _BY_FOLDED = {fold(s.name): s for s in ALL_SETTINGS}
 
 
@@ -71,6 +73,9 @@ def coerce(setting: Setting, value: Any) -> Any:
     if not isinstance(value, str):
         raise BadRequestError(f"Setting '{name}' must be a string")
     value = value.strip()
+    if setting.secret and not _HEADER_SAFE.match(value):
+        raise BadRequestError(f"Setting '{name}' holds a control or non-ASCII character; it is sent in an HTTP "
+                              f"header, so paste the token again exactly as the vendor shows it")
     if setting.type == "uuid":
         try:
             return str(uuid.UUID(value))
