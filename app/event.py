@@ -202,8 +202,9 @@ def parse_timestamp(value: Any) -> datetime | None:
         raw = value.strip()
         if not raw or len(raw) > 64:
             return None
-        if raw[0] == "-" or raw[0].isdigit() and raw.replace(".", "", 1).isdigit():
-            return _from_epoch(number(raw)) if raw.replace(".", "", 1).lstrip("-").isdigit() else None
+        digits = raw.replace(".", "", 1).removeprefix("-")
+        if digits.isdigit():
+            return _from_epoch(number(raw))
         try:
             parsed = datetime.fromisoformat(raw.replace("z", "Z"))
         except ValueError:
