@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import gc
 import os
+import resource
 import sys
 import threading
 import time
@@ -119,6 +121,7 @@ def _when(ts: float | None) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app import http_protocol
     from app.log import configure
     from app.server import create_app
 
@@ -145,11 +148,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # young objects less often (a request allocates thousands of short-lived dicts, none of them cyclic).
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+    http_protocol.LIMITS.update(max_connections=config.max_connections,
+                                request_read_seconds=config.request_read_seconds)
+    _raise_file_limit()
     server = Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                    timeout_graceful_shutdown=5, server_header=False,
-                                   loop="auto", http="auto", lifespan="on"))
+                                   timeout_keep_alive=config.keepalive_seconds,
+                                   h11_max_incomplete_event_size=64 * 1024,
+                                   loop="auto", http=http_protocol.GuardedHttpToolsProtocol, lifespan="on"))
     server.run()
     return 0
+
+
+def _raise_file_limit() -> None:
+    """Open connections need file descriptors: take the hard limit, which SEGRELAY_MAX_CONNECTIONS stays under."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
 
 
 def _first_key(config: Config, port: int) -> None:
@@ -164,17 +180,21 @@ def _first_key(config: Config, port: int) -> None:
     if key is None:
         return
     auth = base64.b64encode(f"{key}:".encode()).decode()
-    print(f"""
-segrelay: no API key existed, so one was created for tenant "default". It is shown only this once:
+    assert config.sqlite_path is not None
+    path = (config.sqlite_path.parent / "first-key.txt").resolve()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"""# segrelay: API key made on the first run, tenant "default" (delete this file after use)
+# Paste the key into the destination in Segment, or try it with the curl command below.
+{key}
 
-    {key}
-
-Paste it as the API key of the destination in Segment, or try it now:
-
-    curl -s -X POST http://127.0.0.1:{port}/segment \\
-      -H 'Authorization: Basic {auth}' -H 'Content-Type: application/json' \\
-      -d '{{"type":"track","event":"Test Event Name","userId":"test-user","messageId":"hello-1"}}'
-""", file=sys.stderr, flush=True)
+curl -s -X POST http://127.0.0.1:{port}/segment \\
+  -H 'Authorization: Basic {auth}' -H 'Content-Type: application/json' \\
+  -d '{{"type":"track","event":"Test Event Name","userId":"test-user","messageId":"hello-1"}}'
+""")
+    # Never the key itself on stderr: a container's log stream is read by many.
+    print(f"segrelay: no API key existed, so one was created for tenant \"default\"; it is in {path} "
+          f"(readable only by this user), with a ready-to-run curl command", file=sys.stderr, flush=True)
 
 
 # keys ---------------------------------------------------------------------------------------------------

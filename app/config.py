@@ -41,6 +41,11 @@ class Config:
     vendor_concurrency: int = 32
     tenant_concurrency: int = 8
     key_cache_seconds: float = 5.0
+    max_connections: int = 1024
+    request_read_seconds: float = 30.0
+    keepalive_seconds: int = 5
+    max_inflight_bytes: int = 32 * 1024 * 1024
+    tenant_queue_share: float = 0.5
     delivery: bool = True
     log_level: str = "info"
 
@@ -72,12 +77,21 @@ class Config:
             vendor_concurrency=_int(env, "SEGRELAY_VENDOR_CONCURRENCY", 32),
             tenant_concurrency=_int(env, "SEGRELAY_TENANT_CONCURRENCY", 8),
             key_cache_seconds=_float(env, "SEGRELAY_KEY_CACHE_SECONDS", 5.0, minimum=0),
+            max_connections=_int(env, "SEGRELAY_MAX_CONNECTIONS", 1024),
+            request_read_seconds=_float(env, "SEGRELAY_REQUEST_READ_SECONDS", 30.0),
+            keepalive_seconds=_int(env, "SEGRELAY_KEEPALIVE_SECONDS", 5),
+            max_inflight_bytes=_int(env, "SEGRELAY_MAX_INFLIGHT_BYTES", 32 * 1024 * 1024),
+            tenant_queue_share=_float(env, "SEGRELAY_TENANT_QUEUE_SHARE", 0.5),
             delivery=_bool(env, "SEGRELAY_DELIVERY", True),
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
         )
         if config.lease_seconds <= config.connect_timeout + config.read_timeout:
             raise ConfigError("SEGRELAY_LEASE_SECONDS must exceed SEGRELAY_CONNECT_TIMEOUT + SEGRELAY_READ_TIMEOUT, "
                               "or a slow send could be leased twice")
+        if config.tenant_queue_share > 1:
+            raise ConfigError("SEGRELAY_TENANT_QUEUE_SHARE must be a fraction of the queue, at most 1")
+        if config.max_inflight_bytes < config.max_body_bytes:
+            raise ConfigError("SEGRELAY_MAX_INFLIGHT_BYTES must be at least SEGRELAY_MAX_BODY_BYTES")
         if config.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("SEGRELAY_LOG_LEVEL must be debug, info, warning or error")
         return config
@@ -120,7 +134,8 @@ def load_secret(env: Mapping[str, str], store: str) -> bytes:
 def _generated_secret(path: Path) -> bytes:
     if path.exists():
         return path.read_bytes().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)  # the embedded store's folder: private
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(secrets.token_hex(32))

@@ -46,4 +46,6 @@ def configure(level: str = "info") -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # we log requests ourselves, without client IPs
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines carry full URLs
+    # HTTP client libraries log URLs and, at debug level, request headers (vendor tokens): never below WARNING.
+    for name in ("httpx", "httpcore", "hpack", "aiohttp", "aiohttp.client", "aiohttp.internal"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +26,7 @@ from app.auth import Authenticator
 from app.config import Config
 from app.crypto import KeyHasher, Sealer
 from app.delivery.worker import Deliverer
-from app.errors import ContractError, PayloadTooLargeError
+from app.errors import ContractError, PayloadTooLargeError, UnavailableError
 from app.ingest import Backpressure, Ingest
 from app.log import request_id
 from app.store import Store, StoreUnavailableError, open_store
@@ -79,17 +79,37 @@ class RequestContext:
             request_id.reset(token)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+class BodyBudget:
+    """Bytes of request bodies being read or handled at once, bounded: past the bound a request gets 503."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.limit:
+            raise UnavailableError("segrelay is receiving more data than it can hold right now; retry shortly",
+                                   retry_after=1)
+        self.used += size
+
+
+async def read_body(request: Request, limit: int, budget: BodyBudget) -> tuple[bytes, int]:
+    """The body and the bytes it took from the budget (the caller gives them back)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise PayloadTooLargeError(f"Event is larger than {limit // 1024} KB")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"Event is larger than {limit // 1024} KB")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    chunks, size, taken = [], 0, 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"Event is larger than {limit // 1024} KB")
+            budget.take(len(chunk))
+            taken += len(chunk)
+            chunks.append(chunk)
+    except BaseException:
+        budget.used -= taken
+        raise
+    return b"".join(chunks), taken
 
 
 class Service:
@@ -147,16 +167,22 @@ class Service:
 
 def create_app(config: Config) -> Starlette:
     service = Service(config)
+    budget = BodyBudget(config.max_inflight_bytes)
 
     async def segment(request: Request) -> Response:
-        started, kind = time.perf_counter(), "unknown"
+        started, kind, taken = time.perf_counter(), "unknown", 0
         try:
             service.ingest.check_open()
             key = await service.ingest.authenticator.authenticate(request.headers.get("authorization"))
-            body = await read_body(request, config.max_body_bytes)
+            body, taken = await read_body(request, config.max_body_bytes, budget)
             answer = await service.ingest.handle(key, request.headers.get("x-segment-settings"), body)
             kind = answer.call_type
             response: Response = JSONResponse(answer.body, answer.status)
+        except ClientDisconnect:
+            # The client left before its body arrived: nobody to answer, nothing taken on; not our fault (499).
+            log.info("client disconnected before the body arrived")
+            metrics.REQUESTS.labels(kind, "499").inc()
+            return Response(status_code=499)
         except ContractError as exc:
             headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
             response = error(exc.status_code, exc.message, headers)
@@ -166,6 +192,8 @@ def create_app(config: Config) -> Starlette:
         except Exception:
             log.exception("unexpected error in /segment")
             response = error(500, "Internal error in segrelay; Segment will retry this event")
+        finally:
+            budget.used -= taken
         metrics.REQUESTS.labels(kind, str(response.status_code)).inc()
         metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
         return response

@@ -91,17 +91,20 @@ def test_translate_reads_stdin_and_reports_skips_and_errors(tmp_path: Path) -> N
     assert segrelay("translate", "--settings", "nope.json", cwd=tmp_path, stdin="{}").returncode == 2
 
 
-def test_first_serve_creates_a_key_and_prints_a_working_curl_command(tmp_path: Path) -> None:
+def test_first_serve_writes_a_key_and_a_working_curl_command_to_a_private_file(tmp_path: Path) -> None:
     port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("SEGRELAY_")}
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=tmp_path, env=base, stdout=log, stderr=subprocess.STDOUT, text=True)
+    key_file = tmp_path / "var" / "first-key.txt"
     try:
-        assert wait_until(lambda: "Basic " in (tmp_path / "serve.log").read_text(), 20)
-        text = (tmp_path / "serve.log").read_text()
+        assert wait_until(lambda: "first-key.txt" in (tmp_path / "serve.log").read_text(), 20)
+        assert str(key_file.resolve()) in (tmp_path / "serve.log").read_text()  # the path, not the key
+        text = key_file.read_text()
         auth = re.search(r"-H 'Authorization: (Basic [^']+)'", text)
         body = re.search(r"-d '([^']+)'", text)
+        key = next(line for line in text.splitlines() if line.startswith("sr_"))
         assert auth and body
 
         def ready() -> bool:
@@ -113,8 +116,12 @@ def test_first_serve_creates_a_key_and_prints_a_working_curl_command(tmp_path: P
         response = httpx.post(f"http://127.0.0.1:{port}/segment", content=body.group(1),
                               headers={"Authorization": auth.group(1), "Content-Type": "application/json"})
         assert response.status_code == 200 and response.json()["message"] == "accepted"
-        assert (tmp_path / "var" / "secret").stat().st_mode & 0o777 == 0o600
+        for path in (tmp_path / "var" / "secret", key_file, tmp_path / "var" / "segrelay.db"):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        assert (tmp_path / "var").stat().st_mode & 0o777 == 0o700
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
+    logged = (tmp_path / "serve.log").read_text()
+    assert key not in logged and auth.group(1) not in logged

@@ -1,0 +1,76 @@
+"""uvicorn's httptools protocol with the limits a public endpoint needs.
+
+- **Connections are bounded**: past `SEGRELAY_MAX_CONNECTIONS` open connections a new one gets a JSON 503 and is
+  closed, so idle sockets cannot use up the file descriptors that real requests need.
+- **A request must arrive in time**: from the moment a connection opens (or a new request on it begins) its headers
+  and body must arrive within `SEGRELAY_REQUEST_READ_SECONDS`, else the connection is closed. This ends idle
+  connections that never send anything and slow-drip clients (slowloris, slow bodies); between requests uvicorn's
+  keep-alive timeout (`SEGRELAY_KEEPALIVE_SECONDS`) applies.
+- **Malformed HTTP gets JSON**: a request the parser refuses is answered 400 with `{"message": ...}`, like every
+  other answer of segrelay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# Set by the serve command before uvicorn starts (uvicorn builds the protocol from its class).
+LIMITS = {"max_connections": 1024, "request_read_seconds": 30.0}
+
+
+def _response(status: bytes, message: str) -> bytes:
+    body = orjson.dumps({"message": message})
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > LIMITS["max_connections"]:
+            transport.write(_response(b"503 Service Unavailable",
+                                      "segrelay has too many open connections; retry shortly"))
+            transport.close()
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._read_deadline is None:
+            self._arm()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(_response(b"400 Bad Request", f"Malformed HTTP request: {msg}"))
+        self.transport.close()
+
+    def _arm(self) -> None:
+        self._read_deadline = self.loop.call_later(LIMITS["request_read_seconds"], self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _too_slow(self) -> None:
+        self._read_deadline = None
+        if not self.transport.is_closing():
+            if self.cycle is None or self.cycle.response_complete:  # nothing of ours is on the wire
+                self.transport.write(_response(b"408 Request Timeout",
+                                               "The request did not arrive in time; connection closed"))
+            self.transport.close()
