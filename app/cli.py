@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import contextlib
+import dataclasses
 import gc
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -53,7 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP service (POST /segment) and its delivery workers")
     serve.add_argument("--host", default=None, help="bind address (default SEGRELAY_HOST or 0.0.0.0)")
     serve.add_argument("--port", type=int, default=None, help="port (default SEGRELAY_PORT or 8080)")
+    serve.add_argument("--delivery-processes", type=int, default=None, metavar="N",
+                       help="delivery processes started beside the HTTP process (default "
+                            "SEGRELAY_DELIVERY_PROCESSES or 1; 0 delivers inside the HTTP process)")
     serve.set_defaults(run=cmd_serve)
+
+    deliver = sub.add_parser("deliver", help="run only the delivery side on the configured store (serve starts "
+                                             "it for you; run it yourself to deliver from a shared Redis)")
+    deliver.add_argument("--wake-fd", type=int, default=None, help=argparse.SUPPRESS)
+    deliver.set_defaults(run=cmd_deliver)
 
     keys = sub.add_parser("keys", help="issue, list and revoke the API keys customers paste into Segment")
     keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
@@ -123,9 +135,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app import http_protocol
     from app.log import configure
-    from app.server import create_app
 
     config = Config.from_env()
+    if args.delivery_processes is not None:
+        if args.delivery_processes < 0:
+            raise ConfigError("--delivery-processes must be 0 or more")
+        config = dataclasses.replace(config, delivery_processes=args.delivery_processes)
+    if config.delivery and config.delivery_processes > 0:
+        # Several processes count into one set of metrics: prometheus_client's multiprocess mode, which must be
+        # chosen before prometheus_client is first imported (app.server imports it).
+        metrics_dir = tempfile.mkdtemp(prefix="segrelay-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, True)
+    from app.server import create_app
+
     host = args.host or os.environ.get("SEGRELAY_HOST", "0.0.0.0")
     port = args.port or int(os.environ.get("SEGRELAY_PORT", "8080"))
     if config.sqlite_path is not None:
@@ -158,6 +181,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    loop="auto", http=http_protocol.GuardedHttpToolsProtocol, lifespan="on"))
     server.run()
     return 0
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    from app.delivery import runner
+    from app.log import configure
+
+    config = Config.from_env()
+    configure(config.log_level)
+    return runner.run(config, args.wake_fd)
 
 
 def _raise_file_limit() -> None:

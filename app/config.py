@@ -25,7 +25,7 @@ class Config:
     vendor_urls: dict[str, str] = field(default_factory=dict)
     max_body_bytes: int = 128 * 1024
     idempotency_seconds: int = 7 * 86_400
-    max_queue: int = 1_000_000
+    max_queue_mb: float = 2048.0
     min_free_disk_mb: int = 256
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 900.0
@@ -47,11 +47,15 @@ class Config:
     max_inflight_bytes: int = 32 * 1024 * 1024
     tenant_queue_share: float = 0.5
     delivery: bool = True
+    delivery_processes: int = 1
     log_level: str = "info"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         env = os.environ if env is None else env
+        if env.get("SEGRELAY_MAX_QUEUE"):
+            raise ConfigError("SEGRELAY_MAX_QUEUE (a row count) is gone: the queue is bounded in bytes, set "
+                              "SEGRELAY_MAX_QUEUE_MB instead")
         store = env.get("SEGRELAY_STORE", DEFAULT_STORE)
         if not store.startswith(("sqlite:///", "redis://", "rediss://")):
             raise ConfigError("SEGRELAY_STORE must start with sqlite:///, redis:// or rediss://")
@@ -61,7 +65,7 @@ class Config:
             vendor_urls=vendor_urls(env),
             max_body_bytes=_int(env, "SEGRELAY_MAX_BODY_BYTES", 128 * 1024),
             idempotency_seconds=_int(env, "SEGRELAY_IDEMPOTENCY_SECONDS", 7 * 86_400),
-            max_queue=_int(env, "SEGRELAY_MAX_QUEUE", 1_000_000),
+            max_queue_mb=_float(env, "SEGRELAY_MAX_QUEUE_MB", 2048.0),
             min_free_disk_mb=_int(env, "SEGRELAY_MIN_FREE_DISK_MB", 256, minimum=0),
             retry_base_seconds=_float(env, "SEGRELAY_RETRY_BASE_SECONDS", 2.0),
             retry_max_seconds=_float(env, "SEGRELAY_RETRY_MAX_SECONDS", 900.0),
@@ -83,6 +87,7 @@ class Config:
             max_inflight_bytes=_int(env, "SEGRELAY_MAX_INFLIGHT_BYTES", 32 * 1024 * 1024),
             tenant_queue_share=_float(env, "SEGRELAY_TENANT_QUEUE_SHARE", 0.5),
             delivery=_bool(env, "SEGRELAY_DELIVERY", True),
+            delivery_processes=_int(env, "SEGRELAY_DELIVERY_PROCESSES", 1, minimum=0),
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
         )
         if config.lease_seconds <= config.connect_timeout + config.read_timeout:

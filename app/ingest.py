@@ -20,9 +20,10 @@ from app.crypto import Sealer
 from app.errors import BadRequestError, UnavailableError
 from app.event import call_type, parse_event
 from app.keys import KeyRecord
-from app.outgoing import pack, preview
-from app.settings import from_header
-from app.store import NewJob, Store
+from app.outgoing import preview
+from app.settings import from_header, settings_json
+from app.store import ALL_TENANTS, Counts, NewJob, Store
+from app.stored import pack_event
 from app.translate import Translation, active_vendors, summary, translate
 
 
@@ -34,25 +35,41 @@ class Answer:
 
 
 class Backpressure:
-    """Refuses new work (503) when the queue or the disk is past its bound. Refreshed once a second."""
+    """Refuses new work (503) when the queue, one tenant's share of it, or the disk is past its bound.
+
+    The queue is bounded in bytes (`SEGRELAY_MAX_QUEUE_MB`), each tenant to `SEGRELAY_TENANT_QUEUE_SHARE` of it, so
+    one customer's flood or broken vendor cannot take the room of the others. Refreshed once a second from the
+    store's counters (never a scan); in between, what this process accepted is added as it goes.
+    """
 
     def __init__(self, config: Config) -> None:
-        self.max_queue, self.min_free = config.max_queue, config.min_free_disk_mb * 1024 * 1024
+        self.max_bytes = int(config.max_queue_mb * 1024 * 1024)
+        self.tenant_max = int(self.max_bytes * config.tenant_queue_share)
+        self.min_free = config.min_free_disk_mb * 1024 * 1024
         self.path = config.sqlite_path.parent if config.sqlite_path else None
-        self.depth = 0
+        self.queued: dict[str, int] = {}
         self.disk_free: int | None = None
 
-    def refresh(self, depth: int) -> None:
-        self.depth = depth
+    def refresh(self, counts: Counts) -> None:
+        self.queued = dict(counts.queued_bytes)
         if self.path is not None:
             self.disk_free = shutil.disk_usage(self.path).free
 
-    def check(self, adding: int) -> None:
-        if self.depth + adding > self.max_queue:
-            raise UnavailableError(f"Delivery queue is full ({self.depth} postbacks waiting); retry later",
-                                   retry_after=30)
+    def check(self, tenant: str, adding: int) -> None:
+        total = self.queued.get(ALL_TENANTS, 0)
+        if total + adding > self.max_bytes:
+            raise UnavailableError(f"Delivery queue is full ({total // 1_048_576} MB waiting for vendors); "
+                                   f"retry later", retry_after=30)
+        mine = self.queued.get(tenant, 0)
+        if mine + adding > self.tenant_max:
+            raise UnavailableError(f"This destination's share of the delivery queue is full ({mine // 1_048_576} "
+                                   f"MB waiting for its vendors); retry later", retry_after=30)
         if self.disk_free is not None and self.disk_free < self.min_free:
             raise UnavailableError("Storage is nearly full; retry later", retry_after=60)
+
+    def add(self, tenant: str, size: int) -> None:
+        self.queued[tenant] = self.queued.get(tenant, 0) + size
+        self.queued[ALL_TENANTS] = self.queued.get(ALL_TENANTS, 0) + size
 
 
 class Ingest:
@@ -91,10 +108,12 @@ class Ingest:
         if not translation.postbacks:
             _count(translation)
             return Answer(200, answer, kind)
-        self.backpressure.check(len(translation.postbacks))
-        jobs = [NewJob(p.vendor, key.tenant, event.message_id, event.event_name or event.type, p.batch_key,
-                       self.sealer.seal(pack(p))) for p in translation.postbacks]
-        accepting = self.store.accept(key.tenant, event.message_id, jobs, now=now,
+        payload = self.sealer.seal(pack_event(settings_json(settings_header), now, body))
+        queued = len(payload) * len(translation.postbacks)
+        self.backpressure.check(key.tenant, queued)
+        name = event.event_name or event.type
+        jobs = [NewJob(p.vendor, p.target, name, p.batch_key) for p in translation.postbacks]
+        accepting = self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
                                       ttl=self.config.idempotency_seconds)
         try:
             # Segment gives up after ~10 s: answer 503 well before. If the write still lands later, Segment's
@@ -105,7 +124,7 @@ class Ingest:
         if not fresh:
             metrics.DUPLICATES.inc()
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
-        self.backpressure.depth += len(jobs)
+        self.backpressure.add(key.tenant, queued)
         _count(translation)
         for vendor in {p.vendor for p in translation.postbacks}:
             self.notify(vendor)

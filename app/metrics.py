@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 REQUESTS = Counter("segrelay_requests", "Requests to /segment by call type and status code",
                    ["call_type", "status"])
@@ -14,6 +16,21 @@ SKIPS = Counter("segrelay_skips", "Postbacks skipped, by vendor and reason code"
 DUPLICATES = Counter("segrelay_duplicates", "Events answered as duplicates of an earlier messageId")
 VENDOR_SECONDS = Histogram("segrelay_vendor_request_duration_seconds", "Vendor request duration", ["vendor"],
                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30))
-QUEUE_DEPTH = Gauge("segrelay_queue_depth", "Postbacks waiting or being sent", ["vendor"])
-DEAD_LETTERS = Gauge("segrelay_dead_letters", "Postbacks in the dead-letter store", ["vendor"])
-CIRCUIT_OPEN = Gauge("segrelay_circuit_open", "1 while the vendor's circuit breaker is open", ["vendor"])
+# Gauges: the HTTP process sets the queue figures, delivery processes the circuits; across processes the
+# highest value is the one to show (prometheus_client's multiprocess mode, used when serve runs several).
+QUEUE_DEPTH = Gauge("segrelay_queue_depth", "Postbacks waiting or being sent", ["vendor"], multiprocess_mode="max")
+QUEUE_BYTES = Gauge("segrelay_queue_bytes", "Bytes of stored events waiting for delivery (the queue bound)",
+                    multiprocess_mode="max")
+DEAD_LETTERS = Gauge("segrelay_dead_letters", "Postbacks in the dead-letter store", ["vendor"],
+                     multiprocess_mode="max")
+CIRCUIT_OPEN = Gauge("segrelay_circuit_open", "1 while the vendor's circuit breaker is open", ["vendor"],
+                     multiprocess_mode="max")
+
+
+def exposition() -> bytes:
+    """The text exposition: this process's metrics, or every process's when serve runs several."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(registry))
+    return bytes(generate_latest(REGISTRY))

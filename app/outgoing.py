@@ -64,25 +64,3 @@ def _form_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def pack(postback: Postback) -> bytes:
-    """The stored form of a postback (sealed before it reaches the store)."""
-    auth: Any = None
-    if isinstance(postback.auth, BasicAuth):
-        auth = {"basic": postback.auth.username}
-    elif isinstance(postback.auth, HeaderAuth):
-        auth = {"header": [postback.auth.name, postback.auth.value]}
-    return orjson.dumps({"v": postback.vendor, "t": postback.target, "p": postback.path, "b": postback.body,
-                         "f": postback.form, "a": auth, "k": postback.batch_key})
-
-
-def unpack(data: bytes) -> Postback:
-    raw = orjson.loads(data)
-    auth = raw["a"]
-    parsed: BasicAuth | HeaderAuth | None = None
-    if auth and "basic" in auth:
-        parsed = BasicAuth(auth["basic"])
-    elif auth and "header" in auth:
-        parsed = HeaderAuth(*auth["header"])
-    return Postback(raw["v"], raw["t"], raw["p"], raw["b"], raw["f"], parsed, raw["k"])

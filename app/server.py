@@ -8,11 +8,11 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -25,11 +25,12 @@ from app import metrics
 from app.auth import Authenticator
 from app.config import Config
 from app.crypto import KeyHasher, Sealer
-from app.delivery.worker import Deliverer
+from app.delivery.runner import DeliveryService
 from app.errors import ContractError, PayloadTooLargeError, UnavailableError
 from app.ingest import Backpressure, Ingest
 from app.log import request_id
-from app.store import Store, StoreUnavailableError, open_store
+from app.store import ALL_TENANTS, Store, StoreUnavailableError, open_store
+from app.supervisor import DeliveryProcesses
 from handlers import VENDORS
 
 log = logging.getLogger("segrelay.server")
@@ -113,56 +114,91 @@ async def read_body(request: Request, limit: int, budget: BodyBudget) -> tuple[b
 
 
 class Service:
-    """Everything one running segrelay holds: store, ingest, delivery."""
+    """Everything the HTTP process holds: store, ingest, backpressure, and delivery in one of three shapes.
+
+    Delivery runs in `config.delivery_processes` child processes (the default, one), inside this process (0), or
+    not at all (`SEGRELAY_DELIVERY=false`: another deployment delivers from the shared store).
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store: Store = open_store(config.store, consumer=uuid.uuid4().hex[:12])
         self.sealer = Sealer(config.secret)
         self.backpressure = Backpressure(config)
-        self.deliverer = Deliverer(config, self.store, self.sealer)
+        self.inline: DeliveryService | None = None
+        self.children: DeliveryProcesses | None = None
+        notify: Callable[[str], None] = _nobody
+        if config.delivery and config.delivery_processes == 0:
+            self.inline = DeliveryService(config, self.store)
+            notify = self.inline.deliverer.notify
+        elif config.delivery:
+            self.children = DeliveryProcesses(config.delivery_processes, config.drain_seconds + 10)
+            notify = self.children.notify
         self.ingest = Ingest(config, self.store, self.sealer,
                              Authenticator(self.store, KeyHasher(config.secret), config.key_cache_seconds,
                                            config.accept_timeout_seconds),
-                             self.backpressure, self.deliverer.notify)
+                             self.backpressure, notify)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        now = time.time()
-        recovered = await self.store.recover_leases(now=now)
-        if recovered:
-            log.info("recovered leases of a previous run", extra={"postbacks": recovered})
-        self.backpressure.refresh(await self.store.depth())
+        log.info("store", extra={"store": _shown_store(self.config)})
         if self.config.delivery:
-            self.deliverer.start()
+            # Before any delivery process runs: leases of a crashed predecessor become due now.
+            recovered = await self.store.recover_leases(now=time.time())
+            if recovered:
+                log.info("recovered leases of a previous run", extra={"postbacks": recovered})
+        await self._refresh()
+        if self.inline is not None:
+            await self.inline.start(recover=False)
+        if self.children is not None:
+            self.children.start()
         self._tasks.append(asyncio.create_task(self._monitor(), name="monitor"))
+
+    @property
+    def delivery_healthy(self) -> bool:
+        return self.children is None or self.children.healthy
 
     async def stop(self) -> None:
         self.ingest.draining = True
-        await self.deliverer.stop(self.config.drain_seconds)
+        log.info("draining: no new events are accepted")
+        if self.inline is not None:
+            await self.inline.stop()
+        if self.children is not None:
+            await self.children.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()
+        log.info("stopped")
+
+    async def _refresh(self) -> None:
+        counts = await self.store.counts()
+        self.backpressure.refresh(counts)
+        for vendor in VENDORS:
+            metrics.QUEUE_DEPTH.labels(vendor.slug).set(counts.pending.get(vendor.slug, 0))
+            metrics.DEAD_LETTERS.labels(vendor.slug).set(counts.dead.get(vendor.slug, 0))
+        metrics.QUEUE_BYTES.set(counts.queued_bytes.get(ALL_TENANTS, 0))
 
     async def _monitor(self) -> None:
-        """Once a second: queue depth and free disk for backpressure; every 5 s gauges; every minute upkeep."""
-        tick = 0
+        """Once a second, from the store's counters (never a scan): backpressure, free disk and the gauges."""
         while True:
             await asyncio.sleep(1.0)
-            tick += 1
             try:
-                self.backpressure.refresh(await self.store.depth())
-                if tick % 5 == 0:
-                    stats = await self.store.stats(now=time.time())
-                    for vendor in VENDORS:
-                        vs = stats.vendors.get(vendor.slug)
-                        metrics.QUEUE_DEPTH.labels(vendor.slug).set(vs.pending + vs.leased if vs else 0)
-                        metrics.DEAD_LETTERS.labels(vendor.slug).set(vs.dead if vs else 0)
-                if tick % 60 == 0:
-                    await self.store.housekeeping(now=time.time())
+                await self._refresh()
             except Exception:
                 log.exception("monitor error")
+
+
+def _nobody(vendor: str) -> None:
+    """No delivery in this process: nothing to wake."""
+
+
+def _shown_store(config: Config) -> str:
+    """The store's location for the log: the absolute SQLite path, or the Redis URL without its password."""
+    if config.sqlite_path is not None:
+        return f"sqlite:///{config.sqlite_path.resolve()}"
+    scheme, _, rest = config.store.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 def create_app(config: Config) -> Starlette:
@@ -204,6 +240,8 @@ def create_app(config: Config) -> Starlette:
     async def readyz(request: Request) -> Response:
         if service.ingest.draining:
             return error(503, "draining: shutting down")
+        if not service.delivery_healthy:
+            return error(503, "a delivery process is restarting")
         try:
             await asyncio.wait_for(service.store.ping(), timeout=2.0)
         except Exception:
@@ -211,7 +249,7 @@ def create_app(config: Config) -> Starlette:
         return JSONResponse({"status": "ready"})
 
     async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

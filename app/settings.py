@@ -28,6 +28,12 @@ def from_header(header: str | None) -> Mapping[str, Any]:
     return MappingProxyType(resolve(decode_header(header)))
 
 
+@functools.lru_cache(maxsize=1024)
+def settings_json(header: str | None) -> bytes:
+    """The resolved settings of a header value as JSON: what is stored (sealed) with each accepted event."""
+    return orjson.dumps(dict(from_header(header)))
+
+
 def decode_header(header: str | None) -> dict[str, Any]:
     """Standard or URL-safe base64 of a JSON object, padding optional; absent -> {}."""
     if header is None or not header.strip():

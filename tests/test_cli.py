@@ -61,8 +61,10 @@ def test_configuration_errors_are_reported_not_raised(tmp_path: Path) -> None:
     assert result.returncode == 2 and "at least 32 bytes" in result.stderr
     result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_LEASE_SECONDS": "10"})
     assert result.returncode == 2 and "SEGRELAY_LEASE_SECONDS must exceed" in result.stderr
-    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_MAX_QUEUE": "lots"})
-    assert result.returncode == 2 and "SEGRELAY_MAX_QUEUE must be an integer, got 'lots'" in result.stderr
+    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_MAX_QUEUE_MB": "lots"})
+    assert result.returncode == 2 and "SEGRELAY_MAX_QUEUE_MB must be a number, got 'lots'" in result.stderr
+    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_MAX_QUEUE": "1000"})
+    assert result.returncode == 2 and "set SEGRELAY_MAX_QUEUE_MB instead" in result.stderr
 
 
 def test_translate_prints_requests_with_secrets_redacted(tmp_path: Path) -> None:

@@ -115,14 +115,23 @@ def test_a_duplicate_message_id_is_not_sent_twice(fresh_stub: VendorStub, make_s
     assert "segrelay_duplicates_total 1.0" in httpx.get(service.url + "/metrics").text
 
 
-def test_queue_past_its_bound_answers_503_with_retry_after(fresh_stub: VendorStub,
-                                                           make_server: type[Segrelay]) -> None:
+def test_queue_bound_in_bytes_and_each_tenants_share_answer_503(fresh_stub: VendorStub,
+                                                                 make_server: type[Segrelay]) -> None:
     fresh_stub.script("/segmentstream", [], default={"status": 503})
-    service = make_server({"SEGRELAY_MAX_QUEUE": "3", "SEGRELAY_RETRY_BASE_SECONDS": "30"}).start()
-    answers = [service.post(order(), SS_ONLY) for _ in range(5)]
-    assert [a.status_code for a in answers] == [202, 202, 202, 503, 503]
-    assert answers[3].headers["retry-after"] == "30"
-    assert "queue is full" in answers[3].json()["message"]
+    service = make_server({"SEGRELAY_MAX_QUEUE_MB": "0.01", "SEGRELAY_TENANT_QUEUE_SHARE": "0.5",
+                           "SEGRELAY_RETRY_BASE_SECONDS": "30"}).start()
+    quiet_key = service.create_key(tenant="quiet")
+    flood = [service.post(order(), SS_ONLY) for _ in range(12)]
+    statuses = [a.status_code for a in flood]
+    assert 202 in statuses and statuses[-1] == 503, statuses
+    assert statuses == sorted(statuses)  # accepted until the share was used, refused after
+    refused = flood[-1]
+    assert refused.headers["retry-after"] == "30"
+    assert "This destination's share of the delivery queue is full" in refused.json()["message"]
+    # Another tenant still has room, until the queue as a whole is full.
+    quiet = [service.post(order(), SS_ONLY, key=quiet_key) for _ in range(12)]
+    assert quiet[0].status_code == 202
+    assert quiet[-1].status_code == 503 and "queue is full" in quiet[-1].json()["message"]
 
 
 def test_retries_exhausted_become_dead_letters_with_the_last_answer(fresh_stub: VendorStub,

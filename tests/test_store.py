@@ -19,9 +19,13 @@ async def store(store_url: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
-def job(vendor: str = "tracify", tenant: str = "acme", message_id: str = "m1", payload: bytes = b"sealed",
-        batch_key: str = "") -> NewJob:
-    return NewJob(vendor, tenant, message_id, "Order Completed", batch_key, payload)
+def job(vendor: str = "tracify", target: str = "events", batch_key: str = "") -> NewJob:
+    return NewJob(vendor, target, "Order Completed", batch_key)
+
+
+async def pending(store: Store) -> int:
+    """Jobs not yet delivered or buried, from the store's counters."""
+    return sum((await store.counts()).pending.values())
 
 
 
@@ -39,17 +43,17 @@ async def test_keys_round_trip_and_revoke(store: Store) -> None:
 
 async def test_accept_is_idempotent_per_tenant_and_message(store: Store) -> None:
     now = time.time()
-    assert await store.accept("acme", "m1", [job(), job("audiohook")], now=now, ttl=60)
-    assert not await store.accept("acme", "m1", [job()], now=now + 1, ttl=60)
-    assert await store.accept("other", "m1", [job(tenant="other")], now=now + 1, ttl=60)
-    assert await store.depth() == 3
-    assert await store.accept("acme", "m1", [job()], now=now + 61, ttl=60)  # the window has passed
+    assert await store.accept("acme", "m1", b"sealed", [job(), job("audiohook")], now=now, ttl=60)
+    assert not await store.accept("acme", "m1", b"sealed", [job()], now=now + 1, ttl=60)
+    assert await store.accept("other", "m1", b"sealed", [job()], now=now + 1, ttl=60)
+    assert await pending(store) == 3
+    assert await store.accept("acme", "m1", b"sealed", [job()], now=now + 61, ttl=60)  # the window has passed
 
 
 async def test_lease_complete_and_stats(store: Store) -> None:
     now = time.time()
-    await store.accept("acme", "m1", [job(payload=b"p1")], now=now, ttl=60)
-    await store.accept("acme", "m2", [job(message_id="m2", payload=b"p2")], now=now, ttl=60)
+    await store.accept("acme", "m1", b"p1", [job()], now=now, ttl=60)
+    await store.accept("acme", "m2", b"p2", [job()], now=now, ttl=60)
     leased = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
     assert sorted(j.payload for j in leased) == [b"p1", b"p2"]
     assert all(j.attempts == 0 and j.tenant == "acme" for j in leased)
@@ -57,13 +61,13 @@ async def test_lease_complete_and_stats(store: Store) -> None:
     stats = (await store.stats(now=now)).vendors["tracify"]
     assert (stats.leased, stats.dead) == (2, 0)
     await store.complete(leased)
-    assert await store.depth() == 0
+    assert await pending(store) == 0
     assert await store.lease("tracify", now=now + 100, limit=10, lease_seconds=30) == []
 
 
 async def test_an_expired_lease_makes_the_job_due_again(store: Store) -> None:
     now = time.time()
-    await store.accept("acme", "m1", [job()], now=now, ttl=60)
+    await store.accept("acme", "m1", b"sealed", [job()], now=now, ttl=60)
     (first,) = await store.lease("tracify", now=now, limit=10, lease_seconds=0.5)
     assert await store.lease("tracify", now=now + 0.1, limit=10, lease_seconds=0.5) == []
     await asyncio.sleep(0.7)  # Redis measures idle time on its own clock
@@ -73,7 +77,7 @@ async def test_an_expired_lease_makes_the_job_due_again(store: Store) -> None:
 
 async def test_retry_counts_an_attempt_and_waits_until_due(store: Store) -> None:
     now = time.time()
-    await store.accept("acme", "m1", [job()], now=now, ttl=60)
+    await store.accept("acme", "m1", b"sealed", [job()], now=now, ttl=60)
     (leased,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
     await store.retry(leased, due_at=now + 5, status=503, body="busy")
     assert await store.lease("tracify", now=now + 1, limit=10, lease_seconds=30) == []
@@ -84,7 +88,7 @@ async def test_retry_counts_an_attempt_and_waits_until_due(store: Store) -> None
 
 async def test_release_does_not_count_an_attempt(store: Store) -> None:
     now = time.time()
-    await store.accept("acme", "m1", [job()], now=now, ttl=60)
+    await store.accept("acme", "m1", b"sealed", [job()], now=now, ttl=60)
     (leased,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
     await store.release([leased], due_at=now)
     (again,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
@@ -93,7 +97,7 @@ async def test_release_does_not_count_an_attempt(store: Store) -> None:
 
 async def test_bury_list_and_replay_dead_letters(store: Store) -> None:
     now = time.time()
-    await store.accept("acme", "m1", [job(), job("audiohook")], now=now, ttl=60)
+    await store.accept("acme", "m1", b"sealed", [job(), job("audiohook")], now=now, ttl=60)
     (tracify_job,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
     (audiohook_job,) = await store.lease("audiohook", now=now, limit=10, lease_seconds=30)
     await store.bury(tracify_job, now=now, status=400, body='{"error": "bad"}')
@@ -102,7 +106,7 @@ async def test_bury_list_and_replay_dead_letters(store: Store) -> None:
     assert [(d.vendor, d.last_status, d.last_body, d.attempts) for d in letters] == [
         ("tracify", 400, '{"error": "bad"}', 1)]
     assert len(await store.dead_letters()) == 2
-    assert await store.depth() == 0
+    assert await pending(store) == 0
     assert (await store.stats(now=now)).vendors["tracify"].dead == 1
     assert await store.replay([letters[0].id], now=now) == 1
     assert await store.replay(["no-such-id"], now=now) == 0
@@ -114,27 +118,59 @@ async def test_bury_list_and_replay_dead_letters(store: Store) -> None:
 
 async def test_vendors_have_separate_queues(store: Store) -> None:
     now = time.time()
-    await store.accept("acme", "m1", [job("tracify"), job("audiohook"), job("segmentstream")], now=now, ttl=60)
+    await store.accept("acme", "m1", b"sealed", [job("tracify"), job("audiohook"), job("segmentstream")], now=now,
+                       ttl=60)
     assert [j.vendor for j in await store.lease("audiohook", now=now, limit=10, lease_seconds=30)] == ["audiohook"]
     assert len(await store.lease("tracify", now=now, limit=10, lease_seconds=30)) == 1
 
 
 async def test_recover_leases_and_housekeeping(store: Store) -> None:
     now = time.time()
-    await store.accept("acme", "m1", [job()], now=now, ttl=1)
+    await store.accept("acme", "m1", b"sealed", [job()], now=now, ttl=1)
     await store.lease("tracify", now=now, limit=10, lease_seconds=300)
     await store.recover_leases(now=now)
     await store.housekeeping(now=now + 10)
-    assert await store.accept("acme", "m1", [], now=now + 10, ttl=1)
+    assert await store.accept("acme", "m1", b"", [], now=now + 10, ttl=1)
     await store.ping()
 
 
 async def test_a_job_completed_elsewhere_is_not_resurrected_by_a_late_retry(store: Store) -> None:
     now = time.time()
-    await store.accept("acme", "m1", [job()], now=now, ttl=60)
+    await store.accept("acme", "m1", b"sealed", [job()], now=now, ttl=60)
     (leased,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
     await store.complete([leased])  # the replica that took the job over delivered it
     await store.retry(leased, due_at=now, status=503, body="late answer of the first attempt")
     await store.bury(leased, now=now, status=400, body="late")
     assert await store.lease("tracify", now=now + 1, limit=10, lease_seconds=30) == []
     assert await store.dead_letters() == []
+
+
+async def test_one_payload_per_event_and_counters_follow_every_move(store: Store) -> None:
+    now = time.time()
+    payload = b"x" * 100
+    await store.accept("acme", "m1", payload, [job("segmentstream", "track"), job("segmentstream", "data_stream"),
+                                               job("tracify")], now=now, ttl=60)
+    await store.accept("beta", "m1", b"y" * 10, [job("tracify")], now=now, ttl=60)
+    counts = await store.counts()
+    assert counts.pending == {"segmentstream": 2, "tracify": 2}
+    assert counts.queued_bytes == {"acme": 300, "beta": 10, "*": 310}
+    jobs = await store.lease("segmentstream", now=now, limit=10, lease_seconds=30)
+    assert sorted(j.target for j in jobs) == ["data_stream", "track"]
+    assert {j.payload for j in jobs} == {payload} and len({j.event_id for j in jobs}) == 1
+    await store.complete(jobs[:1])
+    await store.bury(jobs[1], now=now, status=400, body="no")
+    (tracify_acme, tracify_beta) = sorted(await store.lease("tracify", now=now, limit=10, lease_seconds=30),
+                                          key=lambda j: j.tenant)
+    assert tracify_acme.payload == payload  # the event stays while a job of it is left
+    await store.complete([tracify_acme, tracify_beta])
+    counts = await store.counts()
+    assert counts.pending == {"segmentstream": 0, "tracify": 0} and counts.dead == {"segmentstream": 1}
+    assert counts.queued_bytes == {"acme": 0, "beta": 0, "*": 0}
+    (letter,) = await store.dead_letters()
+    assert letter.message_id == "m1" and letter.tenant == "acme"
+    assert await store.replay([letter.id], now=now) == 1
+    counts = await store.counts()
+    assert counts.pending["segmentstream"] == 1 and counts.dead["segmentstream"] == 0
+    assert counts.queued_bytes["acme"] == 100
+    (again,) = await store.lease("segmentstream", now=now, limit=10, lease_seconds=30)
+    assert again.payload == payload and again.target == "data_stream"

@@ -35,7 +35,7 @@ class FailingCommits:
 
 
 def job(message_id: str) -> NewJob:
-    return NewJob("tracify", "acme", message_id, "Order Completed", "", b"sealed")
+    return NewJob("tracify", "events", "Order Completed", "")
 
 
 @pytest.fixture
@@ -50,26 +50,26 @@ def wrap(store: SQLiteStore) -> FailingCommits:
 
 
 async def count(store: SQLiteStore) -> int:
-    return await store.depth()
+    return sum((await store.counts()).pending.values())
 
 
 async def test_a_failed_commit_fails_every_accept_in_the_group(store: SQLiteStore) -> None:
     conn = wrap(store)
-    await store.accept("acme", "warm-up", [job("warm-up")], now=1.0, ttl=60)  # writer thread now uses the wrapper
+    await store.accept("acme", "warm-up", b"sealed", [job("warm-up")], now=1.0, ttl=60)  # writer thread now uses the wrapper
     conn.failing = True
-    results = await asyncio.gather(*(store.accept("acme", f"m{i}", [job(f"m{i}")], now=1.0, ttl=60)
+    results = await asyncio.gather(*(store.accept("acme", f"m{i}", b"sealed", [job(f"m{i}")], now=1.0, ttl=60)
                                      for i in range(50)), return_exceptions=True)
     assert conn.failed >= 1
     assert all(isinstance(r, StoreUnavailableError) for r in results), results
     conn.failing = False
     assert await count(store) == 1  # only the warm-up: nothing that failed was stored
     # Segment's retries of the refused events are new events, not duplicates.
-    assert await store.accept("acme", "m0", [job("m0")], now=2.0, ttl=60) is True
+    assert await store.accept("acme", "m0", b"sealed", [job("m0")], now=2.0, ttl=60) is True
     await store.close()
 
 
 async def test_failed_lease_and_complete_are_reported_not_pretended(store: SQLiteStore) -> None:
-    await store.accept("acme", "m1", [job("m1")], now=1.0, ttl=60)
+    await store.accept("acme", "m1", b"sealed", [job("m1")], now=1.0, ttl=60)
     conn = wrap(store)
     conn.failing = True
     with pytest.raises(StoreUnavailableError):
@@ -94,7 +94,7 @@ async def test_failed_lease_and_complete_are_reported_not_pretended(store: SQLit
 def test_database_files_and_folder_are_private(tmp_path: Path) -> None:
     path = tmp_path / "var" / "store.db"
     store = SQLiteStore(str(path))
-    asyncio.run(store.accept("acme", "m", [job("m")], now=1.0, ttl=60))
+    asyncio.run(store.accept("acme", "m", b"sealed", [job("m")], now=1.0, ttl=60))
     for name in ("store.db", "store.db-wal", "store.db-shm"):
         assert (path.parent / name).stat().st_mode & 0o777 == 0o600, name
     assert path.parent.stat().st_mode & 0o777 == 0o700

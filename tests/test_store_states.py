@@ -27,10 +27,11 @@ class QueueMachine(RuleBasedStateMachine):
         self.store: Store = open_store(self.url, consumer="machine")
         self.now = time.time()
         self.seen: set[str] = set()
-        self.state: dict[bytes, str] = {}  # payload -> due | leased | later | dead
-        self.due_at: dict[bytes, float] = {}
-        self.attempts: dict[bytes, int] = {}
-        self.held: dict[bytes, Job] = {}
+        self.state: dict[str, str] = {}  # job tag (its target) -> due | leased | later | dead
+        self.due_at: dict[str, float] = {}
+        self.attempts: dict[str, int] = {}
+        self.held: dict[str, Job] = {}
+        self.size: dict[str, int] = {}
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -42,26 +43,28 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(message=st.sampled_from([f"m{i}" for i in range(8)]), count=st.integers(1, 3))
     def accept(self, message: str, count: int) -> None:
-        jobs = [NewJob(VENDORS[i % 2], "acme", message, "e", "", f"{message}:{i}:{len(self.state)}".encode())
-                for i in range(count)]
-        fresh = self.run(self.store.accept("acme", message, jobs, now=self.now, ttl=10_000))
+        jobs = [NewJob(VENDORS[i % 2], f"{message}:{i}:{len(self.state)}", "e", "") for i in range(count)]
+        payload = message.encode() * count
+        fresh = self.run(self.store.accept("acme", message, payload, jobs, now=self.now, ttl=10_000))
         assert fresh == (message not in self.seen)
         self.seen.add(message)
         if fresh:
             for j in jobs:
-                self.state[j.payload], self.due_at[j.payload], self.attempts[j.payload] = "due", self.now, 0
+                self.state[j.target], self.due_at[j.target], self.attempts[j.target] = "due", self.now, 0
+                self.size[j.target] = len(payload)
 
     @rule(vendor=st.sampled_from(VENDORS), limit=st.integers(1, 5))
     def lease(self, vendor: str, limit: int) -> None:
         leased = self.run(self.store.lease(vendor, now=self.now, limit=limit, lease_seconds=LEASE))
         due = [p for p, s in self.state.items() if s in ("due", "later") and self.due_at[p] <= self.now
-               and p.decode().split(":")[1] in (("0", "2") if vendor == "tracify" else ("1",))]
+               and p.split(":")[1] in (("0", "2") if vendor == "tracify" else ("1",))]
         assert len(leased) == min(limit, len(due))
         for job in leased:
-            assert job.payload in due and job.vendor == vendor
-            assert job.attempts == self.attempts[job.payload]
-            self.state[job.payload] = "leased"
-            self.held[job.payload] = job
+            assert job.target in due and job.vendor == vendor
+            assert job.attempts == self.attempts[job.target]
+            assert job.payload == job.message_id.encode() * (len(job.payload) // len(job.message_id))
+            self.state[job.target] = "leased"
+            self.held[job.target] = job
 
     @precondition(lambda self: bool(self.held))
     @rule(data=st.data(), action=st.sampled_from(["complete", "retry", "release", "bury"]))
@@ -98,11 +101,15 @@ class QueueMachine(RuleBasedStateMachine):
     def counts_match(self) -> None:
         if not hasattr(self, "store"):
             return
-        assert self.run(self.store.depth()) == sum(1 for s in self.state.values() if s != "dead")
+        counts = self.run(self.store.counts())
+        live = [p for p, s in self.state.items() if s != "dead"]
+        assert sum(counts.pending.values()) == len(live)
+        assert counts.queued_bytes.get("*", 0) == sum(self.size[p] for p in live)
+        assert sum(counts.dead.values()) == sum(1 for s in self.state.values() if s == "dead")
         stats = self.run(self.store.stats(now=self.now))
         for vendor in VENDORS:
             index = ("0", "2") if vendor == "tracify" else ("1",)
-            mine = {p: s for p, s in self.state.items() if p.decode().split(":")[1] in index}
+            mine = {p: s for p, s in self.state.items() if p.split(":")[1] in index}
             got = stats.vendors.get(vendor)
             dead = got.dead if got else 0
             leased = got.leased if got else 0

@@ -1,32 +1,44 @@
-"""The delivery worker in process, with httpx.MockTransport standing in for the vendors."""
+"""The delivery worker in process, with a transport function of the test's own standing in for the vendors."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import orjson
 import pytest
 
 from app.config import Config
 from app.crypto import Sealer
+from app.delivery.transport import AiohttpTransport, RequestRefused, SendFailed, VendorAnswer
 from app.delivery.worker import Deliverer
-from app.outgoing import pack
+from app.event import parse_event
+from app.outgoing import OutgoingRequest
+from app.settings import resolve
 from app.store import NewJob
 from app.store.sqlite import SQLiteStore
-from handlers import Postback
-from handlers._base import HeaderAuth
+from app.stored import pack_event
+from app.translate import active_vendors, translate
 
 SECRET = b"s" * 40
+SITE = "3f1c2d4e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
 
 
-def tracify_job(n: int, sealer: Sealer, tenant: str = "acme") -> NewJob:
-    postback = Postback("tracify", "events", "/api/v1/events", {"n": n}, auth=HeaderAuth("tracify-token", "t"),
-                        batch_key="site-1")
-    return NewJob("tracify", tenant, f"m{n}", "Order Completed", "site-1", sealer.seal(pack(postback)))
+async def accept_page(store: SQLiteStore, sealer: Sealer, n: int, tenant: str = "acme", token: str = "t") -> None:
+    """A page view with Tracify enabled, stored the way the accept path stores it."""
+    settings = resolve({"tracifyApiToken": token, "tracifyCustomerSiteId": SITE})
+    body = orjson.dumps({"type": "page", "messageId": f"m{n}", "anonymousId": "a", "timestamp":
+                         "2026-11-20T10:00:00Z", "context": {"ip": "1.2.3.4", "userAgent": "UA",
+                                                             "page": {"url": f"https://shop.example/p{n}"}}})
+    now = time.time()
+    event = parse_event(orjson.loads(body), body, datetime.fromtimestamp(now, UTC))
+    translation = translate(event, settings, active_vendors(settings))
+    jobs = [NewJob(p.vendor, p.target, "page", p.batch_key) for p in translation.postbacks]
+    payload = sealer.seal(pack_event(orjson.dumps(settings), now, body))
+    assert await store.accept(tenant, f"m{n}", payload, jobs, now=now, ttl=60)
 
 
 @pytest.fixture
@@ -49,29 +61,40 @@ def config(retry_base_seconds: float = 2.0) -> Config:
                   vendor_urls={"segmentstream": "http://ss", "tracify": "http://tr", "audiohook": "http://ah"})
 
 
-async def test_tracify_jobs_due_together_go_in_one_request(store: SQLiteStore) -> None:
+def answering(status: int, body: bytes = b"", retry_after: str | None = None,
+              seen: list[OutgoingRequest] | None = None) -> Callable[[str, OutgoingRequest], Awaitable[VendorAnswer]]:
+    async def transport(vendor: str, request: OutgoingRequest) -> VendorAnswer:
+        if seen is not None:
+            seen.append(request)
+        return VendorAnswer(status, body, retry_after)
+    return transport
+
+
+async def pending(store: SQLiteStore) -> int:
+    return sum((await store.counts()).pending.values())
+
+
+async def test_tracify_jobs_due_together_go_in_one_request_rendered_from_the_stored_event(
+        store: SQLiteStore) -> None:
     sealer, seen = Sealer(SECRET), []
-
-    def vendor(request: httpx.Request) -> httpx.Response:
-        seen.append(orjson.loads(request.content))
-        assert request.headers["tracify-token"] == "t" and request.url == "http://tr/api/v1/events"
-        return httpx.Response(200, json={"status": True})
-
     for n in range(3):
-        await store.accept("acme", f"m{n}", [tracify_job(n, sealer)], now=time.time(), ttl=60)
-    deliverer = Deliverer(config(), store, sealer, transport=httpx.MockTransport(vendor))
+        await accept_page(store, sealer, n)
+    deliverer = Deliverer(config(), store, sealer, transport=answering(200, b'{"status": true}', seen=seen))
 
     async def done() -> bool:
-        return await store.depth() == 0
+        return await pending(store) == 0
     await run_until(deliverer, done)
-    assert seen == [{"events": [{"n": 0}, {"n": 1}, {"n": 2}]}]
+    (request,) = seen
+    assert request.url == "http://tr/api/v1/events" and request.headers["tracify-token"] == "t"
+    events = orjson.loads(request.content)["events"]
+    assert sorted(e["url"] for e in events) == [f"https://shop.example/p{n}" for n in range(3)]
+    assert all(e["type"] == "pageview" and e["customer_site_id"] == SITE for e in events)
 
 
 async def test_retry_after_pauses_the_vendor_and_delays_the_job(store: SQLiteStore) -> None:
     sealer = Sealer(SECRET)
-    await store.accept("acme", "m0", [tracify_job(0, sealer)], now=time.time(), ttl=60)
-    deliverer = Deliverer(config(), store, sealer, transport=httpx.MockTransport(
-        lambda request: httpx.Response(429, headers={"Retry-After": "30"})))
+    await accept_page(store, sealer, 0)
+    deliverer = Deliverer(config(), store, sealer, transport=answering(429, retry_after="30"))
 
     async def retried() -> bool:
         return (await store.stats(now=time.time())).vendors["tracify"].pending == 1
@@ -84,9 +107,8 @@ async def test_retry_after_pauses_the_vendor_and_delays_the_job(store: SQLiteSto
 
 
 async def test_a_payload_sealed_under_another_secret_is_dead_lettered_not_dropped(store: SQLiteStore) -> None:
-    await store.accept("acme", "m0", [tracify_job(0, Sealer(b"o" * 40))], now=time.time(), ttl=60)
-    deliverer = Deliverer(config(), store, Sealer(SECRET), transport=httpx.MockTransport(
-        lambda request: httpx.Response(200, json={"status": True})))
+    await accept_page(store, Sealer(b"o" * 40), 0)
+    deliverer = Deliverer(config(), store, Sealer(SECRET), transport=answering(200, b'{"status": true}'))
 
     async def buried() -> bool:
         return len(await store.dead_letters()) == 1
@@ -98,15 +120,58 @@ async def test_a_payload_sealed_under_another_secret_is_dead_lettered_not_droppe
 async def test_connection_errors_open_the_circuit(store: SQLiteStore) -> None:
     sealer = Sealer(SECRET)
     for n in range(6):
-        await store.accept("acme", f"m{n}", [tracify_job(n, sealer, tenant=f"t{n}")], now=time.time(), ttl=60)
+        await accept_page(store, sealer, n, tenant=f"t{n}")
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+    async def refuse(vendor: str, request: OutgoingRequest) -> VendorAnswer:
+        raise SendFailed("ClientConnectorError: could not connect", connect=True)
 
-    deliverer = Deliverer(config(retry_base_seconds=0.01), store, sealer, transport=httpx.MockTransport(refuse))
+    deliverer = Deliverer(config(retry_base_seconds=0.01), store, sealer, transport=refuse)
 
     async def opened() -> bool:
         return deliverer.breakers["tracify"].is_open(time.time())
     await run_until(deliverer, opened)
     assert deliverer.breakers["tracify"].is_open(time.time())
     assert await store.dead_letters() == []  # connection errors are retried
+
+
+async def test_a_request_our_client_refuses_is_a_dead_letter_not_a_vendor_failure(store: SQLiteStore) -> None:
+    sealer, calls = Sealer(SECRET), []
+    for n in range(40):
+        await accept_page(store, sealer, n, tenant=f"t{n}", token="bad")
+
+    async def refuse(vendor: str, request: OutgoingRequest) -> VendorAnswer:
+        calls.append(request)
+        raise RequestRefused("ValueError: the HTTP client refused the request as built")
+
+    deliverer = Deliverer(config(retry_base_seconds=0.01), store, sealer, transport=refuse)
+
+    async def all_dead() -> bool:
+        return len(await store.dead_letters()) == 40
+    await run_until(deliverer, all_dead)
+    letters = await store.dead_letters()
+    assert len(letters) == 40 and all("segrelay could not send this request" in d.last_body for d in letters)
+    assert not deliverer.breakers["tracify"].is_open(time.time())  # other tenants' Tracify goes on
+    assert await pending(store) == 0 and len(calls) <= 40  # each tried once, never again
+
+
+@pytest.mark.parametrize("value", ["tok\r\nX-Evil: 1", "tok\x00", "t\u00f6ken"])
+async def test_aiohttp_refusing_a_header_value_is_reported_as_refused(value: str) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = AiohttpTransport(["tracify"], concurrency=2, connect_timeout=2, read_timeout=2)
+    request = OutgoingRequest("POST", f"http://127.0.0.1:{port}/api/v1/events", {"tracify-token": value}, b"{}")
+    try:
+        ok = await transport("tracify", OutgoingRequest("POST", request.url, {"tracify-token": "fine"}, b"{}"))
+        assert ok.status == 200
+        with pytest.raises(RequestRefused):
+            await transport("tracify", request)
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()

@@ -1,8 +1,9 @@
-"""The delivery worker: one dispatcher per vendor leases due postbacks and sends them.
+"""The delivery worker: one dispatcher per vendor leases due jobs, renders their postbacks and sends them.
 
-Each vendor has its own pooled `httpx.AsyncClient`, concurrency limit, circuit breaker and Retry-After pause,
-so one slow or failing vendor never delays another. Per (vendor, tenant) limits keep one customer's backlog
-from taking every connection.
+Each vendor has its own connection pool (see transport.py), concurrency limit, circuit breaker and Retry-After
+pause, so one slow or failing vendor never delays another. Per (vendor, tenant) limits keep one customer's backlog
+from taking every connection. A job is leased only when a connection slot is free for it, so a lease never runs
+out while a job merely waits its turn.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 
-import httpx
 from cryptography.exceptions import InvalidTag
 
 from app import metrics
@@ -22,28 +22,29 @@ from app.config import Config
 from app.crypto import Sealer
 from app.delivery.breaker import CircuitBreaker
 from app.delivery.policy import RetryPolicy, Verdict, classify, retry_after
-from app.outgoing import render, unpack
+from app.delivery.transport import MAX_BODY_KEPT, AiohttpTransport, RequestRefused, SendFailed, Transport
+from app.errors import ContractError
+from app.outgoing import render
 from app.store import Job, Store
-from handlers import VENDORS, Vendor
+from app.stored import Renderer
+from handlers import VENDORS, Postback, Vendor
 
 log = logging.getLogger("segrelay.delivery")
-MAX_BODY_KEPT = 2048  # bytes of a vendor's answer kept with a dead letter
 IDLE_POLL = 0.5  # seconds between looks at the queue when nothing woke us
 TENANT_BACKOFF = 0.25  # a job held back by the per-tenant limit is due again this much later
 
 
 class Deliverer:
-    def __init__(self, config: Config, store: Store, sealer: Sealer, *,
-                 transport: httpx.AsyncBaseTransport | None = None,
+    def __init__(self, config: Config, store: Store, sealer: Sealer, *, transport: Transport | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.config, self.store, self.sealer, self.clock = config, store, sealer, clock
         self.policy = RetryPolicy(config.retry_base_seconds, config.retry_max_seconds, config.give_up_seconds,
                                   config.give_up_min_attempts, config.max_attempts)
-        timeout = httpx.Timeout(config.read_timeout, connect=config.connect_timeout)
-        limits = httpx.Limits(max_connections=config.vendor_concurrency,
-                              max_keepalive_connections=config.vendor_concurrency)
-        self.clients = {v.slug: httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
-                        for v in VENDORS}
+        self._own_transport = AiohttpTransport([v.slug for v in VENDORS], concurrency=config.vendor_concurrency,
+                                               connect_timeout=config.connect_timeout,
+                                               read_timeout=config.read_timeout) if transport is None else None
+        self.transport: Transport = transport or self._own_transport  # type: ignore[assignment]
+        self.renderer = Renderer(sealer)
         self.breakers = {v.slug: CircuitBreaker() for v in VENDORS}
         self.paused_until: dict[str, float] = defaultdict(float)  # Retry-After, per vendor host
         self._wake = {v.slug: asyncio.Event() for v in VENDORS}
@@ -72,8 +73,12 @@ class Deliverer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for client in self.clients.values():
-            await client.aclose()
+        if self._own_transport is not None:
+            await self._own_transport.close()
+
+    def wake_all(self) -> None:
+        for event in self._wake.values():
+            event.set()
 
     # Dispatch ---------------------------------------------------------------------------------------------
 
@@ -166,25 +171,28 @@ class Deliverer:
 
     async def _attempt(self, vendor: Vendor, jobs: list[Job]) -> None:
         slug = vendor.slug
-        try:
-            postbacks = [unpack(self.sealer.open(job.payload)) for job in jobs]
-        except InvalidTag:
-            await self._bury(slug, jobs, None, "stored payload cannot be decrypted: was SEGRELAY_SECRET changed?")
+        jobs, postbacks = await self._render(slug, jobs)
+        if not jobs:
             return
-        request = render(vendor, postbacks, self.config.vendor_urls[slug])
+        try:
+            request = render(vendor, postbacks, self.config.vendor_urls[slug])
+        except (ValueError, TypeError, UnicodeError) as exc:
+            await self._refused(slug, jobs, f"{type(exc).__name__} while building the request")
+            return
         started = time.monotonic()
         status: int | None = None
         connect_error = False
         try:
-            response = await self.clients[slug].request(request.method, request.url, headers=request.headers,
-                                                        content=request.content)
-            status, answer = response.status_code, response.content[:MAX_BODY_KEPT]
-            succeeded = vendor.success(status, response.content)
-            pause = retry_after(response.headers.get("retry-after"), self.clock())
-            body = answer.decode("utf-8", "replace")
-        except httpx.TransportError as exc:
-            connect_error = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-            succeeded, pause, body = False, None, f"{type(exc).__name__}: no answer from {slug}"
+            answer = await self.transport(slug, request)
+            status, body = answer.status, answer.body[:MAX_BODY_KEPT].decode("utf-8", "replace")
+            succeeded = vendor.success(status, answer.body)
+            pause = retry_after(answer.retry_after, self.clock())
+        except RequestRefused as exc:
+            await self._refused(slug, jobs, str(exc))
+            return
+        except SendFailed as exc:
+            connect_error = exc.connect
+            succeeded, pause, body = False, None, str(exc)
         metrics.VENDOR_SECONDS.labels(slug).observe(time.monotonic() - started)
         verdict = classify(status, succeeded)
         now = self.clock()
@@ -211,6 +219,34 @@ class Deliverer:
                 await self.store.retry(job, due_at=now + delay, status=status, body=body)
                 metrics.POSTBACKS.labels(slug, "retried").inc()
                 log.info("retry scheduled", extra={**extra, "delay_seconds": round(delay, 3)})
+
+    async def _render(self, slug: str, jobs: list[Job]) -> tuple[list[Job], list[Postback]]:
+        """The postbacks of the jobs that can still be built; the others are dead-lettered with the reason."""
+        sendable: list[Job] = []
+        postbacks: list[Postback] = []
+        for job in jobs:
+            try:
+                outcome = self.renderer.render(job)
+            except InvalidTag:
+                await self._bury(slug, [job], None,
+                                 "stored payload cannot be decrypted: was SEGRELAY_SECRET changed?")
+                continue
+            except (ContractError, ValueError) as exc:
+                await self._bury(slug, [job], None, f"stored event can no longer be read: {type(exc).__name__}")
+                continue
+            if isinstance(outcome, Postback):
+                sendable.append(job)
+                postbacks.append(outcome)
+            else:
+                await self._bury(slug, [job], None, f"not sent: {outcome.reason}")
+        return sendable, postbacks
+
+    async def _refused(self, slug: str, jobs: list[Job], why: str) -> None:
+        """Our own client will not send it: a dead letter with the reason, not a vendor failure (the circuit
+        and the other tenants are untouched) and never an endless retry."""
+        await self._bury(slug, jobs, None, f"segrelay could not send this request: {why}")
+        log.warning("dead-lettered: request refused by the HTTP client", extra={"vendor": slug,
+                                                                                 "postbacks": len(jobs)})
 
     async def _bury(self, slug: str, jobs: list[Job], status: int | None, body: str) -> None:
         """Dead-letter jobs with the vendor's answer (or what went wrong) kept."""

@@ -1,10 +1,16 @@
-"""The store: API keys, idempotency records, the postback queue (leases, due times) and dead letters.
+"""The store: API keys, idempotency records, the delivery queue (leases, due times), dead letters and counters.
 
-One `Store` protocol, two implementations: `sqlite` (embedded, one process per file) and `redis` (shared by many
-replicas). The shared test suite in tests/test_store.py runs against both.
+One `Store` protocol, two implementations: `sqlite` (embedded, shared by the processes of one machine) and `redis`
+(shared by many replicas). The shared test suite in tests/test_store.py runs against both.
 
-A job moves through: accepted (due now) -> leased (due again when the lease expires) -> completed (gone),
-retried (due later, attempts + 1), released (due now or later, attempts unchanged) or buried (dead letter).
+An accepted event is stored **once**: its sealed payload (the body as Segment sent it and the settings it came
+with), and one small job per postback to send (vendor, target, due time, attempts). Bodies are rendered from the
+payload when they are sent. A job moves through: accepted (due now) -> leased (due again when the lease expires)
+-> completed (gone), retried (due later, attempts + 1), released (due now or later, attempts unchanged) or buried
+(dead letter). The event's payload goes when its last job is completed.
+
+Counters are kept incrementally in the same transactions (never counted by a scan): postbacks pending and dead
+per vendor, and bytes queued per tenant and in all, which bound the queue (`SEGRELAY_MAX_QUEUE_MB`).
 """
 
 from __future__ import annotations
@@ -15,28 +21,31 @@ from typing import Protocol
 
 from app.keys import KeyRecord
 
+ALL_TENANTS = "*"  # the bytes counter of every tenant together
+
 
 @dataclass(slots=True)
 class NewJob:
     vendor: str
-    tenant: str
-    message_id: str
+    target: str  # which endpoint of the vendor (handlers' Postback.target)
     event_name: str
     batch_key: str  # jobs of one vendor with the same non-empty key may share a request
-    payload: bytes  # sealed (encrypted) postback
 
 
 @dataclass(slots=True)
 class Job:
     id: str
+    event_id: str
     vendor: str
+    target: str
     tenant: str
     message_id: str
     event_name: str
     batch_key: str
-    payload: bytes
+    payload: bytes  # the event's sealed payload
     attempts: int  # attempts made before this lease
     created_at: float
+    size: int  # bytes this job counts in the queue bound
     receipt: str = ""  # implementation-specific handle of the lease
 
 
@@ -48,8 +57,8 @@ class DeadLetter:
     message_id: str
     event_name: str
     attempts: int
-    last_status: int | None  # the vendor's HTTP status; None for a network error
-    last_body: str  # the vendor's answer (truncated), or the error
+    last_status: int | None  # the vendor's HTTP status; None for a network error or a refusal of ours
+    last_body: str  # the vendor's answer (truncated), or what went wrong
     created_at: float
     died_at: float
 
@@ -70,6 +79,15 @@ class QueueStats:
         return sum(getattr(v, name) for v in self.vendors.values())
 
 
+@dataclass(slots=True)
+class Counts:
+    """What the counters say, read in O(tenants + vendors): never a scan of the queue."""
+
+    pending: dict[str, int] = field(default_factory=dict)  # by vendor: not yet delivered or buried
+    dead: dict[str, int] = field(default_factory=dict)  # by vendor
+    queued_bytes: dict[str, int] = field(default_factory=dict)  # by tenant, and ALL_TENANTS
+
+
 class StoreError(Exception):
     """The store refused an operation."""
 
@@ -87,11 +105,11 @@ class Store(Protocol):
     async def list_keys(self) -> list[KeyRecord]: ...
     async def revoke_key(self, key_id: str) -> bool: ...
 
-    async def accept(self, tenant: str, message_id: str, jobs: Sequence[NewJob], *, now: float,
+    async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
                      ttl: float) -> bool:
-        """Remember (tenant, message_id) for ttl seconds and queue its jobs, atomically.
+        """Remember (tenant, message_id) for ttl seconds, store the payload once and queue its jobs, atomically.
 
-        False, and nothing queued, when the pair was already seen within its ttl.
+        False, and nothing stored, when the pair was already seen within its ttl.
         """
         ...
 
@@ -115,9 +133,12 @@ class Store(Protocol):
         """Queue dead letters again (all when ids is None), attempts reset; returns how many."""
         ...
 
-    async def stats(self, *, now: float) -> QueueStats: ...
-    async def depth(self) -> int:
-        """Jobs not yet delivered or buried."""
+    async def stats(self, *, now: float) -> QueueStats:
+        """Exact figures per vendor, for operators (`segrelay queue stats`): may scan, never on a hot path."""
+        ...
+
+    async def counts(self) -> Counts:
+        """The incremental counters: cheap at any queue depth."""
         ...
 
     async def recover_leases(self, *, now: float) -> int:
@@ -129,11 +150,12 @@ class Store(Protocol):
         ...
 
 
-def open_store(url: str, *, consumer: str = "") -> Store:
+def open_store(url: str, *, consumer: str = "", durable: bool = True) -> Store:
+    """durable=False lets SQLite skip the fsync of this connection's commits (delivery's own bookkeeping)."""
     if url.startswith("sqlite:///"):
         from app.store.sqlite import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite:///"))
+        return SQLiteStore(url.removeprefix("sqlite:///"), durable=durable)
     from app.store.redis import RedisStore
 
     return RedisStore(url, consumer=consumer)

@@ -3,14 +3,16 @@
 Layout (prefix `segrelay:`):
   key:<key_id>          hash   API key record            keys            set of key ids
   seen:<tenant>:<msg>   string expiry time, with a TTL   (idempotency)
-  job:<id>              hash   the job: vendor, tenant, payload (sealed), attempts, last answer...
+  event:<id>            hash   the accepted event, once: tenant, message_id, payload (sealed), left (jobs not done)
+  job:<id>              hash   one postback: event, vendor, target, tenant, attempts, size, last answer...
   stream:<vendor>       stream one entry per due job, consumer group `workers`; a leased job is one in the
                                 group's pending list; XAUTOCLAIM takes over the entries of a dead replica
   delayed:<vendor>      zset   job ids waiting for their retry time (score = due time)
   dead:<vendor>         zset   dead-lettered job ids (score = time of death)
+  counters              hash   pending:<vendor>, dead:<vendor>, bytes:<tenant>, bytes:* (kept by the scripts)
 
-Accepting an event (idempotency record + jobs) is one Lua script, so it is atomic. Needs one Redis primary
-(not Cluster) with AOF persistence; see the README.
+Accepting an event (idempotency record + event + jobs + counters) is one Lua script, so it is atomic; so are
+completing, retrying and burying a job. Needs one Redis primary (not Cluster) with AOF persistence; see the README.
 """
 
 from __future__ import annotations
@@ -25,32 +27,90 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.keys import KeyRecord
-from app.store import DeadLetter, Job, NewJob, QueueStats, StoreError, StoreUnavailableError, VendorStats
+from app.store import (
+    ALL_TENANTS,
+    Counts,
+    DeadLetter,
+    Job,
+    NewJob,
+    QueueStats,
+    StoreError,
+    StoreUnavailableError,
+    VendorStats,
+)
 from handlers import VENDORS
 
 P = "segrelay:"
 GROUP = "workers"
+COUNTERS = P + "counters"
 _ACCEPT = """
 local seen = redis.call('GET', KEYS[1])
 local now = tonumber(ARGV[1])
 if seen and tonumber(seen) > now then return 0 end
 redis.call('SET', KEYS[1], tostring(now + tonumber(ARGV[2])), 'PX', math.max(1, math.floor(tonumber(ARGV[2]) * 1000)))
-local i = 4
-for _ = 1, tonumber(ARGV[3]) do
+local n = tonumber(ARGV[3])
+if n == 0 then return 1 end
+local event_id, tenant, payload = ARGV[4], ARGV[5], ARGV[7]
+local size = string.len(payload)
+redis.call('HSET', 'segrelay:event:' .. event_id, 'tenant', tenant, 'message_id', ARGV[6], 'payload', payload,
+  'left', n)
+local i = 8
+for _ = 1, n do
   local id, vendor = ARGV[i], ARGV[i + 1]
-  redis.call('HSET', 'segrelay:job:' .. id, 'vendor', vendor, 'tenant', ARGV[i + 2], 'message_id', ARGV[i + 3],
-    'event_name', ARGV[i + 4], 'batch_key', ARGV[i + 5], 'payload', ARGV[i + 6], 'attempts', 0, 'created_at', now)
+  redis.call('HSET', 'segrelay:job:' .. id, 'event', event_id, 'vendor', vendor, 'target', ARGV[i + 2],
+    'tenant', tenant, 'event_name', ARGV[i + 3], 'batch_key', ARGV[i + 4], 'size', size, 'attempts', 0,
+    'created_at', now)
   redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id)
-  i = i + 7
+  redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. vendor, 1)
+  i = i + 5
 end
+redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. tenant, size * n)
+redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', size * n)
 return 1
 """
+# KEYS: job, stream. ARGV: group, entry id. Only a job that still exists counts (a slower replica's late answer
+# for a job completed elsewhere changes nothing).
+_COMPLETE = """
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+local job = redis.call('HMGET', KEYS[1], 'event', 'vendor', 'tenant', 'size', 'died_at')
+if not job[1] or job[5] then return 0 end
+redis.call('DEL', KEYS[1])
+local event = 'segrelay:event:' .. job[1]
+if redis.call('HINCRBY', event, 'left', -1) <= 0 then redis.call('DEL', event) end
+redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[2], -1)
+redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[3], -tonumber(job[4]))
+redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', -tonumber(job[4]))
+return 1
+"""
+# KEYS: job, zset (delayed or dead), stream. ARGV: group, entry id, score, job id, bury (1/0), fields...
 _MOVE = """
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+local job = redis.call('HMGET', KEYS[1], 'event', 'vendor', 'tenant', 'size', 'died_at')
+if not job[1] or job[5] then return 0 end
+if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+if ARGV[5] == '1' then
+  redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[2], -1)
+  redis.call('HINCRBY', 'segrelay:counters', 'dead:' .. job[2], 1)
+  redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[3], -tonumber(job[4]))
+  redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', -tonumber(job[4]))
+end
+return 1
+"""
+# KEYS: job, dead zset, stream. ARGV: job id, now.
+_REPLAY = """
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+local job = redis.call('HMGET', KEYS[1], 'vendor', 'tenant', 'size')
+if not job[1] then return 0 end
+redis.call('HSET', KEYS[1], 'attempts', 0, 'created_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'died_at')
+redis.call('XADD', KEYS[3], '*', 'id', ARGV[1])
+redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[1], 1)
+redis.call('HINCRBY', 'segrelay:counters', 'dead:' .. job[1], -1)
+redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[2], tonumber(job[3]))
+redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', tonumber(job[3]))
 return 1
 """
 _PROMOTE = """
@@ -75,6 +135,8 @@ class RedisStore:
         self._accept = self.client.register_script(_ACCEPT)
         self._promote = self.client.register_script(_PROMOTE)
         self._move = self.client.register_script(_MOVE)
+        self._complete = self.client.register_script(_COMPLETE)
+        self._replay = self.client.register_script(_REPLAY)
         self._groups: set[str] = set()
 
     async def _group(self, vendor: str) -> str:
@@ -131,14 +193,13 @@ class RedisStore:
         await self.client.hset(f"{P}key:{key_id}", "revoked", 1)
         return True
 
-    # accept --------------------------------------------------------------------------------------------
+    # accept ----------------------------------------------------------------------------------------------
 
-    async def accept(self, tenant: str, message_id: str, jobs: Sequence[NewJob], *, now: float,
+    async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
                      ttl: float) -> bool:
-        args: list[Any] = [now, ttl, len(jobs)]
+        args: list[Any] = [now, ttl, len(jobs), uuid.uuid4().hex, tenant, message_id, payload]
         for job in jobs:
-            args += [uuid.uuid4().hex, job.vendor, job.tenant, job.message_id, job.event_name, job.batch_key,
-                     job.payload]
+            args += [uuid.uuid4().hex, job.vendor, job.target, job.event_name, job.batch_key]
         try:
             result = await self._accept(keys=[f"{P}seen:{tenant}:{message_id}"], args=args)
         except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -165,19 +226,22 @@ class RedisStore:
             for _, fields in entries:
                 pipe.hgetall(f"{P}job:{_s(fields[b'id'])}")
             rows = await pipe.execute()
+        events = sorted({_s(row[b"event"]) for row in rows if b"event" in row})
+        async with self.client.pipeline(transaction=False) as pipe:
+            for event_id in events:
+                pipe.hmget(f"{P}event:{event_id}", "message_id", "payload")
+            found = dict(zip(events, await pipe.execute(), strict=True))
         jobs, orphans = [], []
         for (eid, fields), row in zip(entries, rows, strict=True):
-            if b"payload" not in row:
-                # Completed by another replica after a lease expired (and perhaps touched again by the slower
-                # one): nothing is left to send.
+            event = found.get(_s(row.get(b"event", b"")))
+            if b"vendor" not in row or b"died_at" in row or not event or event[1] is None:
+                # Completed by another replica after a lease expired, or buried there: nothing is left to send.
                 orphans.append(eid)
-                if row:
-                    await self.client.delete(f"{P}job:{_s(fields[b'id'])}")
                 continue
             r = {_s(k): v for k, v in row.items()}
-            jobs.append(Job(_s(fields[b"id"]), _s(r["vendor"]), _s(r["tenant"]), _s(r["message_id"]),
-                            _s(r["event_name"]), _s(r["batch_key"]), bytes(r["payload"]), int(r["attempts"]),
-                            float(r["created_at"]), _s(eid)))
+            jobs.append(Job(_s(fields[b"id"]), _s(r["event"]), _s(r["vendor"]), _s(r["target"]), _s(r["tenant"]),
+                            _s(event[0]), _s(r["event_name"]), _s(r["batch_key"]), bytes(event[1]),
+                            int(r["attempts"]), float(r["created_at"]), int(r["size"]), _s(eid)))
         if orphans:
             await self.client.xack(stream, GROUP, *orphans)
             await self.client.xdel(stream, *orphans)
@@ -186,16 +250,15 @@ class RedisStore:
     async def complete(self, jobs: Sequence[Job]) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
             for job in jobs:
-                stream = f"{P}stream:{job.vendor}"
-                pipe.xack(stream, GROUP, job.receipt)
-                pipe.xdel(stream, job.receipt)
-                pipe.delete(f"{P}job:{job.id}")
+                await self._complete(keys=[f"{P}job:{job.id}", f"{P}stream:{job.vendor}"],
+                                     args=[GROUP, job.receipt], client=pipe)
             await pipe.execute()
 
-    async def _move_to(self, job: Job, zset: str, score: float, fields: dict[str, Any]) -> None:
+    async def _move_to(self, job: Job, zset: str, score: float, fields: dict[str, Any], *, bury: bool = False
+                       ) -> None:
         """Ack the job's stream entry and park its id in `zset`, unless the job is gone (completed
         elsewhere after its lease expired): atomic, so a late answer never resurrects a delivered job."""
-        args: list[Any] = [GROUP, job.receipt, score, job.id]
+        args: list[Any] = [GROUP, job.receipt, score, job.id, "1" if bury else "0"]
         for name, value in fields.items():
             args += [name, value]
         await self._move(keys=[f"{P}job:{job.id}", f"{P}{zset}:{job.vendor}", f"{P}stream:{job.vendor}"],
@@ -211,20 +274,21 @@ class RedisStore:
 
     async def bury(self, job: Job, *, now: float, status: int | None, body: str) -> None:
         await self._move_to(job, "dead", now, {"attempts": job.attempts + 1, "last_status": _status(status),
-                                               "last_body": body, "died_at": now})
+                                               "last_body": body, "died_at": now}, bury=True)
 
     async def dead_letters(self, vendor: str | None = None, limit: int = 100) -> list[DeadLetter]:
         letters: list[DeadLetter] = []
         for slug in [vendor] if vendor else [v.slug for v in VENDORS]:
             for raw_id in await self.client.zrange(f"{P}dead:{slug}", 0, limit - 1):
-                row = {_s(k): _s(v) for k, v in (await self.client.hgetall(f"{P}job:{_s(raw_id)}")).items()
-                       if _s(k) != "payload"}
-                if "vendor" in row:  # a hash re-touched after completion has no job left
-                    letters.append(DeadLetter(_s(raw_id), row["vendor"], row["tenant"], row["message_id"],
-                                              row["event_name"], int(row["attempts"]),
-                                              int(row["last_status"]) if row.get("last_status") else None,
-                                              row.get("last_body", ""), float(row["created_at"]),
-                                              float(row["died_at"])))
+                row = {_s(k): _s(v) for k, v in (await self.client.hgetall(f"{P}job:{_s(raw_id)}")).items()}
+                if "vendor" not in row:
+                    continue
+                message_id = await self.client.hget(f"{P}event:{row['event']}", "message_id")
+                letters.append(DeadLetter(_s(raw_id), row["vendor"], row["tenant"], _s(message_id or b""),
+                                          row["event_name"], int(row["attempts"]),
+                                          int(row["last_status"]) if row.get("last_status") else None,
+                                          row.get("last_body", ""), float(row["created_at"]),
+                                          float(row["died_at"])))
         return sorted(letters, key=lambda d: d.died_at)[:limit]
 
     async def replay(self, ids: Sequence[str] | None, *, now: float) -> int:
@@ -233,15 +297,11 @@ class RedisStore:
         count = 0
         for job_id in ids:
             vendor = await self.client.hget(f"{P}job:{job_id}", "vendor")
-            if vendor is None or not await self.client.zrem(f"{P}dead:{_s(vendor)}", job_id):
+            if vendor is None:
                 continue
             stream = await self._group(_s(vendor))
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hset(f"{P}job:{job_id}", mapping={"attempts": 0, "created_at": now})
-                pipe.hdel(f"{P}job:{job_id}", "died_at")
-                pipe.xadd(stream, {"id": job_id})
-                await pipe.execute()
-            count += 1
+            count += int(await self._replay(keys=[f"{P}job:{job_id}", f"{P}dead:{_s(vendor)}", stream],
+                                            args=[job_id, now]))
         return count
 
     async def stats(self, *, now: float) -> QueueStats:
@@ -261,12 +321,17 @@ class RedisStore:
                                                      due=waiting + int(delayed_due), dead=int(dead))
         return stats
 
-    async def depth(self) -> int:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for vendor in VENDORS:
-                pipe.xlen(f"{P}stream:{vendor.slug}")
-                pipe.zcard(f"{P}delayed:{vendor.slug}")
-            return sum(int(n) for n in await pipe.execute())
+    async def counts(self) -> Counts:
+        try:
+            raw = await self.client.hgetall(COUNTERS)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
+        counts = Counts()
+        for name, value in raw.items():
+            kind, _, key = _s(name).partition(":")
+            {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = int(value)
+        counts.queued_bytes.setdefault(ALL_TENANTS, 0)
+        return counts
 
     async def recover_leases(self, *, now: float) -> int:
         return 0  # XAUTOCLAIM takes over a dead replica's entries once they are idle past the lease time

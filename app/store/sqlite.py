@@ -1,9 +1,15 @@
-"""The embedded store: one SQLite file in WAL mode, synchronous=FULL, one writer thread with group commit.
+"""The embedded store: one SQLite file in WAL mode, one writer thread per process with group commit.
 
 Every operation runs on the writer thread. The thread takes whatever has queued up (up to `MAX_GROUP`
 operations) and commits them in one transaction: one fsync serves many concurrent requests, and the event loop
-never blocks on the disk. If one operation fails, the group is rolled back and each operation is redone in a
-transaction of its own, so only the failing one fails. Use one process per database file.
+never blocks on the disk. A caller learns success only after COMMIT returns; if the group fails, each operation is
+redone in a transaction of its own, so only a failing one fails.
+
+The HTTP process and the delivery process of `segrelay serve` share the file: SQLite serialises their writers
+(busy_timeout). The HTTP process commits with synchronous=FULL (an accepted event survives power loss); the
+delivery process may use NORMAL, since losing its last completions to a power cut only means sending them again.
+Every query is served by an index: due jobs per vendor, leased jobs, dead letters, jobs of an event, expired
+idempotency records; counts come from the `counters` table, kept in the same transactions.
 """
 
 from __future__ import annotations
@@ -14,15 +20,27 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from app.keys import KeyRecord
-from app.store import DeadLetter, Job, NewJob, QueueStats, StoreError, StoreUnavailableError, VendorStats
+from app.store import (
+    ALL_TENANTS,
+    Counts,
+    DeadLetter,
+    Job,
+    NewJob,
+    QueueStats,
+    StoreError,
+    StoreUnavailableError,
+    VendorStats,
+)
 
 T = TypeVar("T")
 MAX_GROUP = 512
+HOUSEKEEPING_BATCH = 2000  # expired idempotency records deleted per call (the monitor calls it every second)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -32,17 +50,23 @@ CREATE TABLE IF NOT EXISTS seen (
     tenant TEXT NOT NULL, message_id TEXT NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (tenant, message_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, message_id TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY, vendor TEXT NOT NULL, tenant TEXT NOT NULL, message_id TEXT NOT NULL,
-    event_name TEXT NOT NULL, batch_key TEXT NOT NULL, payload BLOB NOT NULL,
+    id INTEGER PRIMARY KEY, event_id INTEGER NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
+    tenant TEXT NOT NULL, event_name TEXT NOT NULL, batch_key TEXT NOT NULL, size INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, due_at REAL NOT NULL,
     leased INTEGER NOT NULL DEFAULT 0, dead INTEGER NOT NULL DEFAULT 0,
     last_status INTEGER, last_body TEXT NOT NULL DEFAULT '', died_at REAL);
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (dead, vendor, due_at);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (vendor, due_at) WHERE dead = 0;
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (leased) WHERE leased = 1;
+CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (vendor, died_at) WHERE dead = 1;
+CREATE INDEX IF NOT EXISTS jobs_event ON jobs (event_id);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
-_INSERT_JOBS = (
-    "INSERT INTO jobs (vendor, tenant, message_id, event_name, batch_key, payload, created_at, due_at) VALUES ")
-_JOB_COLUMNS = "id, vendor, tenant, message_id, event_name, batch_key, payload, attempts, created_at"
+_JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message_id, j.event_name, j.batch_key,"
+               " e.payload, j.attempts, j.created_at, j.size FROM jobs j JOIN events e ON e.id = j.event_id")
+_BUMP = "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
 
 
 class _Stop:
@@ -50,8 +74,9 @@ class _Stop:
 
 
 class SQLiteStore:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, durable: bool = True) -> None:
         self.path = Path(path)
+        self.durable = durable
         _private_file(self.path)
         self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._conn = self._connect()
@@ -62,8 +87,15 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
         conn.execute("PRAGMA busy_timeout=30000")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        if "payload" in columns:  # the layout of 0.1: one rendered postback per row
+            left = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            if left:
+                raise StoreError(f"{self.path} holds {left} postbacks queued by segrelay 0.1; let that version "
+                                 f"deliver them (or move the file away) before starting this one")
+            conn.execute("DROP TABLE jobs")
         conn.executescript(SCHEMA)
         return conn
 
@@ -161,11 +193,11 @@ class SQLiteStore:
             lambda c: c.execute("UPDATE api_keys SET revoked = 1 WHERE key_id = ?", (key_id,)).rowcount)
         return count > 0
 
-    async def accept(self, tenant: str, message_id: str, jobs: Sequence[NewJob], *, now: float,
+    async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
                      ttl: float) -> bool:
-        rows = [(j.vendor, j.tenant, j.message_id, j.event_name, j.batch_key, j.payload, now, now) for j in jobs]
-        placeholders = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))  # only "?": no value is spliced in
-        insert = _INSERT_JOBS + placeholders
+        size = len(payload)
+        bumps = [(f"pending:{v}", n) for v, n in Counter(j.vendor for j in jobs).items()]
+        bumps += [(f"bytes:{tenant}", size * len(jobs)), (f"bytes:{ALL_TENANTS}", size * len(jobs))]
 
         def op(c: sqlite3.Connection) -> bool:
             # Inserted, or replaced an expired record: new. An unexpired record: a duplicate (no row changed).
@@ -173,23 +205,34 @@ class SQLiteStore:
                 "INSERT INTO seen VALUES (?, ?, ?) ON CONFLICT (tenant, message_id) DO UPDATE"
                 " SET expires_at = excluded.expires_at WHERE seen.expires_at <= ?",
                 (tenant, message_id, now + ttl, now)).rowcount
-            if fresh and rows:
-                c.execute(insert, [value for row in rows for value in row])
+            if fresh and jobs:
+                event_id = c.execute("INSERT INTO events (tenant, message_id, payload) VALUES (?, ?, ?)",
+                                     (tenant, message_id, payload)).lastrowid
+                c.executemany("INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size,"
+                              " created_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              [(event_id, j.vendor, j.target, tenant, j.event_name, j.batch_key, size, now, now)
+                               for j in jobs])
+                c.executemany(_BUMP, bumps)
             return bool(fresh)
         return await self._call(op)
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
         def op(c: sqlite3.Connection) -> list[Job]:
-            rows = c.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE dead = 0 AND vendor = ? AND due_at <= ?"  # noqa: S608
-                " ORDER BY due_at LIMIT ?", (vendor, now, limit)).fetchall()
+            rows = c.execute(_JOB_SELECT + " WHERE j.vendor = ? AND j.dead = 0 AND j.due_at <= ?"
+                             " ORDER BY j.due_at LIMIT ?", (vendor, now, limit)).fetchall()
             c.executemany("UPDATE jobs SET leased = 1, due_at = ? WHERE id = ?",
                           [(now + lease_seconds, r[0]) for r in rows])
             return [_job(r) for r in rows]
         return await self._call(op)
 
     async def complete(self, jobs: Sequence[Job]) -> None:
-        await self._call(lambda c: c.executemany("DELETE FROM jobs WHERE id = ?", [(int(j.id),) for j in jobs]))
+        def op(c: sqlite3.Connection) -> None:
+            done = [j for j in jobs if c.execute("DELETE FROM jobs WHERE id = ?", (int(j.id),)).rowcount]
+            events = {(int(j.event_id),) for j in done}
+            c.executemany("DELETE FROM events WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM jobs WHERE event_id = ?1)",
+                          events)
+            c.executemany(_BUMP, _leaving(done))
+        await self._call(op)
 
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None:
         await self._call(lambda c: c.execute(
@@ -201,26 +244,39 @@ class SQLiteStore:
                                                  [(due_at, int(j.id)) for j in jobs]))
 
     async def bury(self, job: Job, *, now: float, status: int | None, body: str) -> None:
-        await self._call(lambda c: c.execute(
-            "UPDATE jobs SET leased = 0, dead = 1, attempts = ?, last_status = ?, last_body = ?, died_at = ?"
-            " WHERE id = ?", (job.attempts + 1, status, body, now, int(job.id))))
+        def op(c: sqlite3.Connection) -> None:
+            moved = c.execute(
+                "UPDATE jobs SET leased = 0, dead = 1, attempts = ?, last_status = ?, last_body = ?, died_at = ?"
+                " WHERE id = ? AND dead = 0", (job.attempts + 1, status, body, now, int(job.id))).rowcount
+            if moved:
+                c.executemany(_BUMP, [*_leaving([job]), (f"dead:{job.vendor}", 1)])
+        await self._call(op)
 
     async def dead_letters(self, vendor: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        sql = ("SELECT id, vendor, tenant, message_id, event_name, attempts, last_status, last_body, created_at,"
-               " died_at FROM jobs WHERE dead = 1")
+        sql = ("SELECT j.id, j.vendor, j.tenant, e.message_id, j.event_name, j.attempts, j.last_status, j.last_body,"
+               " j.created_at, j.died_at FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.dead = 1")
         args: tuple[Any, ...] = ()
         if vendor:
-            sql, args = sql + " AND vendor = ?", (vendor,)
-        rows = await self._call(lambda c: c.execute(sql + " ORDER BY died_at LIMIT ?", (*args, limit)).fetchall())
+            sql, args = sql + " AND j.vendor = ?", (vendor,)
+        rows = await self._call(lambda c: c.execute(sql + " ORDER BY j.died_at LIMIT ?", (*args, limit)).fetchall())
         return [DeadLetter(str(r[0]), *r[1:]) for r in rows]
 
     async def replay(self, ids: Sequence[str] | None, *, now: float) -> int:
         def op(c: sqlite3.Connection) -> int:
-            update = ("UPDATE jobs SET dead = 0, leased = 0, attempts = 0, created_at = ?, due_at = ?,"
-                      " died_at = NULL WHERE dead = 1")
             if ids is None:
-                return c.execute(update, (now, now)).rowcount
-            return sum(c.execute(update + " AND id = ?", (now, now, int(i))).rowcount for i in ids if i.isdigit())
+                rows = c.execute("SELECT id, vendor, tenant, size FROM jobs WHERE dead = 1").fetchall()
+            else:
+                wanted = [(int(i),) for i in ids if i.isdigit()]
+                rows = [r for (i,) in wanted for r in c.execute(
+                    "SELECT id, vendor, tenant, size FROM jobs WHERE dead = 1 AND id = ?", (i,)).fetchall()]
+            c.executemany("UPDATE jobs SET dead = 0, leased = 0, attempts = 0, created_at = ?, due_at = ?,"
+                          " died_at = NULL WHERE id = ?", [(now, now, r[0]) for r in rows])
+            bumps: Counter[str] = Counter()
+            for _, vendor, tenant, size in rows:
+                bumps.update({f"pending:{vendor}": 1, f"dead:{vendor}": -1, f"bytes:{tenant}": size,
+                              f"bytes:{ALL_TENANTS}": size})
+            c.executemany(_BUMP, bumps.items())
+            return len(rows)
         return await self._call(op)
 
     async def stats(self, *, now: float) -> QueueStats:
@@ -229,19 +285,32 @@ class SQLiteStore:
             " SUM(dead = 0 AND due_at <= ?), SUM(dead = 1) FROM jobs GROUP BY vendor", (now, now)).fetchall())
         return QueueStats({r[0]: VendorStats(*(int(x or 0) for x in r[1:])) for r in rows})
 
-    async def depth(self) -> int:
-        row = await self._call(lambda c: c.execute("SELECT COUNT(*) FROM jobs WHERE dead = 0").fetchone())
-        return int(row[0])
+    async def counts(self) -> Counts:
+        rows = await self._call(lambda c: c.execute("SELECT name, value FROM counters").fetchall())
+        counts = Counts()
+        for name, value in rows:
+            kind, _, key = name.partition(":")
+            {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = value
+        return counts
 
     async def housekeeping(self, *, now: float) -> None:
         await self._call(lambda c: c.execute(
             "DELETE FROM seen WHERE (tenant, message_id) IN"
-            " (SELECT tenant, message_id FROM seen WHERE expires_at <= ? LIMIT 5000)", (now,)))
+            " (SELECT tenant, message_id FROM seen WHERE expires_at <= ? LIMIT ?)", (now, HOUSEKEEPING_BATCH)))
 
     async def recover_leases(self, *, now: float) -> int:
-        """At boot: leases held by a previous (dead) process become due now. One process per file."""
+        """At boot of the delivery process: leases held by a previous (dead) one become due now."""
         return await self._call(lambda c: c.execute(
             "UPDATE jobs SET leased = 0, due_at = ? WHERE leased = 1 AND dead = 0", (now,)).rowcount)
+
+
+def _leaving(jobs: Iterable[Job]) -> list[tuple[str, int]]:
+    """Counter changes for jobs that leave the queue (delivered or buried)."""
+    bumps: Counter[str] = Counter()
+    for job in jobs:
+        bumps.update({f"pending:{job.vendor}": -1, f"bytes:{job.tenant}": -job.size,
+                      f"bytes:{ALL_TENANTS}": -job.size})
+    return list(bumps.items())
 
 
 def _private_file(path: Path) -> None:
@@ -287,4 +356,5 @@ def _key(row: Sequence[Any]) -> KeyRecord:
 
 
 def _job(row: Sequence[Any]) -> Job:
-    return Job(str(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], str(row[0]))
+    return Job(str(row[0]), str(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10],
+               row[11], str(row[0]))

@@ -1,0 +1,107 @@
+"""The delivery side as a whole: the store, the dispatchers and their upkeep, in whatever process runs them.
+
+`segrelay serve` runs it in its own process (`segrelay deliver`, started and watched by the HTTP process; see
+app/supervisor.py), so sending uses the second core while the first answers Segment. With
+`SEGRELAY_DELIVERY_PROCESSES=0` it runs inside the HTTP process instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import time
+
+from app import metrics
+from app.config import Config
+from app.crypto import Sealer
+from app.delivery.worker import Deliverer
+from app.store import Store, open_store
+from handlers import VENDORS
+
+log = logging.getLogger("segrelay.delivery")
+HOUSEKEEPING_SECONDS = 1.0
+
+
+class DeliveryService:
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        # A delivery process's own writes need no fsync: losing its last completions to a power cut only means
+        # sending them again (at least once); an accepted event is made durable by the HTTP process.
+        self.store = store or open_store(config.store, consumer=f"{os.getpid()}-{os.urandom(3).hex()}",
+                                         durable=False)
+        self._owns_store = store is None
+        self.deliverer = Deliverer(config, self.store, Sealer(config.secret))
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, *, recover: bool) -> None:
+        if recover:
+            recovered = await self.store.recover_leases(now=time.time())
+            if recovered:
+                log.info("recovered leases of a previous run", extra={"postbacks": recovered})
+        self.deliverer.start()
+        self._tasks.append(asyncio.create_task(self._upkeep(), name="delivery-upkeep"))
+
+    async def stop(self) -> None:
+        log.info("delivery draining", extra={"drain_seconds": self.config.drain_seconds})
+        await self.deliverer.stop(self.config.drain_seconds)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._owns_store:
+            await self.store.close()
+        log.info("delivery stopped")
+
+    async def _upkeep(self) -> None:
+        """Every second: circuit gauges and expired idempotency records (bounded work per call)."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            now = time.time()
+            for vendor in VENDORS:
+                metrics.CIRCUIT_OPEN.labels(vendor.slug).set(1 if self.deliverer.breakers[vendor.slug].is_open(now)
+                                                             else 0)
+            try:
+                await self.store.housekeeping(now=now)
+            except Exception:
+                log.exception("housekeeping error")
+
+
+def run(config: Config, wake_fd: int | None) -> int:
+    """`segrelay deliver`: deliver until SIGTERM/SIGINT, then drain; exits with the parent (Linux)."""
+    _die_with_parent()
+    return asyncio.run(_main(config, wake_fd))
+
+
+async def _main(config: Config, wake_fd: int | None) -> int:
+    service = DeliveryService(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if wake_fd is not None:
+        os.set_blocking(wake_fd, False)
+
+        def woken() -> None:
+            with contextlib.suppress(BlockingIOError):
+                if not os.read(wake_fd, 4096):  # the HTTP process is gone
+                    loop.remove_reader(wake_fd)
+                    stop.set()
+                    return
+            service.deliverer.wake_all()
+        loop.add_reader(wake_fd, woken)
+    await service.start(recover=False)  # the supervisor recovered leases before starting us
+    log.info("delivery started", extra={"pid": os.getpid()})
+    await stop.wait()
+    await service.stop()
+    return 0
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a kill -9 of `serve` takes delivery with it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)

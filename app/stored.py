@@ -1,0 +1,85 @@
+"""What is stored for an accepted event, and how a job's postback is rendered from it when it is sent.
+
+The accept path stores the event once: the body exactly as Segment sent it, the resolved settings it came with
+and the time it was received, sealed together. Delivery opens it, parses it again with the same clock and builds
+the vendor's postbacks with the same pure handler, so the body sent is the body the accept path decided on,
+without rendering four bodies and sealing four payloads while Segment waits.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from app.crypto import Sealer
+from app.event import Event, parse_event
+from app.store import Job
+from handlers import BY_SLUG, Outcome, Postback, Skip
+
+CACHE_EVENTS = 4096  # parsed events kept by the delivery process: the vendors of one event share one parse
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    settings: Mapping[str, Any]
+    received_at: float
+    body: bytes
+
+
+def pack_event(settings_json: bytes, received_at: float, body: bytes) -> bytes:
+    """The resolved settings as JSON, a space, the receive time, a newline, then the body as sent (compact JSON
+    has no raw newline, so the first one ends the head)."""
+    return settings_json + b" " + repr(received_at).encode() + b"\n" + body
+
+
+def unpack_event(data: bytes) -> StoredEvent:
+    head, _, body = data.partition(b"\n")
+    settings, _, received_at = head.rpartition(b" ")
+    return StoredEvent(orjson.loads(settings), float(received_at), body)
+
+
+class Renderer:
+    """Turns leased jobs back into postbacks; remembers recently parsed events and their vendors' outcomes."""
+
+    def __init__(self, sealer: Sealer, size: int = CACHE_EVENTS) -> None:
+        self.sealer, self.size = sealer, size
+        self._events: OrderedDict[str, tuple[Event, Mapping[str, Any]]] = OrderedDict()
+        self._outcomes: OrderedDict[tuple[str, str], list[Outcome]] = OrderedDict()
+
+    def render(self, job: Job) -> Postback | Skip:
+        """The job's postback, or a Skip saying why it can no longer be built.
+
+        Raises cryptography's InvalidTag when the payload was sealed under another secret.
+        """
+        key = (job.event_id, job.vendor)
+        outcomes = self._outcomes.get(key)
+        if outcomes is None:
+            event, settings = self._event(job)
+            outcomes = BY_SLUG[job.vendor].build(event, settings)
+            self._remember(self._outcomes, key, outcomes)
+        for outcome in outcomes:
+            if isinstance(outcome, Postback) and outcome.target == job.target:
+                return outcome
+        reasons = "; ".join(o.reason for o in outcomes if isinstance(o, Skip))
+        return Skip(job.vendor, "not_rendered", reasons or f"{job.vendor} has no {job.target} postback for it")
+
+    def _event(self, job: Job) -> tuple[Event, Mapping[str, Any]]:
+        found = self._events.get(job.event_id)
+        if found is None:
+            stored = unpack_event(self.sealer.open(job.payload))
+            document = orjson.loads(stored.body)
+            now = datetime.fromtimestamp(stored.received_at, UTC)
+            event = parse_event(document, stored.body, now, stored.settings.get("defaultCurrency"))
+            found = (event, stored.settings)
+            self._remember(self._events, job.event_id, found)
+        return found
+
+    def _remember(self, cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+        cache[key] = value
+        if len(cache) > self.size:
+            cache.popitem(last=False)
