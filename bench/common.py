@@ -69,6 +69,7 @@ def wrk(url: str, body: str, headers: dict[str, str], *, seconds: int, connectio
         assert match, out
         value, unit = float(match.group(1)), match.group(2)
         figures[f"p{pct}_ms"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    figures["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     figures["non_2xx"] = float(non2xx.group(1)) if non2xx else 0.0
     return figures

@@ -1,0 +1,194 @@
+"""End-to-end benchmark: `segrelay serve` as shipped, wrk posting unique events, vendors on a local stand-in.
+
+Every event is an Order Completed with settings for all three vendors (four postbacks: SegmentStream track and
+data stream, Tracify, Audiohook). wrk posts for --seconds, then the benchmark waits until every accepted event has
+reached the stand-in for every postback. Printed, from one run:
+  accepted/s, p50/p99 (wrk), time from the start of the load to the last delivery, sustained events/s
+  (accepted / that time), lost and duplicate postbacks (counted by the stand-in, by order id), server CPU per
+  event (HTTP process and delivery processes, from /proc), and the bare Starlette accept rate (same uvicorn, same
+  body, same wrk) as the reference.
+
+    python bench/e2e.py [--store sqlite|redis|both] [--seconds 10] [--connections 32] [--prefill N]
+
+--prefill N queues N postbacks for a vendor nobody answers before the load (the queue-depth case: ingest and
+delivery must not slow down as the queue grows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from common import ALL_VENDORS, ROOT, SECRET, RedisServer, basic, free_port, settings_header, start, stop, wrk
+from ingest import UVICORN
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+KINDS = ("segmentstream_track", "segmentstream_data_stream", "tracify", "audiohook")
+
+
+def event_body() -> str:
+    event = json.loads((ROOT / "tests/fixtures/segment/order_completed.json").read_text())
+    event["messageId"] = "__MESSAGE_ID__"
+    event["properties"]["order_id"] = "__MESSAGE_ID__"
+    return json.dumps(event)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def standin(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "standin.py"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "standin.log", "wb"))  # noqa: SIM115
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/_count", timeout=1)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError("stand-in did not start")
+
+
+def tally(url: str) -> dict[str, Any]:
+    result: dict[str, Any] = httpx.get(url + "/_count", timeout=30).json()
+    return result
+
+
+def bare_rate(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    proc = start([sys.executable, *UVICORN, "--port", str(port), "--app-dir", str(ROOT / "bench"), "bare_app:app"],
+                 {}, f"http://127.0.0.1:{port}/healthz", tmp / "bare.log")
+    try:
+        headers = {"Authorization": "Basic eDo=", "X-Segment-Settings": settings_header(ALL_VENDORS),
+                   "Content-Type": "application/json"}
+        wrk(f"http://127.0.0.1:{port}", event_body(), headers, seconds=2, connections=args.connections)
+        return wrk(f"http://127.0.0.1:{port}", event_body(), headers, seconds=args.seconds,
+                   connections=args.connections)
+    finally:
+        stop(proc)
+
+
+def prefill(env: dict[str, str], tmp: Path, count: int) -> None:
+    """Queue `count` postbacks for a vendor that never answers in time (all due, all waiting)."""
+    code = f"""
+import asyncio, time
+from app.store import NewJob, open_store
+async def main():
+    store = open_store({env['SEGRELAY_STORE']!r})
+    now = time.time()
+    jobs = [NewJob("audiohook", "pixel", "Order Completed", "")]
+    for start in range(0, {count}, 2000):
+        await asyncio.gather(*(store.accept("prefill", f"p{{i}}", b"x" * 1200, jobs, now=now + 86400, ttl=60)
+                               for i in range(start, min(start + 2000, {count}))))
+    await store.close()
+asyncio.run(main())
+"""
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=ROOT, check=True)
+
+
+def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: str) -> dict[str, Any]:
+    port = free_port()
+    env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_MAX_QUEUE_MB": "100000",
+           "SEGRELAY_TENANT_QUEUE_SHARE": "1", "SEGRELAY_MIN_FREE_DISK_MB": "0",
+           **{f"SEGRELAY_{v.upper()}_URL": vendor_url for v in ("segmentstream", "tracify", "audiohook")}}
+    if args.prefill:
+        prefill(env, tmp, args.prefill)
+    key = json.loads(subprocess.run([sys.executable, "-m", "app", "keys", "create", "--tenant", "bench", "--json"],
+                                    env={**os.environ, **env}, cwd=tmp, capture_output=True, text=True,
+                                    check=True).stdout)["key"]
+    proc = start([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)], env,
+                 f"http://127.0.0.1:{port}/readyz", tmp / "segrelay.log")
+    try:
+        headers = {"Authorization": basic(key), "X-Segment-Settings": settings_header(ALL_VENDORS),
+                   "Content-Type": "application/json"}
+        pids = [proc.pid, *children(proc.pid)]
+        cpu_before = {p: cpu_seconds(p) for p in pids}
+        before = sum(sum(c.values()) for c in tally(vendor_url)["postbacks"].values())
+        started = time.time()
+        load = wrk(f"http://127.0.0.1:{port}", event_body(), headers, seconds=args.seconds,
+                   connections=args.connections)
+        accepted = int(load["requests"] - load["non_2xx"])
+        cpu_load = {p: cpu_seconds(p) - cpu_before[p] for p in pids}
+        expected = accepted * len(KINDS) + before
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            seen = tally(vendor_url)
+            got = sum(len(c) for c in seen["postbacks"].values())
+            if got >= expected:
+                break
+            time.sleep(0.25)
+        time.sleep(1.0)  # anything sent twice arrives now
+        seen = tally(vendor_url)
+        cpu_all = {p: cpu_seconds(p) - cpu_before[p] for p in pids}
+        sent = sum(sum(c.values()) for c in seen["postbacks"].values())
+        distinct = sum(len(c) for c in seen["postbacks"].values())
+        drained = seen["last"] - started
+        return {
+            "accepted": accepted, "accepted_per_s": load["rps"], "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
+            "non_2xx": load["non_2xx"], "load_s": args.seconds, "last_delivery_after_s": round(drained, 2),
+            "sustained_events_per_s": round(accepted / drained, 1), "lost": max(0, expected - distinct),
+            "duplicates": sent - distinct,
+            "http_cpu_us_per_event": round(cpu_load[proc.pid] / max(accepted, 1) * 1e6, 1),
+            "delivery_cpu_us_per_event": round(sum(v for p, v in cpu_all.items() if p != proc.pid)
+                                               / max(accepted, 1) * 1e6, 1),
+        }
+    finally:
+        stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", choices=["sqlite", "redis", "both"], default="sqlite")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--prefill", type=int, default=0, help="postbacks queued before the load")
+    args = parser.parse_args()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as raw_tmp:
+        tmp = Path(raw_tmp)
+        bare = bare_rate(tmp, args)
+        results["bare Starlette"] = {"accepted_per_s": bare["rps"], "p50_ms": bare["p50_ms"],
+                                     "p99_ms": bare["p99_ms"]}
+        vendor, vendor_url = standin(tmp)
+        try:
+            if args.store in ("sqlite", "both"):
+                results["segrelay, SQLite"] = run_segrelay(tmp, f"sqlite:///{tmp / 'store.db'}", args, vendor_url)
+            if args.store in ("redis", "both"):
+                (tmp / "redis").mkdir()
+                redis = RedisServer(tmp / "redis")  # AOF, appendfsync always
+                try:
+                    results["segrelay, Redis"] = run_segrelay(tmp, redis.url, args, vendor_url)
+                finally:
+                    redis.stop()
+        finally:
+            vendor.terminate()
+    print(f"\nend to end: Order Completed to all 3 vendors (4 postbacks), wrk -c{args.connections} -d{args.seconds}s"
+          f"{f', {args.prefill} postbacks queued before' if args.prefill else ''}")
+    for name, figures in results.items():
+        print(f"{name:<20} " + "  ".join(f"{k}={v}" for k, v in figures.items()))
+    for name, figures in results.items():
+        if name != "bare Starlette":
+            print(f"ratio accepted/s {name} / bare Starlette: {figures['accepted_per_s'] / bare['rps']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
