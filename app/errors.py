@@ -15,6 +15,7 @@ from __future__ import annotations
 class ContractError(Exception):
     status_code = 500
     retry_after: int | None = None
+    call_type = "unknown"  # the Segment call it answers, once known (a metric label and a log field)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -314,7 +314,9 @@ def call_type(body: Any) -> str:
         raise BadRequestError(f"'type' must be a string, got {type(raw_type).__name__}")
     kind = raw_type.strip().lower()
     if kind not in HANDLED_TYPES:
-        raise UnsupportedTypeError(f"Unsupported call type: {raw_type.strip()[:50]}")
+        unsupported = UnsupportedTypeError(f"Unsupported call type: {raw_type.strip()[:50]}")
+        unsupported.call_type = kind if kind in ("screen", "alias") else "other"  # a bounded metric label
+        raise unsupported
     return kind
 
 

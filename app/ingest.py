@@ -17,14 +17,14 @@ from app import metrics
 from app.auth import Authenticator
 from app.config import Config
 from app.crypto import Sealer
-from app.errors import BadRequestError, UnavailableError
+from app.errors import BadRequestError, ContractError, UnavailableError
 from app.event import call_type, parse_event
 from app.keys import KeyRecord
 from app.outgoing import preview
 from app.settings import from_header, settings_json
 from app.store import ALL_TENANTS, Counts, NewJob, Store
 from app.stored import pack_event
-from app.translate import Translation, active_vendors, summary, translate
+from app.translate import Routing, Translation, active_vendors, route, summary, translate
 
 
 @dataclass(slots=True)
@@ -92,27 +92,36 @@ class Ingest:
                 raise BadRequestError("Event is nested deeper than 1024 levels") from None
             raise BadRequestError("Request body is not valid JSON") from None
         kind = call_type(document)
+        try:
+            return await self._handle(key, settings_header, body, document, kind)
+        except ContractError as exc:
+            exc.call_type = kind
+            raise
+
+    async def _handle(self, key: KeyRecord, settings_header: str | None, body: bytes, document: Any,
+                      kind: str) -> Answer:
         settings = from_header(settings_header)
         now = time.time()
         event = parse_event(document, body, datetime.fromtimestamp(now, UTC), settings.get("defaultCurrency"))
-        translation = translate(event, settings, active_vendors(settings, key.vendors))
+        vendors = active_vendors(settings, key.vendors)
         if settings.get("dryRun"):
-            return Answer(200, self._dry_run(translation), kind)
-        rows = summary(translation)
+            return Answer(200, self._dry_run(translate(event, settings, vendors)), kind)
+        routing = route(event, settings, vendors)
+        rows = summary(routing)
         answer: dict[str, Any] = {"message": "accepted", "postbacks": rows}
         if event.warnings:
             answer["warnings"] = event.warnings
-        if not translation.vendors:
+        if not routing.vendors:
             answer["warning"] = ("No vendor is configured in this destination's settings: set "
                                  "segmentstreamApiToken, tracifyApiToken and tracifyCustomerSiteId, or audiohookId")
-        if not translation.postbacks:
-            _count(translation)
+        if not routing.targets:
+            _count(routing)
             return Answer(200, answer, kind)
         payload = self.sealer.seal(pack_event(settings_json(settings_header), now, body))
-        queued = len(payload) * len(translation.postbacks)
+        queued = len(payload) * len(routing.targets)
         self.backpressure.check(key.tenant, queued)
         name = event.event_name or event.type
-        jobs = [NewJob(p.vendor, p.target, name, p.batch_key) for p in translation.postbacks]
+        jobs = [NewJob(t.vendor, t.target, name, t.batch_key) for t in routing.targets]
         accepting = self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
                                       ttl=self.config.idempotency_seconds)
         try:
@@ -125,8 +134,8 @@ class Ingest:
             metrics.DUPLICATES.inc()
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
         self.backpressure.add(key.tenant, queued)
-        _count(translation)
-        for vendor in {p.vendor for p in translation.postbacks}:
+        _count(routing)
+        for vendor in {t.vendor for t in routing.targets}:
             self.notify(vendor)
         return Answer(202, answer, kind)
 
@@ -136,10 +145,10 @@ class Ingest:
                 "skipped": shown["skipped"]}
 
 
-def _count(translation: Translation) -> None:
+def _count(routing: Routing) -> None:
     """Metrics for an event taken on (not for duplicates or dry runs)."""
-    for vendor, queued in Counter(p.vendor for p in translation.postbacks).items():
+    for vendor, queued in Counter(t.vendor for t in routing.targets).items():
         metrics.POSTBACKS.labels(vendor, "queued").inc(queued)
-    for skip in translation.skips:
+    for skip in routing.skips:
         metrics.POSTBACKS.labels(skip.vendor, "skipped").inc()
         metrics.SKIPS.labels(skip.vendor, skip.code).inc()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,15 +25,14 @@ from app.auth import Authenticator
 from app.config import Config
 from app.crypto import KeyHasher, Sealer
 from app.delivery.runner import DeliveryService
-from app.errors import ContractError, PayloadTooLargeError, UnavailableError
+from app.endpoint import BodyBudget, SegmentEndpoint, request_id_of
 from app.ingest import Backpressure, Ingest
 from app.log import request_id
-from app.store import ALL_TENANTS, Store, StoreUnavailableError, open_store
+from app.store import ALL_TENANTS, Store, open_store
 from app.supervisor import DeliveryProcesses
 from handlers import VENDORS
 
 log = logging.getLogger("segrelay.server")
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class JSONResponse(Response):
@@ -58,8 +56,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        rid = request_id_of(dict(scope["headers"]))
         token = request_id.set(rid)
         started, status = time.perf_counter(), 500
 
@@ -78,39 +75,6 @@ class RequestContext:
                                            "status": status,
                                            "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
             request_id.reset(token)
-
-
-class BodyBudget:
-    """Bytes of request bodies being read or handled at once, bounded: past the bound a request gets 503."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used = limit, 0
-
-    def take(self, size: int) -> None:
-        if self.used + size > self.limit:
-            raise UnavailableError("segrelay is receiving more data than it can hold right now; retry shortly",
-                                   retry_after=1)
-        self.used += size
-
-
-async def read_body(request: Request, limit: int, budget: BodyBudget) -> tuple[bytes, int]:
-    """The body and the bytes it took from the budget (the caller gives them back)."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise PayloadTooLargeError(f"Event is larger than {limit // 1024} KB")
-    chunks, size, taken = [], 0, 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLargeError(f"Event is larger than {limit // 1024} KB")
-            budget.take(len(chunk))
-            taken += len(chunk)
-            chunks.append(chunk)
-    except BaseException:
-        budget.used -= taken
-        raise
-    return b"".join(chunks), taken
 
 
 class Service:
@@ -201,38 +165,26 @@ def _shown_store(config: Config) -> str:
     return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
-def create_app(config: Config) -> Starlette:
-    service = Service(config)
-    budget = BodyBudget(config.max_inflight_bytes)
+class Segrelay:
+    """The ASGI application: POST /segment goes straight to its endpoint, everything else to Starlette."""
 
-    async def segment(request: Request) -> Response:
-        started, kind, taken = time.perf_counter(), "unknown", 0
-        try:
-            service.ingest.check_open()
-            key = await service.ingest.authenticator.authenticate(request.headers.get("authorization"))
-            body, taken = await read_body(request, config.max_body_bytes, budget)
-            answer = await service.ingest.handle(key, request.headers.get("x-segment-settings"), body)
-            kind = answer.call_type
-            response: Response = JSONResponse(answer.body, answer.status)
-        except ClientDisconnect:
-            # The client left before its body arrived: nobody to answer, nothing taken on; not our fault (499).
-            log.info("client disconnected before the body arrived")
-            metrics.REQUESTS.labels(kind, "499").inc()
-            return Response(status_code=499)
-        except ContractError as exc:
-            headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
-            response = error(exc.status_code, exc.message, headers)
-        except StoreUnavailableError:
-            log.warning("store unavailable", exc_info=True)
-            response = error(503, "Storage is temporarily unavailable; retry later", {"retry-after": "5"})
-        except Exception:
-            log.exception("unexpected error in /segment")
-            response = error(500, "Internal error in segrelay; Segment will retry this event")
-        finally:
-            budget.used -= taken
-        metrics.REQUESTS.labels(kind, str(response.status_code)).inc()
-        metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
-        return response
+    def __init__(self, segment: SegmentEndpoint, rest: Starlette, service: Service) -> None:
+        self.segment, self.rest, self.service = segment, rest, service
+        self.state = rest.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/segment" and scope["method"] == "POST":
+            await self.segment(scope, receive, send)
+        else:
+            await self.rest(scope, receive, send)
+
+
+def create_app(config: Config) -> Segrelay:
+    service = Service(config)
+    endpoint = SegmentEndpoint(service.ingest, config.max_body_bytes, BodyBudget(config.max_inflight_bytes))
+
+    async def segment(request: Request) -> Response:  # only reached by a method other than POST: 405
+        raise HTTPException(405)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -279,4 +231,4 @@ def create_app(config: Config) -> Starlette:
         lifespan=lifespan,
     )
     app.state.service = service
-    return app
+    return Segrelay(endpoint, app, service)

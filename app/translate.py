@@ -1,4 +1,9 @@
-"""One event and its settings -> the postbacks to send and the skips, for every active vendor."""
+"""One event and its settings -> what every active vendor gets: routed (the accept path) or built in full.
+
+`route` decides the postbacks and skips without building a body: what the accept path stores and answers.
+`translate` builds every body: dry runs, `segrelay translate` and the golden files. Delivery builds one vendor's
+bodies from the stored event when it sends them (app/stored.py).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 from app.errors import BadRequestError, ForbiddenError
 from app.event import Event
 from handlers import VENDORS, Postback, Settings, Skip, Vendor
+from handlers._base import Target
 
 
 @dataclass(slots=True)
@@ -34,6 +40,24 @@ def active_vendors(settings: Settings, entitled: Collection[str] = ()) -> list[V
     return active
 
 
+@dataclass(slots=True)
+class Routing:
+    targets: list[Target] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    vendors: list[str] = field(default_factory=list)
+
+
+def route(event: Event, settings: Settings, vendors: list[Vendor]) -> Routing:
+    result = Routing(vendors=[v.slug for v in vendors])
+    for vendor in vendors:
+        for decision in vendor.route(event, settings):
+            if isinstance(decision, Skip):
+                result.skips.append(decision)
+            else:
+                result.targets.append(decision)
+    return result
+
+
 def translate(event: Event, settings: Settings, vendors: list[Vendor]) -> Translation:
     result = Translation(vendors=[v.slug for v in vendors])
     for vendor in vendors:
@@ -42,9 +66,9 @@ def translate(event: Event, settings: Settings, vendors: list[Vendor]) -> Transl
     return result
 
 
-def summary(translation: Translation) -> list[dict[str, Any]]:
+def summary(routing: Routing) -> list[dict[str, Any]]:
     """The per-postback part of our answer to Segment."""
-    rows: list[dict[str, Any]] = [{"vendor": p.vendor, "target": p.target, "status": "queued"}
-                                  for p in translation.postbacks]
-    rows += [{"vendor": s.vendor, "status": "skipped", "reason": s.reason} for s in translation.skips]
+    rows: list[dict[str, Any]] = [{"vendor": t.vendor, "target": t.target, "status": "queued"}
+                                  for t in routing.targets]
+    rows += [{"vendor": s.vendor, "status": "skipped", "reason": s.reason} for s in routing.skips]
     return rows

@@ -1,8 +1,9 @@
 """What a vendor module is made of: declared settings, postbacks, skips and shared field helpers.
 
-A vendor module is data plus one pure function `build(event, settings) -> list[Postback | Skip]`: no I/O, no
-clock, no randomness. Auth is declared on the postback and applied by delivery, which also owns retries,
-metrics and logging.
+A vendor module is data plus two pure functions: `route(event, settings) -> list[Target | Skip]` decides what the
+vendor gets (the accept path answers Segment with it) and `build(event, settings) -> list[Postback | Skip]` routes,
+then renders each body (delivery sends it). No I/O, no clock, no randomness. Auth is declared on the postback and
+applied by delivery, which also owns retries, metrics and logging.
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ class Skip:
 Outcome = Postback | Skip
 
 
+@dataclass(slots=True)
+class Target:
+    """A postback the vendor will receive, decided without building its body (what the accept path needs)."""
+
+    vendor: str
+    target: str  # as Postback.target
+    batch_key: str = ""
+    kind: str = ""  # the vendor's routing decision (its event type or name), handed on to the body
+
+
+Route = Target | Skip
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     envelope: str  # {"<envelope>": [body, ...]}
@@ -82,7 +96,8 @@ class Vendor:
     slug: str
     title: str
     settings: tuple[Setting, ...]
-    build: Callable[[Event, Settings], list[Outcome]]
+    route: Callable[[Event, Settings], list[Route]]  # cheap: which postbacks, or why not
+    build: Callable[[Event, Settings], list[Outcome]]  # route, then each body
     default_url: str
     batch: Batch | None = None
     success: Callable[[int, bytes], bool] = field(default=lambda status, body: 200 <= status < 300)

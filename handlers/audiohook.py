@@ -8,9 +8,11 @@ from app.event import Event, fold
 from handlers._base import (
     Outcome,
     Postback,
+    Route,
     Setting,
     Settings,
     Skip,
+    Target,
     Vendor,
     as_number,
     describe,
@@ -47,7 +49,7 @@ SETTINGS = (
 )
 
 
-def build(event: Event, settings: Settings) -> list[Outcome]:
+def route(event: Event, settings: Settings) -> list[Route]:
     name = routed_name(event, ROUTES)
     if name is None and event.type == "track" and event.event_name and (
         is_conversion(event, settings) or listed(event.event_name, settings.get("audiohookEvents") or [])
@@ -56,14 +58,24 @@ def build(event: Event, settings: Settings) -> list[Outcome]:
     if name is None:
         return [Skip(SLUG, "not_routed", f"Audiohook: {describe(event)} is not mapped and not listed in "
                                          f"audiohookEvents or conversionEvents")]
-    ip, user_agent = event.ip, event.user_agent
-    if not (ip and user_agent):
-        if not (name == "purchase" and settings.get("audiohookMissingIp") == "fallback"):
-            missing = " and ".join(n for n, v in (("ip", ip), ("user agent", user_agent)) if not v)
-            return [Skip(SLUG, "missing_field", f"Audiohook: {describe(event)} has no {missing} (context.ip, "
-                                                f"context.userAgent); set audiohookMissingIp to fallback to "
-                                                f"send purchases anyway")]
-        ip, user_agent = ip or FALLBACK_IP, user_agent or event.library or "unknown"
+    if not (event.ip and event.user_agent) and not (
+            name == "purchase" and settings.get("audiohookMissingIp") == "fallback"):
+        missing = " and ".join(n for n, v in (("ip", event.ip), ("user agent", event.user_agent)) if not v)
+        return [Skip(SLUG, "missing_field", f"Audiohook: {describe(event)} has no {missing} (context.ip, "
+                                            f"context.userAgent); set audiohookMissingIp to fallback to "
+                                            f"send purchases anyway")]
+    if name == "purchase" and event.order_id is None:
+        return [Skip(SLUG, "missing_field", "Audiohook: purchase has no order_id")]
+    return [Target(SLUG, "pixel", kind=name)]
+
+
+def build(event: Event, settings: Settings) -> list[Outcome]:
+    return [r if isinstance(r, Skip) else _render(event, settings, r.kind) for r in route(event, settings)]
+
+
+def _render(event: Event, settings: Settings, name: str) -> Postback:
+    ip = event.ip or FALLBACK_IP
+    user_agent = event.user_agent or event.library or "unknown"
     visitor = event.anonymous_id or event.user_id
     body: dict[str, Any] = {
         "event_name": name,
@@ -78,8 +90,6 @@ def build(event: Event, settings: Settings) -> list[Outcome]:
         "email": email_hash(event.email, lower=True) if event.email else None,
     }
     if name == "purchase":
-        if event.order_id is None:
-            return [Skip(SLUG, "missing_field", "Audiohook: purchase has no order_id")]
         body["order_id"] = event.order_id
         body["items"] = [
             {
@@ -97,13 +107,14 @@ def build(event: Event, settings: Settings) -> list[Outcome]:
         k: v for k, v in event.raw_props.items()
         if fold(k) not in _MAPPED and isinstance(v, str | int | float | bool)
     }
-    return [Postback(SLUG, "pixel", f"/{settings['audiohookId']}/pixel.png", drop_empty(body))]
+    return Postback(SLUG, "pixel", f"/{settings['audiohookId']}/pixel.png", drop_empty(body))
 
 
 VENDOR = Vendor(
     slug=SLUG,
     title="Audiohook",
     settings=SETTINGS,
+    route=route,
     build=build,
     default_url="https://listen.audiohook.com",
 )

@@ -11,9 +11,11 @@ from handlers._base import (
     BasicAuth,
     Outcome,
     Postback,
+    Route,
     Setting,
     Settings,
     Skip,
+    Target,
     Vendor,
     as_number,
     describe,
@@ -52,20 +54,39 @@ SETTINGS = (
 )
 
 
-def build(event: Event, settings: Settings) -> list[Outcome]:
-    outcomes: list[Outcome] = []
+TRANSACTIONS = frozenset({"Completed Transaction", "Updated Transaction"})
+
+
+def route(event: Event, settings: Settings) -> list[Route]:
     if event.type not in ("track", "page"):
         return [Skip(SLUG, "not_routed", f"SegmentStream takes track and page calls, not {event.type}")]
+    routes: list[Route] = []
     if settings.get("segmentstreamApiToken"):
-        outcomes.append(_track(event, settings))
-    stream_id = settings.get("segmentstreamDataStreamId")
-    if stream_id and event.canonical_name in DATA_STREAM_STATUS:
-        outcomes.append(_data_stream(event, stream_id))
-    return outcomes
+        name = _name(event)[0]
+        if name in TRANSACTIONS and event.order_id is None:
+            routes.append(Skip(SLUG, "missing_field", f"SegmentStream: {describe(event)} has no order_id"))
+        else:
+            routes.append(Target(SLUG, "track"))
+    if settings.get("segmentstreamDataStreamId") and event.canonical_name in DATA_STREAM_STATUS:
+        if event.order_id is None:
+            routes.append(Skip(SLUG, "missing_field", f"SegmentStream data stream: {describe(event)} has no "
+                                                      f"order_id"))
+        else:
+            routes.append(Target(SLUG, "data_stream"))
+    return routes
+
+
+def build(event: Event, settings: Settings) -> list[Outcome]:
+    return [r if isinstance(r, Skip) else _track(event, settings) if r.target == "track"
+            else _data_stream(event, settings["segmentstreamDataStreamId"]) for r in route(event, settings)]
+
+
+def _name(event: Event) -> tuple[str, str | None]:
+    return routed_name(event, ROUTES) or (event.event_name or "", None)  # else: custom, as sent
 
 
 def _track(event: Event, settings: Settings) -> Outcome:
-    name, category = routed_name(event, ROUTES) or (event.event_name or "", None)  # else: custom, as sent
+    name, category = _name(event)
     body_event: dict[str, Any] = {
         "name": name,
         "category": category,
@@ -84,9 +105,7 @@ def _track(event: Event, settings: Settings) -> Outcome:
             "currency": event.currency,
         },
     }
-    if name in ("Completed Transaction", "Updated Transaction"):
-        if event.order_id is None:
-            return Skip(SLUG, "missing_field", f"SegmentStream: {describe(event)} has no order_id")
+    if name in TRANSACTIONS:
         body_event["transaction"] = _transaction(event)
     body = drop_empty(
         {
@@ -175,8 +194,6 @@ def _fit(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _data_stream(event: Event, stream_id: str) -> Outcome:
-    if event.order_id is None:
-        return Skip(SLUG, "missing_field", f"SegmentStream data stream: {describe(event)} has no order_id")
     status = text(event.prop("status")) or DATA_STREAM_STATUS[event.canonical_name or ""]
     stamp = iso_millis(event.ts)
     body = drop_empty(
@@ -199,6 +216,7 @@ VENDOR = Vendor(
     slug=SLUG,
     title="SegmentStream",
     settings=SETTINGS,
+    route=route,
     build=build,
     default_url="https://track.segmentstream.com",
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -13,9 +14,11 @@ from handlers._base import (
     HeaderAuth,
     Outcome,
     Postback,
+    Route,
     Setting,
     Settings,
     Skip,
+    Target,
     Vendor,
     as_number,
     describe,
@@ -61,26 +64,44 @@ def identity_data(event: Event) -> dict[str, int]:
     return identities
 
 
-def build(event: Event, settings: Settings) -> list[Outcome]:
+def route(event: Event, settings: Settings) -> list[Route]:
     kind = routed_name(event, ROUTES) or ("conversion" if is_conversion(event, settings) else None)
     if kind is None:
         return [Skip(SLUG, "not_routed", f"Tracify takes page views, product views, add-to-cart, purchases "
                                          f"and conversionEvents; {describe(event)} is none of them")]
     if not event.page_url:
         return [Skip(SLUG, "missing_field", f"Tracify: {describe(event)} has no page url (context.page.url)")]
-    identities = identity_data(event)
-    if not identities:
+    if not (event.email or event.ip or event.user_agent):
         return [Skip(SLUG, "missing_field", f"Tracify: {describe(event)} has no email, ip or user agent")]
+    if kind == "purchase":
+        missing = [n for n, v in (("order_id", event.order_id), ("currency", event.currency),
+                                  ("amount", event.order_total)) if v is None]
+        if missing:
+            return [Skip(SLUG, "missing_field", f"Tracify: purchase has no {', '.join(missing)}")]
+    token, site = settings["tracifyApiToken"], settings["tracifyCustomerSiteId"]
+    return [Target(SLUG, "events", _batch_key(token, site), kind)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _batch_key(token: str, site: str) -> str:
+    """Events of one token and site may share a request."""
+    return sha256_hex(f"{token}\0{site}")[:32]
+
+
+def build(event: Event, settings: Settings) -> list[Outcome]:
+    return [r if isinstance(r, Skip) else _render(event, settings, r) for r in route(event, settings)]
+
+
+def _render(event: Event, settings: Settings, target: Target) -> Postback:
+    kind = target.kind
+    assert event.page_url is not None
+    identities = identity_data(event)
     parts = urlsplit(event.page_url)
     comma = bool(settings.get("tracifyDecimalComma"))
     data: dict[str, Any] = {"origin": f"{parts.scheme}://{parts.netloc}", "Referer": event.referrer}
     if kind in WITH_URL_PARAMS:
         data.update(event.url_params)
     if kind == "purchase":
-        missing = [n for n, v in (("order_id", event.order_id), ("currency", event.currency),
-                                  ("amount", event.order_total)) if v is None]
-        if missing:
-            return [Skip(SLUG, "missing_field", f"Tracify: purchase has no {', '.join(missing)}")]
         data.update(_purchase(event, comma))
     elif kind == "conversion":
         data["conversion_id"] = text(event.prop("conversion_id")) or event.order_id or event.message_id
@@ -94,10 +115,9 @@ def build(event: Event, settings: Settings) -> list[Outcome]:
         "identity_data": identities,
         "data": drop_empty(data),
     }
-    token, site = settings["tracifyApiToken"], settings["tracifyCustomerSiteId"]
-    batch_key = sha256_hex(f"{token}\0{site}")[:32]
-    return [Postback(SLUG, "events", "/api/v1/events", body, auth=HeaderAuth("tracify-token", token),
-                     batch_key=batch_key)]
+    return Postback(SLUG, "events", "/api/v1/events", body, auth=HeaderAuth("tracify-token",
+                                                                              settings["tracifyApiToken"]),
+                    batch_key=target.batch_key)
 
 
 def _purchase(event: Event, comma: bool) -> dict[str, Any]:
@@ -130,6 +150,7 @@ VENDOR = Vendor(
     slug=SLUG,
     title="Tracify",
     settings=SETTINGS,
+    route=route,
     build=build,
     default_url="https://api.tracify.ai",
     batch=Batch(envelope="events", max_size=100),

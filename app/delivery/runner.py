@@ -72,7 +72,11 @@ class DeliveryService:
 def run(config: Config, wake_fd: int | None) -> int:
     """`segrelay deliver`: deliver until SIGTERM/SIGINT, then drain; exits with the parent (Linux)."""
     _die_with_parent()
-    return asyncio.run(_main(config, wake_fd))
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_main(config, wake_fd))
+    return uvloop.run(_main(config, wake_fd))
 
 
 async def _main(config: Config, wake_fd: int | None) -> int:

@@ -31,7 +31,9 @@ from handlers import VENDORS, Postback, Vendor
 
 log = logging.getLogger("segrelay.delivery")
 IDLE_POLL = 0.5  # seconds between looks at the queue when nothing woke us
-TENANT_BACKOFF = 0.25  # a job held back by the per-tenant limit is due again this much later
+READY_MIN, READY_MAX = 32, 1000  # jobs leased ahead per vendor, waiting in memory for a slot
+READY_PER_TENANT = 4  # a tenant's share of that list: this many times its concurrency (times the batch size)
+TENANT_BACKOFF = 0.25  # a job past its tenant's share is due again this much later
 
 
 class Deliverer:
@@ -49,6 +51,7 @@ class Deliverer:
         self.paused_until: dict[str, float] = defaultdict(float)  # Retry-After, per vendor host
         self._wake = {v.slug: asyncio.Event() for v in VENDORS}
         self._inflight: dict[str, set[asyncio.Task[None]]] = {v.slug: set() for v in VENDORS}
+        self._ready: dict[str, list[tuple[float, Job]]] = {v.slug: [] for v in VENDORS}
         self._tenant_inflight: Counter[tuple[str, str]] = Counter()
         self._dispatchers: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -67,6 +70,12 @@ class Deliverer:
         for event in self._wake.values():
             event.set()
         await asyncio.gather(*self._dispatchers, return_exceptions=True)
+        waiting = [job for ready in self._ready.values() for _, job in ready]
+        if waiting:  # leased ahead, never sent: due again at once, attempts unchanged
+            with contextlib.suppress(Exception):
+                await self.store.release(waiting, due_at=self.clock())
+            for ready in self._ready.values():
+                ready.clear()
         inflight = [t for tasks in self._inflight.values() for t in tasks]
         if inflight:
             _, pending = await asyncio.wait(inflight, timeout=drain_seconds)
@@ -91,30 +100,71 @@ class Deliverer:
                 await asyncio.sleep(1.0)
 
     async def _dispatch_once(self, vendor: Vendor) -> None:
+        """Top up the vendor's ready list from the store, then start every request a free slot allows.
+
+        Jobs are leased a few slots' worth ahead and wait in memory for a slot of their tenant; one that waits
+        longer than a third of its lease is handed back, so a lease never runs out while its job merely waits.
+        """
         slug, now = vendor.slug, self.clock()
         pause = max(self.breakers[slug].open_until, self.paused_until[slug])
-        metrics.CIRCUIT_OPEN.labels(slug).set(1 if self.breakers[slug].is_open(now) else 0)
         free = self.config.vendor_concurrency - len(self._inflight[slug])
+        ready = self._ready[slug]
         if pause > now or free <= 0:
             await self._idle(slug, min(pause - now, IDLE_POLL) if pause > now else IDLE_POLL)
             return
         batch_size = vendor.batch.max_size if vendor.batch else 1
-        jobs = await self.store.lease(slug, now=now, limit=min(free * batch_size, 1000),
-                                      lease_seconds=self.config.lease_seconds)
-        if not jobs:
+        share = max(READY_PER_TENANT * self.config.tenant_concurrency * batch_size, READY_MIN)
+        wanted = min(2 * free * batch_size, READY_MAX - len(ready), share) - self._dispatchable(slug)
+        if wanted > 0:
+            leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds)
+            ready.extend((now, job) for job in leased)
+            excess = self._beyond_tenant_share(slug, share)
+            if excess:  # one tenant's backlog must not fill the list: theirs waits in the store a little
+                await self.store.release(excess, due_at=now + TENANT_BACKOFF)
+        ready = self._ready[slug]
+        if not ready:
             await self._idle(slug, IDLE_POLL)
             return
-        requests, held_back = self._plan(vendor, jobs, free)
-        if held_back:
-            await self.store.release(held_back, due_at=now + TENANT_BACKOFF)
+        requests, waiting = self._plan(vendor, [job for _, job in ready], free)
+        stale_before = now - self.config.lease_seconds / 3
+        leased_at = {id(job): at for at, job in ready}
+        stale = [job for job in waiting if leased_at[id(job)] < stale_before]
+        self._ready[slug] = [(leased_at[id(job)], job) for job in waiting if leased_at[id(job)] >= stale_before]
+        if stale:
+            await self.store.release(stale, due_at=now)
         for group in requests:
             self._tenant_inflight[(slug, group[0].tenant)] += 1
             task = asyncio.create_task(self._deliver(vendor, group))
             self._inflight[slug].add(task)
             task.add_done_callback(self._inflight[slug].discard)
+        if not requests:  # every ready job waits for its tenant: until a request ends
+            await self._idle(slug, IDLE_POLL)
+
+    def _tenant_limit(self, tenants: int) -> int:
+        """Requests in flight per (vendor, tenant). A tenant alone may use every slot but one tenant's share,
+        which stays free for a newcomer; with others waiting, each keeps to SEGRELAY_TENANT_CONCURRENCY."""
+        limit = self.config.tenant_concurrency
+        return max(limit, self.config.vendor_concurrency - limit) if tenants <= 1 else limit
+
+    def _dispatchable(self, slug: str) -> int:
+        """Ready jobs that a free slot could take now."""
+        ready = self._ready[slug]
+        limit = self._tenant_limit(len({job.tenant for _, job in ready}))
+        return sum(1 for _, job in ready if self._tenant_inflight[(slug, job.tenant)] < limit)
+
+    def _beyond_tenant_share(self, slug: str, share: int) -> list[Job]:
+        """Ready jobs past each tenant's share of the list (removed from it)."""
+        kept: list[tuple[float, Job]] = []
+        excess: list[Job] = []
+        per_tenant: Counter[str] = Counter()
+        for leased_at, job in self._ready[slug]:
+            per_tenant[job.tenant] += 1
+            (kept.append((leased_at, job)) if per_tenant[job.tenant] <= share else excess.append(job))
+        self._ready[slug] = kept
+        return excess
 
     def _plan(self, vendor: Vendor, jobs: Sequence[Job], free: int) -> tuple[list[list[Job]], list[Job]]:
-        """Group leased jobs into requests within the vendor's free slots and each tenant's limit."""
+        """Group ready jobs into requests within the vendor's free slots and each tenant's limit."""
         groups: dict[tuple[str, str], list[Job]] = {}
         singles: list[list[Job]] = []
         for job in jobs:
@@ -128,16 +178,17 @@ class Deliverer:
                 singles.append([job])
         candidates = singles + list(groups.values())
         planned: list[list[Job]] = []
-        held_back: list[Job] = []
+        waiting: list[Job] = []
         tenants = Counter(self._tenant_inflight)
+        limit = self._tenant_limit(len({j.tenant for j in jobs}))
         for group in candidates:
             key = (vendor.slug, group[0].tenant)
-            if len(planned) < free and tenants[key] < self.config.tenant_concurrency:
+            if len(planned) < free and tenants[key] < limit:
                 planned.append(group)
                 tenants[key] += 1
             else:
-                held_back.extend(group)
-        return planned, held_back
+                waiting.extend(group)
+        return planned, waiting
 
     async def _idle(self, slug: str, seconds: float) -> None:
         event = self._wake[slug]

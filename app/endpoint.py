@@ -1,0 +1,127 @@
+"""POST /segment as a plain ASGI handler: the request id, the body budget, the contract answer, one log line.
+
+This is the path every Segment event takes, so it skips Starlette's routing, request objects and middleware
+stack; everything else (health, readiness, metrics, JSON 404/405) is a Starlette app beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from app import metrics
+from app.errors import ContractError, PayloadTooLargeError, UnavailableError
+from app.ingest import Ingest
+from app.log import request_id
+from app.store import StoreUnavailableError
+
+log = logging.getLogger("segrelay.server")
+SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_JSON = (b"content-type", b"application/json")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body arrived."""
+
+
+class BodyBudget:
+    """Bytes of request bodies being read or handled at once, bounded: past the bound a request gets 503."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.limit:
+            raise UnavailableError("segrelay is receiving more data than it can hold right now; retry shortly",
+                                   retry_after=1)
+        self.used += size
+
+
+def request_id_of(headers: dict[bytes, bytes]) -> str:
+    incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+    return incoming if SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+class SegmentEndpoint:
+    def __init__(self, ingest: Ingest, max_body_bytes: int, budget: BodyBudget) -> None:
+        self.ingest, self.limit, self.budget = ingest, max_body_bytes, budget
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        rid = request_id_of(headers)
+        token = request_id.set(rid)
+        kind, taken, extra = "unknown", 0, {}
+        try:
+            self.ingest.check_open()
+            key = await self.ingest.authenticator.authenticate(_text(headers.get(b"authorization")))
+            extra = {"tenant": key.tenant, "key_id": key.key_id}
+            body, taken = await self._body(headers, receive)
+            answer = await self.ingest.handle(key, _text(headers.get(b"x-segment-settings")), body)
+            kind, status, content, retry_after = answer.call_type, answer.status, answer.body, None
+        except ClientGone:
+            metrics.REQUESTS.labels(kind, "499").inc()  # nobody to answer, nothing taken on; not our fault
+            log.info("client disconnected before the body arrived", extra={**extra, "status": 499})
+            return
+        except ContractError as exc:
+            status, content, retry_after = exc.status_code, {"message": exc.message}, exc.retry_after
+            kind = exc.call_type
+        except StoreUnavailableError:
+            log.warning("store unavailable", exc_info=True)
+            status, content, retry_after = 503, {"message": "Storage is temporarily unavailable; retry later"}, 5
+        except Exception:
+            log.exception("unexpected error in /segment")
+            status, content = 500, {"message": "Internal error in segrelay; Segment will retry this event"}
+            retry_after = None
+        finally:
+            self.budget.used -= taken
+            request_id.reset(token)
+        payload = orjson.dumps(content)
+        response_headers = [_JSON, (b"content-length", str(len(payload)).encode()), (b"x-request-id", rid.encode())]
+        if retry_after:
+            response_headers.append((b"retry-after", str(retry_after).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": payload})
+        elapsed = time.perf_counter() - started
+        metrics.REQUESTS.labels(kind, str(status)).inc()
+        metrics.REQUEST_SECONDS.observe(elapsed)
+        line: dict[str, Any] = {"method": "POST", "path": "/segment", "status": status, "call_type": kind,
+                                "request_id": rid, "duration_ms": round(elapsed * 1000, 2), **extra}
+        if status >= 400:
+            line["reason"] = content["message"][:200]
+        log.info("request", extra=line)
+
+    async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[bytes, int]:
+        """The body and the bytes it took from the budget (given back by the caller)."""
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            raise PayloadTooLargeError(f"Event is larger than {self.limit // 1024} KB")
+        chunks, taken = [], 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                if chunk:
+                    if taken + len(chunk) > self.limit:
+                        raise PayloadTooLargeError(f"Event is larger than {self.limit // 1024} KB")
+                    self.budget.take(len(chunk))
+                    taken += len(chunk)
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        except BaseException:
+            self.budget.used -= taken
+            raise
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks), taken
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
