@@ -6,8 +6,10 @@ never blocks on the disk. A caller learns success only after COMMIT returns; if 
 redone in a transaction of its own, so only a failing one fails.
 
 The HTTP process and the delivery process of `segrelay serve` share the file: SQLite serialises their writers
-(busy_timeout). The HTTP process commits with synchronous=FULL (an accepted event survives power loss); the
-delivery process may use NORMAL, since losing its last completions to a power cut only means sending them again.
+(the writer thread retries BEGIN every half millisecond rather than SQLite's busy handler, whose sleeps grow to
+100 ms and would show as long tails). The HTTP process commits with synchronous=FULL (an accepted event survives
+power loss); the delivery process may use NORMAL, since losing its last completions to a power cut only means
+sending them again.
 Every query is served by an index: due jobs per vendor, leased jobs, dead letters, jobs of an event, expired
 idempotency records; counts come from the `counters` table, kept in the same transactions.
 """
@@ -20,6 +22,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -40,6 +43,8 @@ from app.store import (
 
 T = TypeVar("T")
 MAX_GROUP = 512
+LOCK_TIMEOUT = 30.0  # seconds a write waits for another process's lock before it fails (503)
+LOCK_POLL = 0.0005
 HOUSEKEEPING_BATCH = 2000  # expired idempotency records deleted per call (the monitor calls it every second)
 
 SCHEMA = """
@@ -85,10 +90,9 @@ class SQLiteStore:
         self.commits = 0  # transactions committed (group commit makes this much smaller than operations)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=LOCK_TIMEOUT)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
-        conn.execute("PRAGMA busy_timeout=30000")
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         if "payload" in columns:  # the layout of 0.1: one rendered postback per row
             left = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
@@ -97,6 +101,7 @@ class SQLiteStore:
                                  f"deliver them (or move the file away) before starting this one")
             conn.execute("DROP TABLE jobs")
         conn.executescript(SCHEMA)
+        conn.execute("PRAGMA busy_timeout=0")  # from here on, _begin() waits for the lock
         return conn
 
     # The writer thread --------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ class SQLiteStore:
         out after COMMIT returns. A failed COMMIT (a full disk, an I/O error) fails every operation in it.
         """
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin(conn)
             values = [fn(conn) for fn, _ in group]
             conn.execute("COMMIT")
             self.commits += 1
@@ -144,7 +149,7 @@ class SQLiteStore:
         results: list[tuple[Any, Any, StoreError | None]] = []
         for fn, fut in group:
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                _begin(conn)
                 value = fn(conn)
                 conn.execute("COMMIT")
                 self.commits += 1
@@ -322,6 +327,23 @@ def _private_file(path: Path) -> None:
     with contextlib.suppress(OSError):  # not ours to change (a mounted volume): best effort
         if path.stat().st_mode & 0o077:
             path.chmod(0o600)
+
+
+def _begin(conn: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, waiting for another process's write lock in short, even steps (up to LOCK_TIMEOUT)."""
+    deadline = 0.0
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            now = time.monotonic()
+            deadline = deadline or now + LOCK_TIMEOUT
+            if now >= deadline:
+                raise
+            time.sleep(LOCK_POLL)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
