@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from app import metrics
 from app.errors import ContractError, PayloadTooLargeError, UnavailableError
 from app.ingest import Ingest
-from app.log import request_id
+from app.log import access, request_id
 from app.store import StoreUnavailableError
 
 log = logging.getLogger("segrelay.server")
@@ -95,7 +95,7 @@ class SegmentEndpoint:
                                 "request_id": rid, "duration_ms": round(elapsed * 1000, 2), **extra}
         if status >= 400:
             line["reason"] = content["message"][:200]
-        log.info("request", extra=line)
+        access(line)
 
     async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[bytes, int]:
         """The body and the bytes it took from the budget (given back by the caller)."""

@@ -181,7 +181,8 @@ class Event:
     currency: str | None = None
     order_id: str | None = None
     order_total: Decimal | None = None
-    products: tuple[Product, ...] = ()
+    product_items: tuple[dict[str, Any], ...] = ()  # the raw product objects, read into Products on first use
+    _products: tuple[Product, ...] | None = None
     ga_client_id: str | None = None
     session_id: str | None = None
     library: str | None = None
@@ -191,6 +192,13 @@ class Event:
 
     def prop(self, name: str) -> Any:
         return self.props.get(fold(name))
+
+    @property
+    def products(self) -> tuple[Product, ...]:
+        """Read when a body is built, not on the accept path (which only routes)."""
+        if self._products is None:
+            self._products = tuple(_product(folded(p)) for p in self.product_items)
+        return self._products
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -270,7 +278,7 @@ def _product(raw: dict[str, Any]) -> Product:
     )
 
 
-def _order_total(props: dict[str, Any], products: tuple[Product, ...]) -> Decimal | None:
+def _order_total(props: dict[str, Any], items: tuple[dict[str, Any], ...]) -> Decimal | None:
     total = number(props.get("total"))
     if total is not None:
         return total
@@ -280,6 +288,7 @@ def _order_total(props: dict[str, Any], products: tuple[Product, ...]) -> Decima
     value = number(props.get("value"))
     if value is not None:
         return value
+    products = [_product(folded(p)) for p in items]
     priced = [p.price * p.quantity for p in products if p.price is not None]
     return sum(priced, Decimal(0)) if priced else None
 
@@ -366,15 +375,15 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
     page_url = text(first(page.get("url"), props.get("url")))
     campaign = folded(context.get("campaign"))
     if canonical in SINGLE_PRODUCT_EVENTS:
-        products: tuple[Product, ...] = (_product(props),)
+        product_items: tuple[dict[str, Any], ...] = (props,)
     else:
         items = props.get("products")
-        products = ()
+        product_items = ()
         if isinstance(items, list):
             if len(items) > MAX_PRODUCTS:
                 warnings.append(f"{len(items)} products: only the first {MAX_PRODUCTS} were read")
                 items = items[:MAX_PRODUCTS]
-            products = tuple(_product(folded(p)) for p in items if isinstance(p, dict))
+            product_items = tuple(p for p in items if isinstance(p, dict))
     currency = text(props.get("currency"))
     library = folded(context.get("library"))
     library_name = "/".join(x for x in (text(library.get("name")), text(library.get("version"))) if x)
@@ -402,8 +411,8 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         url_params=_url_params(page_url, page.get("search"), campaign),
         currency=(currency.upper() if currency else None) or default_currency,
         order_id=text(first(props.get("orderid"), props.get("checkoutid"))),
-        order_total=_order_total(props, products),
-        products=products,
+        order_total=_order_total(props, product_items),
+        product_items=product_items,
         ga_client_id=text(folded(folded(raw.get("integrations")).get("googleanalytics")).get("clientid")),
         session_id=text(first(context.get("sessionid"), props.get("sessionid"))),
         library=library_name or None,

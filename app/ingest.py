@@ -122,12 +122,12 @@ class Ingest:
         self.backpressure.check(key.tenant, queued)
         name = event.event_name or event.type
         jobs = [NewJob(t.vendor, t.target, name, t.batch_key) for t in routing.targets]
-        accepting = self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
-                                      ttl=self.config.idempotency_seconds)
         try:
             # Segment gives up after ~10 s: answer 503 well before. If the write still lands later, Segment's
             # retry of this messageId is answered as a duplicate, so the event is kept exactly once.
-            fresh = await asyncio.wait_for(accepting, timeout=self.config.accept_timeout_seconds)
+            async with asyncio.timeout(self.config.accept_timeout_seconds):
+                fresh = await self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
+                                                ttl=self.config.idempotency_seconds)
         except TimeoutError:
             raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
         if not fresh:

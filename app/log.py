@@ -35,6 +35,26 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+_ACCESS = logging.getLogger("segrelay.access")
+
+
+def access(fields: dict[str, Any]) -> None:
+    """The one line per request, written straight to stdout in the same JSON shape as every other line.
+
+    The logging module costs about 40 µs a line, a tenth of the accept path; this costs a few. Callers pass only
+    safe fields (never keys, settings, emails, IPs or user agents).
+    """
+    if not _ACCESS.isEnabledFor(logging.INFO):
+        return
+    now = time.time()
+    entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
+             "level": "info", "logger": "segrelay.access", "msg": "request", **fields}
+    stream = sys.stdout
+    stream.flush()  # anything the logging module has buffered goes first
+    stream.buffer.write(orjson.dumps(entry, default=str) + b"\n")
+    stream.buffer.flush()
+
+
 def configure(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())

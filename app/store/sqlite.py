@@ -10,8 +10,9 @@ The HTTP process and the delivery process of `segrelay serve` share the file: SQ
 100 ms and would show as long tails). The HTTP process commits with synchronous=FULL (an accepted event survives
 power loss); the delivery process may use NORMAL, since losing its last completions to a power cut only means
 sending them again.
-Every query is served by an index: due jobs per vendor, leased jobs, dead letters, jobs of an event, expired
-idempotency records; counts come from the `counters` table, kept in the same transactions.
+Every query is served by an index: due jobs per vendor, leased jobs, dead letters, expired idempotency records;
+an event counts the jobs it has left and goes with the last; counts come from the `counters` table, kept in the
+same transactions.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (tenant, message_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_at);
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, message_id TEXT NOT NULL, payload BLOB NOT NULL);
+    id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, message_id TEXT NOT NULL, payload BLOB NOT NULL,
+    jobs_left INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY, event_id INTEGER NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
     tenant TEXT NOT NULL, event_name TEXT NOT NULL, batch_key TEXT NOT NULL, size INTEGER NOT NULL,
@@ -66,7 +68,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (vendor, due_at) WHERE dead = 0;
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (leased) WHERE leased = 1;
 CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (vendor, died_at) WHERE dead = 1;
-CREATE INDEX IF NOT EXISTS jobs_event ON jobs (event_id);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message_id, j.event_name, j.batch_key,"
@@ -211,8 +212,8 @@ class SQLiteStore:
                 " SET expires_at = excluded.expires_at WHERE seen.expires_at <= ?",
                 (tenant, message_id, now + ttl, now)).rowcount
             if fresh and jobs:
-                event_id = c.execute("INSERT INTO events (tenant, message_id, payload) VALUES (?, ?, ?)",
-                                     (tenant, message_id, payload)).lastrowid
+                event_id = c.execute("INSERT INTO events (tenant, message_id, payload, jobs_left) VALUES (?, ?, ?, ?)",
+                                     (tenant, message_id, payload, len(jobs))).lastrowid
                 c.executemany("INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size,"
                               " created_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                               [(event_id, j.vendor, j.target, tenant, j.event_name, j.batch_key, size, now, now)
@@ -233,9 +234,9 @@ class SQLiteStore:
     async def complete(self, jobs: Sequence[Job]) -> None:
         def op(c: sqlite3.Connection) -> None:
             done = [j for j in jobs if c.execute("DELETE FROM jobs WHERE id = ?", (int(j.id),)).rowcount]
-            events = {(int(j.event_id),) for j in done}
-            c.executemany("DELETE FROM events WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM jobs WHERE event_id = ?1)",
-                          events)
+            events = [(int(j.event_id),) for j in done]
+            c.executemany("UPDATE events SET jobs_left = jobs_left - 1 WHERE id = ?", events)
+            c.executemany("DELETE FROM events WHERE id = ? AND jobs_left <= 0", set(events))
             c.executemany(_BUMP, _leaving(done))
         await self._call(op)
 
