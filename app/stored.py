@@ -21,6 +21,7 @@ from app.event import Event, parse_event
 from app.store import Job
 from handlers import BY_SLUG, Outcome, Postback, Skip
 
+NONCE = 12  # the sealed payload starts with its random AES-GCM nonce
 CACHE_EVENTS = 4096  # parsed events kept by the delivery process: the vendors of one event share one parse
 
 
@@ -48,15 +49,17 @@ class Renderer:
 
     def __init__(self, sealer: Sealer, size: int = CACHE_EVENTS) -> None:
         self.sealer, self.size = sealer, size
-        self._events: OrderedDict[str, tuple[Event, Mapping[str, Any]]] = OrderedDict()
-        self._outcomes: OrderedDict[tuple[str, str], list[Outcome]] = OrderedDict()
+        # Keyed by the event's id and its payload's random nonce: unique to one accepted event, whatever a store
+        # does with ids.
+        self._events: OrderedDict[tuple[str, bytes], tuple[Event, Mapping[str, Any]]] = OrderedDict()
+        self._outcomes: OrderedDict[tuple[str, bytes, str], list[Outcome]] = OrderedDict()
 
     def render(self, job: Job) -> Postback | Skip:
         """The job's postback, or a Skip saying why it can no longer be built.
 
         Raises cryptography's InvalidTag when the payload was sealed under another secret.
         """
-        key = (job.event_id, job.vendor)
+        key = (job.event_id, job.payload[:NONCE], job.vendor)
         outcomes = self._outcomes.get(key)
         if outcomes is None:
             event, settings = self._event(job)
@@ -69,14 +72,15 @@ class Renderer:
         return Skip(job.vendor, "not_rendered", reasons or f"{job.vendor} has no {job.target} postback for it")
 
     def _event(self, job: Job) -> tuple[Event, Mapping[str, Any]]:
-        found = self._events.get(job.event_id)
+        event_key = (job.event_id, job.payload[:NONCE])
+        found = self._events.get(event_key)
         if found is None:
             stored = unpack_event(self.sealer.open(job.payload))
             document = orjson.loads(stored.body)
             now = datetime.fromtimestamp(stored.received_at, UTC)
             event = parse_event(document, stored.body, now, stored.settings.get("defaultCurrency"))
             found = (event, stored.settings)
-            self._remember(self._events, job.event_id, found)
+            self._remember(self._events, event_key, found)
         return found
 
     def _remember(self, cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:

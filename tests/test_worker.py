@@ -18,10 +18,11 @@ from app.delivery.worker import Deliverer
 from app.event import parse_event
 from app.outgoing import OutgoingRequest
 from app.settings import resolve
-from app.store import NewJob
+from app.store import Job, NewJob
 from app.store.sqlite import SQLiteStore
-from app.stored import pack_event
+from app.stored import Renderer, pack_event
 from app.translate import active_vendors, translate
+from handlers import Postback
 
 SECRET = b"s" * 40
 SITE = "3f1c2d4e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
@@ -175,3 +176,36 @@ async def test_aiohttp_refusing_a_header_value_is_reported_as_refused(value: str
         await transport.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_new_event_never_gets_the_body_of_an_earlier_one(store: SQLiteStore) -> None:
+    """Ids of finished events are never reused, and the delivery cache keys on the payload too."""
+    sealer, seen = Sealer(SECRET), []
+    deliverer = Deliverer(config(), store, sealer, transport=answering(200, b'{"status": true}', seen=seen))
+
+    async def done() -> bool:
+        return await pending(store) == 0
+    await accept_page(store, sealer, 1)
+    await run_until(deliverer, done)
+    await accept_page(store, sealer, 2)
+    deliverer = Deliverer(config(), store, sealer, transport=answering(200, b'{"status": true}', seen=seen))
+    deliverer.renderer = Renderer(sealer)
+    await run_until(deliverer, done)
+    urls = [orjson.loads(r.content)["events"][0]["url"] for r in seen]
+    assert urls == ["https://shop.example/p1", "https://shop.example/p2"]
+
+
+def test_the_render_cache_tells_apart_two_events_that_share_an_id() -> None:
+    sealer = Sealer(SECRET)
+    renderer = Renderer(sealer)
+    settings = orjson.dumps(resolve({"audiohookId": "9b2f7c3a-1d4e-4f5a-8b6c-7d8e9f0a1b2c"}))
+    bodies = []
+    for n in (1, 2):
+        body = orjson.dumps({"type": "page", "messageId": f"m{n}", "anonymousId": "a", "context": {
+            "ip": "1.2.3.4", "userAgent": "UA", "page": {"url": f"https://shop.example/p{n}"}}})
+        job = Job("7", "42", "audiohook", "pixel", "acme", f"m{n}", "page", "", sealer.seal(
+            pack_event(settings, 1.0, body)), 0, 1.0, 100)
+        rendered = renderer.render(job)
+        assert isinstance(rendered, Postback)
+        bodies.append(rendered.body["url"])
+    assert bodies == ["https://shop.example/p1", "https://shop.example/p2"]

@@ -33,7 +33,7 @@ log = logging.getLogger("segrelay.delivery")
 IDLE_POLL = 0.5  # seconds between looks at the queue when nothing woke us
 READY_MIN, READY_MAX = 32, 1000  # jobs leased ahead per vendor, waiting in memory for a slot
 READY_PER_TENANT = 4  # a tenant's share of that list: this many times its concurrency (times the batch size)
-TENANT_BACKOFF = 0.25  # a job past its tenant's share is due again this much later
+TENANT_BACKOFF = 1.0  # a job past its tenant's share is due again this much later
 
 
 class Deliverer:
@@ -114,7 +114,11 @@ class Deliverer:
             return
         batch_size = vendor.batch.max_size if vendor.batch else 1
         share = max(READY_PER_TENANT * self.config.tenant_concurrency * batch_size, READY_MIN)
-        wanted = min(2 * free * batch_size, READY_MAX - len(ready), share) - self._dispatchable(slug)
+        dispatchable = self._dispatchable(slug)
+        if dispatchable == 0 and ready:  # every ready job waits for its tenant: look past that tenant's backlog
+            wanted = READY_MAX - len(ready)
+        else:
+            wanted = min(2 * free * batch_size, READY_MAX - len(ready), share) - dispatchable
         if wanted > 0:
             leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds)
             ready.extend((now, job) for job in leased)

@@ -10,6 +10,7 @@ The HTTP process and the delivery process of `segrelay serve` share the file: SQ
 100 ms and would show as long tails). The HTTP process commits with synchronous=FULL (an accepted event survives
 power loss); the delivery process may use NORMAL, since losing its last completions to a power cut only means
 sending them again.
+Ids are AUTOINCREMENT, never reused: a late answer for a job, or a cached event, can never meet a newer one.
 Every query is served by an index: due jobs per vendor, leased jobs, dead letters, expired idempotency records;
 an event counts the jobs it has left and goes with the last; counts come from the `counters` table, kept in the
 same transactions.
@@ -57,10 +58,10 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (tenant, message_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_at);
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, message_id TEXT NOT NULL, payload BLOB NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, message_id TEXT NOT NULL, payload BLOB NOT NULL,
     jobs_left INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY, event_id INTEGER NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, event_id INTEGER NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
     tenant TEXT NOT NULL, event_name TEXT NOT NULL, batch_key TEXT NOT NULL, size INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, due_at REAL NOT NULL,
     leased INTEGER NOT NULL DEFAULT 0, dead INTEGER NOT NULL DEFAULT 0,
