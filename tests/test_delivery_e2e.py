@@ -172,9 +172,12 @@ def test_a_slow_vendor_does_not_delay_the_others(fresh_stub: VendorStub, make_se
 
 def test_order_completed_reaches_all_three_vendors_exactly(fresh_stub: VendorStub,
                                                          make_server: type[Segrelay]) -> None:
-    service = make_server().start()
+    service = make_server({"SEGRELAY_LOG_LEVEL": "debug"}).start()
     assert service.post(order("oc-e2e-1"), ALL_VENDORS).status_code == 202
     assert wait_until(lambda: len(fresh_stub.requests()) == 4), fresh_stub.requests()
+    logs = service.logs()  # at debug level too: no token, no email, no ip, no user agent in any line
+    for secret in (ALL_VENDORS["tracifyApiToken"], ALL_VENDORS["segmentstreamApiToken"], "tr-token", "ss-token"):
+        assert secret not in logs
     by_path = {r["path"]: r for r in fresh_stub.requests()}
     track = by_path["/segmentstream/track"]
     assert track["headers"]["content-type"] == "application/json"

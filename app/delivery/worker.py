@@ -34,6 +34,7 @@ IDLE_POLL = 0.5  # seconds between looks at the queue when nothing woke us
 READY_MIN, READY_MAX = 32, 1000  # jobs leased ahead per vendor, waiting in memory for a slot
 READY_PER_TENANT = 4  # a tenant's share of that list: this many times its concurrency (times the batch size)
 TENANT_BACKOFF = 1.0  # a job past its tenant's share is due again this much later
+PROBE_SECONDS = 1.0  # how often a vendor blocked on one tenant's limit looks for other tenants' jobs
 
 
 class Deliverer:
@@ -52,6 +53,7 @@ class Deliverer:
         self._wake = {v.slug: asyncio.Event() for v in VENDORS}
         self._inflight: dict[str, set[asyncio.Task[None]]] = {v.slug: set() for v in VENDORS}
         self._ready: dict[str, list[tuple[float, Job]]] = {v.slug: [] for v in VENDORS}
+        self._probed_at: dict[str, float] = defaultdict(float)
         self._tenant_inflight: Counter[tuple[str, str]] = Counter()
         self._dispatchers: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -115,16 +117,23 @@ class Deliverer:
         batch_size = vendor.batch.max_size if vendor.batch else 1
         share = max(READY_PER_TENANT * self.config.tenant_concurrency * batch_size, READY_MIN)
         dispatchable = self._dispatchable(slug)
-        if dispatchable == 0 and ready:  # every ready job waits for its tenant: look past that tenant's backlog
-            wanted = READY_MAX - len(ready)
-        else:
-            wanted = min(2 * free * batch_size, READY_MAX - len(ready), share) - dispatchable
+        wanted = min(2 * free * batch_size, READY_MAX - len(ready), share) - dispatchable
+        if ready and dispatchable == 0:
+            # Every ready job waits for its tenant while slots are free. Leasing more of the same would only churn;
+            # once a second, look past that tenant's backlog for other tenants' jobs (its own go back for a moment).
+            wanted = 0
+            if now - self._probed_at[slug] >= PROBE_SECONDS:
+                self._probed_at[slug] = now
+                wanted = READY_MAX - len(ready)
         if wanted > 0:
             leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds)
             ready.extend((now, job) for job in leased)
             excess = self._beyond_tenant_share(slug, share)
-            if excess:  # one tenant's backlog must not fill the list: theirs waits in the store a little
-                await self.store.release(excess, due_at=now + TENANT_BACKOFF)
+            if excess:
+                # One tenant's backlog must not fill the list. With other tenants waiting, its excess goes back to
+                # the store behind theirs; alone, it goes back as due as it was.
+                alone = len({job.tenant for _, job in self._ready[slug]}) <= 1
+                await self.store.release(excess, due_at=now if alone else now + TENANT_BACKOFF)
         ready = self._ready[slug]
         if not ready:
             await self._idle(slug, IDLE_POLL)
