@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default SEGRELAY_PORT or 8080)")
     serve.add_argument("--delivery-processes", type=int, default=None, metavar="N",
                        help="delivery processes started beside the HTTP process (default "
-                            "SEGRELAY_DELIVERY_PROCESSES or 1; 0 delivers inside the HTTP process)")
+                            "SEGRELAY_DELIVERY_PROCESSES or one per core, up to 4; 0 delivers inside the HTTP "
+                            "process)")
     serve.set_defaults(run=cmd_serve)
 
     deliver = sub.add_parser("deliver", help="run only the delivery side on the configured store (serve starts "

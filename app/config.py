@@ -47,7 +47,7 @@ class Config:
     max_inflight_bytes: int = 32 * 1024 * 1024
     tenant_queue_share: float = 0.5
     delivery: bool = True
-    delivery_processes: int = 1
+    delivery_processes: int = field(default_factory=lambda: default_delivery_processes())
     log_level: str = "info"
 
     @classmethod
@@ -87,7 +87,7 @@ class Config:
             max_inflight_bytes=_int(env, "SEGRELAY_MAX_INFLIGHT_BYTES", 32 * 1024 * 1024),
             tenant_queue_share=_float(env, "SEGRELAY_TENANT_QUEUE_SHARE", 0.5),
             delivery=_bool(env, "SEGRELAY_DELIVERY", True),
-            delivery_processes=_int(env, "SEGRELAY_DELIVERY_PROCESSES", 1, minimum=0),
+            delivery_processes=_int(env, "SEGRELAY_DELIVERY_PROCESSES", default_delivery_processes(), minimum=0),
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
         )
         if config.lease_seconds <= config.connect_timeout + config.read_timeout:
@@ -104,6 +104,11 @@ class Config:
     @property
     def sqlite_path(self) -> Path | None:
         return Path(self.store.removeprefix("sqlite:///")) if self.store.startswith("sqlite:///") else None
+
+
+def default_delivery_processes() -> int:
+    """One delivery process per core, up to 4 (they share one store; past that the store is the limit)."""
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def vendor_urls(env: Mapping[str, str]) -> dict[str, str]:

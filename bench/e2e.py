@@ -110,6 +110,8 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
     env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_MAX_QUEUE_MB": "100000",
            "SEGRELAY_TENANT_QUEUE_SHARE": "1", "SEGRELAY_MIN_FREE_DISK_MB": "0",
            **{f"SEGRELAY_{v.upper()}_URL": vendor_url for v in ("segmentstream", "tracify", "audiohook")}}
+    if args.delivery_processes is not None:
+        env["SEGRELAY_DELIVERY_PROCESSES"] = str(args.delivery_processes)
     if args.prefill:
         prefill(env, tmp, args.prefill)
     key = json.loads(subprocess.run([sys.executable, "-m", "app", "keys", "create", "--tenant", "bench", "--json"],
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=0, help="postbacks queued before the load")
+    parser.add_argument("--delivery-processes", type=int, default=None,
+                        help="SEGRELAY_DELIVERY_PROCESSES for serve (default: serve's own default)")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as raw_tmp:

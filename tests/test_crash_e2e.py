@@ -6,6 +6,7 @@ import json
 import threading
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -58,6 +59,13 @@ class Load:
                         self.accepted.add(message_id)
 
 
+def delivery_children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def delivered_message_ids(stub: VendorStub) -> Counter[str]:
     """hitId is derived from the messageId, so it names the message in each request the stub saw."""
     return Counter(json.loads(r["body"])["hitId"] for r in stub.requests("/segmentstream/track"))
@@ -95,11 +103,16 @@ def report(name: str, load: Load, seen: Counter[str], extra: dict[str, Any]) -> 
 def test_kill_9_under_load_loses_nothing(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
     fresh_stub.script("/segmentstream", [], default={"status": 204, "delay": 0.2})
     vendor_slots = 16
-    service = make_server({"SEGRELAY_VENDOR_CONCURRENCY": str(vendor_slots),
+    # Concurrency limits hold per delivery process: one, so the in-flight bound below is exact.
+    service = make_server({"SEGRELAY_VENDOR_CONCURRENCY": str(vendor_slots), "SEGRELAY_DELIVERY_PROCESSES": "1",
                            "SEGRELAY_TENANT_CONCURRENCY": str(vendor_slots)}).start()
     load = Load(service, total=600).start()
     assert wait_until(lambda: len(load.accepted) >= 300, 60)
+    assert service.proc is not None
+    children = delivery_children(service.proc.pid)
+    assert len(children) == 1
     service.kill()
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 10)  # died with serve
     load.join()
     assert len(load.accepted) >= 300
     service.start()

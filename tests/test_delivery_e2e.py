@@ -224,7 +224,8 @@ def test_one_tenants_hanging_endpoint_does_not_starve_another(fresh_stub: Vendor
                                                               make_server: type[Segrelay]) -> None:
     slow_id, fast_id = str(uuid.uuid4()), str(uuid.uuid4())
     fresh_stub.script(f"/audiohook/{slow_id}", [], default={"status": 200, "delay": 5})
-    service = make_server({"SEGRELAY_TENANT_CONCURRENCY": "4", "SEGRELAY_VENDOR_CONCURRENCY": "8"}).start()
+    service = make_server({"SEGRELAY_TENANT_CONCURRENCY": "4", "SEGRELAY_VENDOR_CONCURRENCY": "8",
+                           "SEGRELAY_DELIVERY_PROCESSES": "1"}).start()  # the limits hold per delivery process
     other = service.create_key(tenant="other")
     for _ in range(12):
         assert service.post(order(), {"audiohookId": slow_id}).status_code == 202

@@ -59,7 +59,8 @@ def test_kill_9_of_one_replica_loses_nothing(fresh_stub: VendorStub, make_server
                                                            "SEGRELAY_CONNECT_TIMEOUT": "1",
                                                            "SEGRELAY_READ_TIMEOUT": "1.5",
                                                            "SEGRELAY_VENDOR_CONCURRENCY": "8",
-                                                           "SEGRELAY_TENANT_CONCURRENCY": "8"})
+                                                           "SEGRELAY_TENANT_CONCURRENCY": "8",
+                                                           "SEGRELAY_DELIVERY_PROCESSES": "1"})
     load = Load(a, total=200).start()
     assert wait_until(lambda: len(load.accepted) >= 150, 60)
     a.kill()  # with postbacks leased and on the wire
