@@ -35,6 +35,7 @@ READY_MIN, READY_MAX = 32, 1000  # jobs leased ahead per vendor, waiting in memo
 READY_PER_TENANT = 4  # a tenant's share of that list: this many times its concurrency (times the batch size)
 TENANT_BACKOFF = 1.0  # a job past its tenant's share is due again this much later
 PROBE_SECONDS = 1.0  # how often a vendor blocked on one tenant's limit looks for other tenants' jobs
+PROBE_SIZE = 256  # jobs (times the batch size) such a look leases
 
 
 class Deliverer:
@@ -124,7 +125,7 @@ class Deliverer:
             wanted = 0
             if now - self._probed_at[slug] >= PROBE_SECONDS:
                 self._probed_at[slug] = now
-                wanted = READY_MAX - len(ready)
+                wanted = min(PROBE_SIZE * batch_size, READY_MAX - len(ready))
         if wanted > 0:
             leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds)
             ready.extend((now, job) for job in leased)

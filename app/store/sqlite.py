@@ -44,7 +44,8 @@ from app.store import (
 )
 
 T = TypeVar("T")
-MAX_GROUP = 512
+MAX_GROUP = 512  # operations per transaction for the HTTP process (accepts: one fsync serves them all)
+MAX_GROUP_UNDURABLE = 64  # for a delivery process: short transactions, so accepts never wait long for the lock
 LOCK_TIMEOUT = 30.0  # seconds a write waits for another process's lock before it fails (503)
 LOCK_POLL = 0.0005
 HOUSEKEEPING_BATCH = 2000  # expired idempotency records deleted per call (the monitor calls it every second)
@@ -84,6 +85,7 @@ class SQLiteStore:
     def __init__(self, path: str, *, durable: bool = True) -> None:
         self.path = Path(path)
         self.durable = durable
+        self._max_group = MAX_GROUP if durable else MAX_GROUP_UNDURABLE
         _private_file(self.path)
         self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._conn = self._connect()
@@ -95,6 +97,8 @@ class SQLiteStore:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=LOCK_TIMEOUT)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+        conn.execute("PRAGMA cache_size=-65536")  # 64 MB of pages per connection: index pages stay hot at depth
+        conn.execute("PRAGMA mmap_size=268435456")  # reads through a 256 MB map instead of read() calls
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         if "payload" in columns:  # the layout of 0.1: one rendered postback per row
             left = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
@@ -114,7 +118,7 @@ class SQLiteStore:
             if isinstance(item, _Stop):
                 break
             group = [item]
-            while len(group) < MAX_GROUP:
+            while len(group) < self._max_group:
                 try:
                     nxt = self._ops.get_nowait()
                 except queue.Empty:
