@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from app.config import Config, ConfigError, vendor_urls
+from app.config import DEFAULT_STORE, Config, ConfigError, vendor_urls
 from app.crypto import KeyHasher
 from app.errors import ContractError
 from app.event import parse_event
@@ -33,6 +33,7 @@ from app.outgoing import preview
 from app.settings import resolve
 from app.store import Store, open_store
 from app.translate import active_vendors, translate
+from app.version import VERSION
 from handlers import BY_SLUG
 
 T = TypeVar("T")
@@ -52,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segrelay", description="Segment destination partner endpoint: "
                                      "relays events to SegmentStream, Tracify and Audiohook.")
+    parser.add_argument("--version", action="version", version=f"segrelay {VERSION}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the HTTP service (POST /segment) and its delivery workers")
     serve.add_argument("--host", default=None, help="bind address (default SEGRELAY_HOST or 0.0.0.0)")
     serve.add_argument("--port", type=int, default=None, help="port (default SEGRELAY_PORT or 8080)")
+    serve.add_argument("--ssl-certfile", default=None, metavar="FILE",
+                       help="serve HTTPS with this certificate chain (PEM; default SEGRELAY_SSL_CERTFILE)")
+    serve.add_argument("--ssl-keyfile", default=None, metavar="FILE",
+                       help="the certificate's private key (PEM; default SEGRELAY_SSL_KEYFILE)")
     serve.add_argument("--delivery-processes", type=int, default=None, metavar="N",
                        help="delivery processes started beside the HTTP process (default "
                             "SEGRELAY_DELIVERY_PROCESSES or one per core, up to 4; 0 delivers inside the HTTP "
@@ -110,6 +116,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _existing_store_config() -> Config:
+    """The configuration of a command that reads the store: it never creates one where none is.
+
+    With the embedded store, a command run from another directory would otherwise open a new, empty database
+    beside it (and a new secret): zeros for stats, no dead letters, keys the server does not know.
+    """
+    store = os.environ.get("SEGRELAY_STORE", DEFAULT_STORE)
+    if store.startswith("sqlite:///"):
+        path = Path(store.removeprefix("sqlite:///")).resolve()
+        if not path.exists():
+            raise ConfigError(f"no store at {path}: run this command where `segrelay serve` runs, or set "
+                              f"SEGRELAY_STORE=sqlite:///<absolute path of the database> (serve logs its store "
+                              f"at start-up)")
+    return Config.from_env()
+
+
 def _with_store(config: Config, action: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
     async def run() -> T:
         store = open_store(config.store)
@@ -150,6 +172,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         atexit.register(shutil.rmtree, metrics_dir, True)
     from app.server import create_app
 
+    certfile = args.ssl_certfile or os.environ.get("SEGRELAY_SSL_CERTFILE") or None
+    keyfile = args.ssl_keyfile or os.environ.get("SEGRELAY_SSL_KEYFILE") or None
+    if bool(certfile) != bool(keyfile):
+        raise ConfigError("HTTPS needs both a certificate (--ssl-certfile / SEGRELAY_SSL_CERTFILE) and its key "
+                          "(--ssl-keyfile / SEGRELAY_SSL_KEYFILE)")
+    for name, path in (("certificate", certfile), ("key", keyfile)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"the {name} file {path} does not exist")
     host = args.host or os.environ.get("SEGRELAY_HOST", "0.0.0.0")
     port = args.port or int(os.environ.get("SEGRELAY_PORT", "8080"))
     if config.sqlite_path is not None:
@@ -178,6 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                    timeout_graceful_shutdown=5, server_header=False,
                                    timeout_keep_alive=config.keepalive_seconds,
+                                   ssl_certfile=certfile, ssl_keyfile=keyfile,
                                    h11_max_incomplete_event_size=64 * 1024,
                                    loop="auto", http=http_protocol.GuardedHttpToolsProtocol, lifespan="on"))
     server.run()
@@ -248,6 +279,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     key, record = new_key(KeyHasher(config.secret), args.tenant.strip(), now, expires, vendors)
 
     _with_store(config, lambda store: store.save_key(record))
+    if config.sqlite_path is not None:  # which store holds the key: the server must use the same one
+        print(f"segrelay: key stored in sqlite:///{config.sqlite_path.resolve()}", file=sys.stderr)
     if args.json:
         _dump({"key": key, **record.public()})
     else:
@@ -258,7 +291,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    config = Config.from_env()
+    config = _existing_store_config()
 
     records = _with_store(config, lambda store: store.list_keys())
     if args.json:
@@ -272,7 +305,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    config = Config.from_env()
+    config = _existing_store_config()
 
     if not _with_store(config, lambda store: store.revoke_key(args.key_id)):
         print(f"segrelay: no key with id {args.key_id}", file=sys.stderr)
@@ -321,7 +354,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
-    config = Config.from_env()
+    config = _existing_store_config()
 
     letters = _with_store(config, lambda store: store.dead_letters(args.vendor, args.limit))
     if args.json:
@@ -342,7 +375,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     if not args.all and not args.ids:
         print("segrelay: give dead-letter ids or --all", file=sys.stderr)
         return 2
-    config = Config.from_env()
+    config = _existing_store_config()
 
     count = _with_store(config, lambda store: store.replay(None if args.all else args.ids, now=time.time()))
     print(f"replayed {count} dead letter(s)")
@@ -350,7 +383,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_stats(args: argparse.Namespace) -> int:
-    config = Config.from_env()
+    config = _existing_store_config()
 
     stats = _with_store(config, lambda store: store.stats(now=time.time()))
     rows = {slug: stats.vendors.get(slug) for slug in BY_SLUG}

@@ -47,6 +47,7 @@ class Config:
     max_inflight_bytes: int = 32 * 1024 * 1024
     tenant_queue_share: float = 0.5
     delivery: bool = True
+    redis_unsafe: bool = False
     delivery_processes: int = field(default_factory=lambda: default_delivery_processes())
     log_level: str = "info"
 
@@ -87,6 +88,7 @@ class Config:
             max_inflight_bytes=_int(env, "SEGRELAY_MAX_INFLIGHT_BYTES", 32 * 1024 * 1024),
             tenant_queue_share=_float(env, "SEGRELAY_TENANT_QUEUE_SHARE", 0.5),
             delivery=_bool(env, "SEGRELAY_DELIVERY", True),
+            redis_unsafe=_bool(env, "SEGRELAY_REDIS_UNSAFE", False),
             delivery_processes=_int(env, "SEGRELAY_DELIVERY_PROCESSES", default_delivery_processes(), minimum=0),
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
         )

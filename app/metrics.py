@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+from app.version import VERSION
 
 REQUESTS = Counter("segrelay_requests", "Requests to /segment by call type and status code",
                    ["call_type", "status"])
@@ -25,6 +28,11 @@ DEAD_LETTERS = Gauge("segrelay_dead_letters", "Postbacks in the dead-letter stor
                      multiprocess_mode="max")
 CIRCUIT_OPEN = Gauge("segrelay_circuit_open", "1 while the vendor's circuit breaker is open", ["vendor"],
                      multiprocess_mode="max")
+
+
+BUILD_INFO = Gauge("segrelay_build_info", "1, labelled with the running version", ["version", "python"],
+                   multiprocess_mode="max")
+BUILD_INFO.labels(VERSION, platform.python_version()).set(1)
 
 
 def exposition() -> bytes:

@@ -10,11 +10,12 @@ from urllib.parse import urlencode
 
 import orjson
 
+from app.version import VERSION
 from handlers import BY_SLUG, Postback, Skip, Vendor
 from handlers._base import BasicAuth, HeaderAuth
 
 REDACTED = "<redacted>"
-USER_AGENT = "segrelay/0.1"
+USER_AGENT = f"segrelay/{VERSION}"
 
 
 @dataclass(frozen=True, slots=True)

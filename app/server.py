@@ -28,7 +28,7 @@ from app.delivery.runner import DeliveryService
 from app.endpoint import BodyBudget, SegmentEndpoint, request_id_of
 from app.ingest import Backpressure, Ingest
 from app.log import request_id
-from app.store import ALL_TENANTS, Store, open_store
+from app.store import ALL_TENANTS, Store, check_durability, open_store
 from app.supervisor import DeliveryProcesses
 from handlers import VENDORS
 
@@ -106,6 +106,7 @@ class Service:
 
     async def start(self) -> None:
         log.info("store", extra={"store": _shown_store(self.config)})
+        await check_durability(self.store, allow_unsafe=self.config.redis_unsafe)
         if self.config.delivery:
             # Before any delivery process runs: leases of a crashed predecessor become due now.
             recovered = await self.store.recover_leases(now=time.time())

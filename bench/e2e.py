@@ -97,7 +97,7 @@ async def main():
     now = time.time()
     jobs = [NewJob("audiohook", "pixel", "Order Completed", "")]
     for start in range(0, {count}, 2000):
-        await asyncio.gather(*(store.accept("prefill", f"p{{i}}", b"x" * 1200, jobs, now=now + 86400, ttl=60)
+        await asyncio.gather(*(store.accept("prefill", f"p{{i}}", b"x" * 1200, jobs, now=now + 86400, ttl=604800)
                                for i in range(start, min(start + 2000, {count}))))
     await store.close()
 asyncio.run(main())

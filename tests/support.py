@@ -179,20 +179,21 @@ class Segrelay:
 class RedisServer:
     """A private redis-server on a free port, AOF on (appendfsync always), in a temporary directory."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             if os.environ.get("CI") == "true":
                 pytest.fail("redis-server is not installed (CI must run .ci/run, which installs it)")
             pytest.skip("redis-server is not installed")
-        self.binary, self.tmp = binary, tmp
+        self.binary, self.tmp, self.extra = binary, tmp, extra
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.tmp)],
+                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.tmp),
+                                      *self.extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def ping() -> bool:

@@ -19,7 +19,7 @@ from app import metrics
 from app.config import Config
 from app.crypto import Sealer
 from app.delivery.worker import Deliverer
-from app.store import Store, open_store
+from app.store import Store, check_durability, open_store
 from handlers import VENDORS
 
 log = logging.getLogger("segrelay.delivery")
@@ -81,6 +81,7 @@ def run(config: Config, wake_fd: int | None) -> int:
 
 async def _main(config: Config, wake_fd: int | None) -> int:
     service = DeliveryService(config)
+    await check_durability(service.store, allow_unsafe=config.redis_unsafe)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

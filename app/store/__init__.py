@@ -15,12 +15,14 @@ per vendor, and bytes queued per tenant and in all, which bound the queue (`SEGR
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.keys import KeyRecord
 
+log = logging.getLogger("segrelay.store")
 ALL_TENANTS = "*"  # the bytes counter of every tenant together
 
 
@@ -99,6 +101,9 @@ class StoreUnavailableError(StoreError):
 class Store(Protocol):
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
+    async def durability_problems(self) -> list[str]:
+        """What in the store's own configuration could lose an accepted event (empty when nothing)."""
+        ...
 
     async def save_key(self, record: KeyRecord) -> None: ...
     async def find_key(self, key_id: str) -> KeyRecord | None: ...
@@ -148,6 +153,21 @@ class Store(Protocol):
     async def housekeeping(self, *, now: float) -> None:
         """Periodic upkeep: expire idempotency records, recover expired leases where needed."""
         ...
+
+
+async def check_durability(store: Store, *, allow_unsafe: bool) -> None:
+    """Refuse to start on a store configured to lose events, unless the operator accepted the risk
+    (SEGRELAY_REDIS_UNSAFE=1)."""
+    problems = await store.durability_problems()
+    if not problems:
+        return
+    if allow_unsafe:
+        log.warning("store may lose accepted events (SEGRELAY_REDIS_UNSAFE=1)", extra={"problems": problems})
+        return
+    message = ("refusing to start: " + "; ".join(problems) + ". Fix the store, or set SEGRELAY_REDIS_UNSAFE=1 to "
+               "start anyway and accept that a Redis restart or eviction loses events")
+    log.error(message)
+    raise StoreError(message)
 
 
 def open_store(url: str, *, consumer: str = "", durable: bool = True) -> Store:

@@ -156,6 +156,23 @@ class RedisStore:
         except RedisError as exc:
             raise StoreError(f"redis: {type(exc).__name__}") from None
 
+    async def durability_problems(self) -> list[str]:
+        """AOF on and no eviction (INFO works where CONFIG is disabled, as on managed Redis)."""
+        try:
+            persistence = await self.client.info("persistence")
+            memory = await self.client.info("memory")
+        except RedisError as exc:
+            raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
+        problems = []
+        if str(persistence.get("aof_enabled", "0")) != "1":
+            problems.append("AOF persistence is off: set `appendonly yes` (without it a restart of Redis loses "
+                            "every queued event)")
+        policy = str(memory.get("maxmemory_policy", ""))
+        if policy != "noeviction":
+            problems.append(f"maxmemory-policy is {policy}: set `maxmemory-policy noeviction` (an evicted key is "
+                            f"a lost event or a forgotten duplicate)")
+        return problems
+
     async def close(self) -> None:
         await self.client.aclose()
 

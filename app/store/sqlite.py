@@ -178,6 +178,9 @@ class SQLiteStore:
     async def ping(self) -> None:
         await self._call(lambda c: c.execute("SELECT 1").fetchone())
 
+    async def durability_problems(self) -> list[str]:
+        return []  # WAL with synchronous=FULL on the HTTP process: set here, not by the operator
+
     async def close(self) -> None:
         if self._thread.is_alive():
             self._ops.put(_Stop())

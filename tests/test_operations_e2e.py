@@ -1,0 +1,130 @@
+"""Operating segrelay: version and build info, one store wherever you stand, Redis that would lose events, HTTPS."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from app.version import VERSION
+from tests.support import ROOT, SECRET, RedisServer, Segrelay, basic, fixture, free_port, wait_until
+
+
+def segrelay(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SEGRELAY_")}
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env={**base, **(env or {})},
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_version_and_build_info(server: Segrelay, tmp_path: Path) -> None:
+    result = segrelay("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"segrelay {VERSION}" and VERSION.startswith("0.")
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'segrelay_build_info{python="' in metrics and f'version="{VERSION}"}} 1.0' in metrics
+
+
+@pytest.mark.parametrize("command", [["queue", "stats"], ["dlq", "list"], ["keys", "list"], ["dlq", "replay", "1"],
+                                     ["keys", "revoke", "abc"]])
+def test_reading_commands_never_create_a_store_where_none_is(tmp_path: Path, command: list[str]) -> None:
+    result = segrelay(*command, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"no store at {(tmp_path / 'var' / 'segrelay.db').resolve()}" in result.stderr
+    assert "SEGRELAY_STORE=sqlite:///" in result.stderr
+    assert not (tmp_path / "var").exists()  # neither a database nor a secret was made
+
+
+def test_the_store_location_is_logged_and_named_by_keys_create(make_server: type[Segrelay]) -> None:
+    service = make_server().start()
+    created = service.cli("keys", "create", "--tenant", "x")
+    assert f"key stored in sqlite:///{(service.tmp / 'store.db').resolve()}" in created.stderr
+    assert f'"store":"sqlite:///{(service.tmp / "store.db").resolve()}"' in service.logs()
+
+
+def test_redis_that_could_lose_events_is_refused_unless_accepted(tmp_path: Path) -> None:
+    (tmp_path / "r").mkdir()
+    redis = RedisServer(tmp_path / "r", extra=("--appendonly", "no", "--maxmemory-policy", "allkeys-lru"))
+    try:
+        env = {"SEGRELAY_STORE": redis.url, "SEGRELAY_SECRET": SECRET}
+        port = str(free_port())
+        refused = subprocess.run([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", port],
+                                 env={**os.environ, **env}, cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=60, check=False)
+        assert refused.returncode != 0
+        assert "refusing to start" in refused.stdout and "set `appendonly yes`" in refused.stdout
+        assert "set `maxmemory-policy noeviction`" in refused.stdout
+        assert "SEGRELAY_REDIS_UNSAFE=1" in refused.stdout
+        service = Segrelay(tmp_path, {**env, "SEGRELAY_REDIS_UNSAFE": "1"}).start()
+        try:
+            assert service.post(fixture("identify.json")).status_code == 200
+            assert "store may lose accepted events" in service.logs()
+        finally:
+            service.stop()
+    finally:
+        redis.stop()
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+def test_https_end_to_end_with_a_certificate_the_test_makes(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    env = {**os.environ, "SEGRELAY_STORE": f"sqlite:///{tmp_path / 'store.db'}", "SEGRELAY_SECRET": SECRET,
+           "SEGRELAY_SSL_CERTFILE": str(cert), "SEGRELAY_SSL_KEYFILE": str(key)}
+    api_key = subprocess.run([sys.executable, "-m", "app", "keys", "create", "--tenant", "t", "--json"], env=env,
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"https://127.0.0.1:{port}/readyz", verify=trust).status_code == 200
+            except httpx.HTTPError:
+                return False
+        assert wait_until(ready, 20)
+        event = {**fixture("identify.json"), "messageId": "tls-1"}
+        response = httpx.post(f"https://127.0.0.1:{port}/segment", json=event, verify=trust,
+                              headers={"Authorization": basic(json.loads(api_key)["key"])})
+        assert response.status_code == 200 and response.json()["message"] == "accepted"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=3)  # plain HTTP is not served
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"https://127.0.0.1:{port}/healthz")  # and the certificate is what clients verify
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_https_needs_both_files(tmp_path: Path) -> None:
+    result = segrelay("serve", "--ssl-certfile", str(tmp_path / "x.pem"), cwd=tmp_path,
+                      env={"SEGRELAY_SECRET": SECRET})
+    assert result.returncode == 2 and "HTTPS needs both a certificate" in result.stderr
