@@ -123,6 +123,9 @@ def _existing_store_config() -> Config:
     beside it (and a new secret): zeros for stats, no dead letters, keys the server does not know.
     """
     store = os.environ.get("SEGRELAY_STORE", DEFAULT_STORE)
+    given = os.environ.get("SEGRELAY_SECRET") or os.environ.get("SEGRELAY_SECRET_FILE")
+    # Every variable is checked first; a secret beside the store is only looked up (or made) once it exists.
+    Config.from_env(None if given else {**os.environ, "SEGRELAY_SECRET": "-" * 32})
     if store.startswith("sqlite:///"):
         path = Path(store.removeprefix("sqlite:///")).resolve()
         if not path.exists():
