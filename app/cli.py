@@ -12,6 +12,7 @@ import gc
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -197,9 +198,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             service.ingest.draining = True
             if config.shutdown_delay_seconds > 0 and not self.should_exit:
-                threading.Timer(config.shutdown_delay_seconds, super().handle_exit, (sig, frame)).start()
+                threading.Timer(config.shutdown_delay_seconds, self._exit, (sig, frame)).start()
             else:
-                super().handle_exit(sig, frame)
+                self._exit(sig, frame)
+
+        def _exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a drain on SIGTERM is the normal way to stop: exit 0, not killed-by-signal
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     # Everything loaded so far lives as long as the process: keep it out of the collector's way, and collect
     # young objects less often (a request allocates thousands of short-lived dicts, none of them cyclic).
@@ -215,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    h11_max_incomplete_event_size=64 * 1024,
                                    loop="auto", http=http_protocol.GuardedHttpToolsProtocol, lifespan="on"))
     server.run()
-    return 0
+    return 0 if service.stopped_cleanly else 1
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:

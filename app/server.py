@@ -103,6 +103,7 @@ class Service:
                                            config.accept_timeout_seconds),
                              self.backpressure, notify)
         self._tasks: list[asyncio.Task[None]] = []
+        self.stopped_cleanly = False
 
     async def start(self) -> None:
         log.info("store", extra={"store": _shown_store(self.config)})
@@ -128,13 +129,15 @@ class Service:
         log.info("draining: no new events are accepted")
         if self.inline is not None:
             await self.inline.stop()
+        clean = True
         if self.children is not None:
-            await self.children.stop()
+            clean = await self.children.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()
-        log.info("stopped")
+        self.stopped_cleanly = clean
+        log.info("stopped", extra={"clean": clean})
 
     async def _refresh(self) -> None:
         counts = await self.store.counts()

@@ -65,8 +65,10 @@ class DeliveryProcesses:
                     if not self._stopping:
                         self.procs[index] = self._spawn()
 
-    async def stop(self) -> None:
-        """SIGTERM to each child (they drain in-flight sends and hand back the rest), then wait; kill if late."""
+    async def stop(self) -> bool:
+        """SIGTERM to each child (they drain in-flight sends and hand back the rest), then wait; kill if late.
+
+        True when every child drained and exited 0."""
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
@@ -74,13 +76,16 @@ class DeliveryProcesses:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
+        clean = True
         for proc in self.procs:
             try:
-                await asyncio.to_thread(proc.wait, self.stop_timeout)
+                clean = await asyncio.to_thread(proc.wait, self.stop_timeout) == 0 and clean
             except subprocess.TimeoutExpired:
                 log.error("delivery process did not stop in time; killed", extra={"pid": proc.pid})
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+                clean = False
         for fd in (self._reader, self._writer):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        return clean

@@ -26,13 +26,15 @@ class Translation:
 
 def active_vendors(settings: Settings, entitled: Collection[str] = ()) -> list[Vendor]:
     """Vendors enabled by the settings; 400 when one lacks a required setting, 403 when not entitled."""
+    enabled = [vendor for vendor in VENDORS if vendor.is_active(settings)]
+    refused = [vendor for vendor in enabled if entitled and vendor.slug not in entitled]
+    if refused:
+        names = " and ".join(f"{v.title} ({v.slug})" for v in refused)
+        their, them = ("their", "them") if len(refused) > 1 else ("its", "it")
+        raise ForbiddenError(f"This API key is not allowed to send to {names}; remove {their} settings or ask for "
+                             f"a key that includes {them}")
     active = []
-    for vendor in VENDORS:
-        if not vendor.is_active(settings):
-            continue
-        if entitled and vendor.slug not in entitled:
-            raise ForbiddenError(f"This API key is not allowed to send to {vendor.title} ({vendor.slug}); "
-                                 f"remove its settings or ask for a key that includes it")
+    for vendor in enabled:
         for setting in vendor.settings:
             if setting.required and settings.get(setting.name) in (None, ""):
                 raise BadRequestError(f"Setting '{setting.name}' is required when {vendor.title} is enabled")

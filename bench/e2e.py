@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 from common import ALL_VENDORS, ROOT, SECRET, RedisServer, basic, free_port, settings_header, start, stop, wrk
-from ingest import UVICORN
+from ingest import run_bare
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 KINDS = ("segmentstream_track", "segmentstream_data_stream", "tracify", "audiohook")
@@ -71,20 +71,6 @@ def standin(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 def tally(url: str) -> dict[str, Any]:
     result: dict[str, Any] = httpx.get(url + "/_count", timeout=30).json()
     return result
-
-
-def bare_rate(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
-    port = free_port()
-    proc = start([sys.executable, *UVICORN, "--port", str(port), "--app-dir", str(ROOT / "bench"), "bare_app:app"],
-                 {}, f"http://127.0.0.1:{port}/healthz", tmp / "bare.log")
-    try:
-        headers = {"Authorization": "Basic eDo=", "X-Segment-Settings": settings_header(ALL_VENDORS),
-                   "Content-Type": "application/json"}
-        wrk(f"http://127.0.0.1:{port}", event_body(), headers, seconds=2, connections=args.connections)
-        return wrk(f"http://127.0.0.1:{port}", event_body(), headers, seconds=args.seconds,
-                   connections=args.connections)
-    finally:
-        stop(proc)
 
 
 def prefill(env: dict[str, str], tmp: Path, count: int) -> None:
@@ -169,7 +155,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as raw_tmp:
         tmp = Path(raw_tmp)
-        bare = bare_rate(tmp, args)
+        bare = run_bare(tmp, args, event_body())
         results["bare Starlette"] = {"accepted_per_s": bare["rps"], "p50_ms": bare["p50_ms"],
                                      "p99_ms": bare["p99_ms"]}
         vendor, vendor_url = standin(tmp)

@@ -61,14 +61,15 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace) -> dict[str, f
         stop(proc)
 
 
-def run_bare(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
+def run_bare(tmp: Path, args: argparse.Namespace, event: str | None = None) -> dict[str, float]:
+    """The reference: bare Starlette under the same uvicorn, the same body and headers, the same wrk."""
     port = free_port()
     proc = start([sys.executable, *UVICORN, "--port", str(port), "--app-dir", str(ROOT / "bench"), "bare_app:app"],
                  {}, f"http://127.0.0.1:{port}/healthz", tmp / "bare.log")
     try:
         headers = {"Authorization": "Basic eDo=", "X-Segment-Settings": settings_header(ALL_VENDORS),
                    "Content-Type": "application/json"}
-        event = body(args.fixture)
+        event = event or body(args.fixture)
         wrk(f"http://127.0.0.1:{port}", event, headers, seconds=2, connections=args.connections)
         return wrk(f"http://127.0.0.1:{port}", event, headers, seconds=args.seconds, connections=args.connections)
     finally:

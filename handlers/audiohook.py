@@ -61,9 +61,9 @@ def route(event: Event, settings: Settings) -> list[Route]:
     if not (event.ip and event.user_agent) and not (
             name == "purchase" and settings.get("audiohookMissingIp") == "fallback"):
         missing = " and ".join(n for n, v in (("ip", event.ip), ("user agent", event.user_agent)) if not v)
+        hint = "; set audiohookMissingIp to fallback to send purchases anyway" if name == "purchase" else ""
         return [Skip(SLUG, "missing_field", f"Audiohook: {describe(event)} has no {missing} (context.ip, "
-                                            f"context.userAgent); set audiohookMissingIp to fallback to "
-                                            f"send purchases anyway")]
+                                            f"context.userAgent){hint}")]
     if name == "purchase" and event.order_id is None:
         return [Skip(SLUG, "missing_field", "Audiohook: purchase has no order_id")]
     return [Target(SLUG, "pixel", kind=name)]

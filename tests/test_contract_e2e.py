@@ -243,6 +243,16 @@ def test_key_limited_to_vendors_gets_403_naming_the_other_vendor(server: Segrela
     assert "tracify" not in body["message"].lower().split("audiohook")[0]
     allowed = {"tracifyApiToken": "t", "tracifyCustomerSiteId": SITE_ID}
     assert_json(server.post(fresh(TRACK), allowed, key=key), 200)
+    every = assert_json(server.post(fresh(TRACK), ALL_VENDORS, key=key), 403)
+    assert every["message"] == ("This API key is not allowed to send to SegmentStream (segmentstream) and Audiohook "
+                                "(audiohook); remove their settings or ask for a key that includes them")
+
+
+def test_skip_reasons_fit_the_event(server: Segrelay) -> None:
+    page = fresh({"type": "page", "userId": "u", "context": {"page": {"url": "https://e.com/"}}})
+    body = assert_json(server.post(page, {"audiohookId": AUDIOHOOK_ID}), 200)
+    (skip,) = body["postbacks"]
+    assert skip["reason"] == "Audiohook: page has no ip and user agent (context.ip, context.userAgent)"
 
 
 # 413 / 501 / 404 / 405 ---------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ class Deliverer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            log.info("in-flight sends ended", extra={"finished": len(inflight) - len(pending),
+                                                      "handed_back": len(pending)})
+        if waiting:
+            log.info("handed back postbacks leased ahead", extra={"postbacks": len(waiting)})
         if self._own_transport is not None:
             await self._own_transport.close()
 
