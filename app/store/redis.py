@@ -68,20 +68,26 @@ redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. tenant, size * n)
 redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', size * n)
 return 1
 """
-# KEYS: job, stream. ARGV: group, entry id. Only a job that still exists counts (a slower replica's late answer
-# for a job completed elsewhere changes nothing).
+# ARGV: group, then (job id, vendor, entry id) per job. Only a job that still exists counts (a slower replica's
+# late answer for a job completed elsewhere changes nothing). One call completes a whole request's jobs.
 _COMPLETE = """
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[2], ARGV[2])
-local job = redis.call('HMGET', KEYS[1], 'event', 'vendor', 'tenant', 'size', 'died_at')
-if not job[1] or job[5] then return 0 end
-redis.call('DEL', KEYS[1])
-local event = 'segrelay:event:' .. job[1]
-if redis.call('HINCRBY', event, 'left', -1) <= 0 then redis.call('DEL', event) end
-redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[2], -1)
-redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[3], -tonumber(job[4]))
-redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', -tonumber(job[4]))
-return 1
+local done = 0
+for i = 2, #ARGV, 3 do
+  local job_key, stream = 'segrelay:job:' .. ARGV[i], 'segrelay:stream:' .. ARGV[i + 1]
+  redis.call('XACK', stream, ARGV[1], ARGV[i + 2])
+  redis.call('XDEL', stream, ARGV[i + 2])
+  local job = redis.call('HMGET', job_key, 'event', 'vendor', 'tenant', 'size', 'died_at')
+  if job[1] and not job[5] then
+    redis.call('DEL', job_key)
+    local event = 'segrelay:event:' .. job[1]
+    if redis.call('HINCRBY', event, 'left', -1) <= 0 then redis.call('DEL', event) end
+    redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[2], -1)
+    redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[3], -tonumber(job[4]))
+    redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', -tonumber(job[4]))
+    done = done + 1
+  end
+end
+return done
 """
 # KEYS: job, zset (delayed or dead), stream. ARGV: group, entry id, score, job id, bury (1/0), fields...
 _MOVE = """
@@ -113,14 +119,46 @@ redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[2], tonumber(job[3]))
 redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', tonumber(job[3]))
 return 1
 """
-_PROMOTE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('XADD', KEYS[2], '*', 'id', id)
+# ARGV: vendor, group, consumer, now, limit, min idle ms. Due retries join the stream, a dead replica's idle
+# entries are claimed, new ones read; each comes back with its job and its event's payload, in one round trip.
+# Entries whose job is gone (completed elsewhere, or buried) are acknowledged and dropped.
+_LEASE = """
+local vendor, group, consumer = ARGV[1], ARGV[2], ARGV[3]
+local now, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+local stream, delayed = 'segrelay:stream:' .. vendor, 'segrelay:delayed:' .. vendor
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, limit)) do
+  redis.call('ZREM', delayed, id)
+  redis.call('XADD', stream, '*', 'id', id)
 end
-return #ids
+local entries = {}
+local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[6], '0-0', 'COUNT', limit)
+for _, entry in ipairs(claimed[2]) do
+  if entry and entry[2] then table.insert(entries, entry) end
+end
+if #entries < limit then
+  local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', limit - #entries, 'STREAMS', stream, '>')
+  if read then
+    for _, entry in ipairs(read[1][2]) do table.insert(entries, entry) end
+  end
+end
+local out = {}
+for _, entry in ipairs(entries) do
+  local eid, job_id = entry[1], entry[2][2]
+  local job = redis.call('HMGET', 'segrelay:job:' .. job_id, 'event', 'vendor', 'target', 'tenant', 'event_name',
+    'batch_key', 'attempts', 'created_at', 'size', 'died_at')
+  local event = {false, false}
+  if job[1] then event = redis.call('HMGET', 'segrelay:event:' .. job[1], 'message_id', 'payload') end
+  if not job[2] or job[10] or not event[2] then
+    redis.call('XACK', stream, group, eid)
+    redis.call('XDEL', stream, eid)
+  else
+    table.insert(out, {eid, job_id, job[1], job[3], job[4], job[5], job[6], job[7], job[8], job[9], event[1],
+      event[2]})
+  end
+end
+return out
 """
+
 
 
 def _s(value: Any) -> str:
@@ -133,7 +171,7 @@ class RedisStore:
                                               socket_timeout=10, socket_connect_timeout=5)
         self.consumer = consumer or uuid.uuid4().hex[:12]
         self._accept = self.client.register_script(_ACCEPT)
-        self._promote = self.client.register_script(_PROMOTE)
+        self._lease = self.client.register_script(_LEASE)
         self._move = self.client.register_script(_MOVE)
         self._complete = self.client.register_script(_COMPLETE)
         self._replay = self.client.register_script(_REPLAY)
@@ -226,50 +264,17 @@ class RedisStore:
     # queue ---------------------------------------------------------------------------------------------
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
-        stream = await self._group(vendor)
-        await self._promote(keys=[f"{P}delayed:{vendor}", stream], args=[now, limit])
-        _, claimed, _ = await self.client.xautoclaim(stream, GROUP, self.consumer,
-                                                     min_idle_time=int(lease_seconds * 1000), start_id="0-0",
-                                                     count=limit)
-        entries = [(eid, fields) for eid, fields in claimed if fields]
-        if len(entries) < limit:
-            read: Any = await self.client.xreadgroup(GROUP, self.consumer, {stream: ">"},
-                                                     count=limit - len(entries))
-            for _, items in read or []:
-                entries += items
-        if not entries:
-            return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for _, fields in entries:
-                pipe.hgetall(f"{P}job:{_s(fields[b'id'])}")
-            rows = await pipe.execute()
-        events = sorted({_s(row[b"event"]) for row in rows if b"event" in row})
-        async with self.client.pipeline(transaction=False) as pipe:
-            for event_id in events:
-                pipe.hmget(f"{P}event:{event_id}", "message_id", "payload")
-            found = dict(zip(events, await pipe.execute(), strict=True))
-        jobs, orphans = [], []
-        for (eid, fields), row in zip(entries, rows, strict=True):
-            event = found.get(_s(row.get(b"event", b"")))
-            if b"vendor" not in row or b"died_at" in row or not event or event[1] is None:
-                # Completed by another replica after a lease expired, or buried there: nothing is left to send.
-                orphans.append(eid)
-                continue
-            r = {_s(k): v for k, v in row.items()}
-            jobs.append(Job(_s(fields[b"id"]), _s(r["event"]), _s(r["vendor"]), _s(r["target"]), _s(r["tenant"]),
-                            _s(event[0]), _s(r["event_name"]), _s(r["batch_key"]), bytes(event[1]),
-                            int(r["attempts"]), float(r["created_at"]), int(r["size"]), _s(eid)))
-        if orphans:
-            await self.client.xack(stream, GROUP, *orphans)
-            await self.client.xdel(stream, *orphans)
-        return jobs
+        await self._group(vendor)
+        rows = await self._lease(keys=[], args=[vendor, GROUP, self.consumer, now, limit,
+                                                int(lease_seconds * 1000)])
+        return [Job(_s(r[1]), _s(r[2]), vendor, _s(r[3]), _s(r[4]), _s(r[10]), _s(r[5]), _s(r[6]), bytes(r[11]),
+                    int(r[7]), float(r[8]), int(r[9]), _s(r[0])) for r in rows]
 
     async def complete(self, jobs: Sequence[Job]) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            for job in jobs:
-                await self._complete(keys=[f"{P}job:{job.id}", f"{P}stream:{job.vendor}"],
-                                     args=[GROUP, job.receipt], client=pipe)
-            await pipe.execute()
+        args: list[Any] = [GROUP]
+        for job in jobs:
+            args += [job.id, job.vendor, job.receipt]
+        await self._complete(keys=[], args=args)
 
     async def _move_to(self, job: Job, zset: str, score: float, fields: dict[str, Any], *, bury: bool = False
                        ) -> None:
