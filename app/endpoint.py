@@ -65,6 +65,8 @@ class SegmentEndpoint:
             body, taken = await self._body(headers, receive)
             answer = await self.ingest.handle(key, _text(headers.get(b"x-segment-settings")), body)
             kind, status, content, retry_after = answer.call_type, answer.status, answer.body, None
+            if answer.message_id:
+                extra["message_id"] = answer.message_id
         except ClientGone:
             metrics.REQUESTS.labels(kind, "499").inc()  # nobody to answer, nothing taken on; not our fault
             log.info("client disconnected before the body arrived", extra={**extra, "status": 499})

@@ -32,6 +32,7 @@ class Answer:
     status: int
     body: dict[str, Any]
     call_type: str = "unknown"
+    message_id: str = ""
 
 
 class Backpressure:
@@ -93,10 +94,12 @@ class Ingest:
             raise BadRequestError("Request body is not valid JSON") from None
         kind = call_type(document)
         try:
-            return await self._handle(key, settings_header, body, document, kind)
+            answer = await self._handle(key, settings_header, body, document, kind)
         except ContractError as exc:
             exc.call_type = kind
             raise
+        answer.message_id = _message_id(document)
+        return answer
 
     async def _handle(self, key: KeyRecord, settings_header: str | None, body: bytes, document: Any,
                       kind: str) -> Answer:
@@ -143,6 +146,12 @@ class Ingest:
         shown = preview(translation.postbacks, translation.skips, self.config.vendor_urls)
         return {"message": "dry run: nothing was queued or sent", "wouldSend": shown["send"],
                 "skipped": shown["skipped"]}
+
+
+def _message_id(document: dict[str, Any]) -> str:
+    """The messageId as sent (for the request's log line), bounded."""
+    value = document.get("messageId")
+    return value[:200] if isinstance(value, str) else ""
 
 
 def _count(routing: Routing) -> None:

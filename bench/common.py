@@ -29,6 +29,7 @@ from tests.support import (  # noqa: E402
 __all__ = ["ALL_VENDORS", "SECRET", "RedisServer", "VendorStub", "basic", "free_port", "settings_header"]
 
 WRK_SCRIPT = """
+math.randomseed(os.time() * 1000 + math.floor(os.clock() * 1000000))  -- unique ids in every run
 local counter = 0
 local prefix = ""
 function setup(thread)

@@ -2,7 +2,7 @@
 
 It answers every POST at once (200, `{"status": true}`, keep-alive) and counts each postback by the unique order id
 the benchmark puts in every event (`bench-...`), per vendor path, so duplicates and losses are exact. A Tracify
-batch counts each of its events. GET /_count returns the tallies as JSON:
+batch counts each of its events. POST /_reset forgets them; GET /_count returns them as JSON:
 {"requests": n, "postbacks": {"<kind>": {"<order id>": times}}, "first": t0, "last": t1}
 
     python bench/standin.py --port N
@@ -62,6 +62,10 @@ class StandIn(asyncio.Protocol):
 
     def handle(self, head: bytes, body: bytes) -> None:
         path = head.split(b" ", 2)[1]
+        if head.startswith(b"POST /_reset"):
+            TALLY.__init__()  # type: ignore[misc]
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            return
         if head.startswith(b"GET /_count"):
             answer = orjson.dumps({"requests": TALLY.requests, "first": TALLY.first, "last": TALLY.last,
                                    "postbacks": {k: {o.decode(): n for o, n in c.items()}

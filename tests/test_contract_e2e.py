@@ -324,6 +324,12 @@ def test_logs_never_hold_keys_settings_emails_ips_or_user_agents(server: Segrela
     server.post(b"{broken", headers={"X-Segment-Settings": settings_header(ALL_VENDORS)})
     logs = server.logs()
     assert '"path":"/segment"' in logs
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    accepted = next(line for line in lines if line.get("message_id") == order["messageId"])
+    assert accepted["status"] == 202 and accepted["call_type"] == "track" and accepted["tenant"] == "acme"
+    assert accepted["key_id"] == server.key.split("_")[1] and accepted["request_id"]
+    refused = next(line for line in lines if line.get("status") == 400 and "reason" in line)
+    assert refused["reason"] == "Request body is not valid JSON"
     for secret in (server.key, basic(server.key).split()[1], "ss-token", "tr-token", "Jane.Doe@Example.com",
                    "203.0.113.195", "Chrome/124", settings_header(ALL_VENDORS)[:24]):
         assert secret not in logs

@@ -266,11 +266,13 @@ class Deliverer:
         verdict = classify(status, succeeded)
         now = self.clock()
         self.breakers[slug].record(now, ok=verdict is not Verdict.RETRY, connect_error=connect_error)
-        extra = {"vendor": slug, "status": status, "postbacks": len(jobs), "attempt": jobs[0].attempts + 1}
+        extra = {"vendor": slug, "status": status, "postbacks": len(jobs), "attempt": jobs[0].attempts + 1,
+                 "message_ids": [job.message_id for job in jobs[:20]]}
         if verdict is Verdict.DELIVERED:
             await self.store.complete(jobs)
             metrics.POSTBACKS.labels(slug, "delivered").inc(len(jobs))
-            log.debug("delivered", extra=extra)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("delivered", extra=extra)
             return
         if verdict is Verdict.DEAD:
             await self._bury(slug, jobs, status, body)
