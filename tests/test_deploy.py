@@ -12,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from app.config import Config
 from tests.support import ROOT, Segrelay
 
 OVERLAYS = ["single", "scaled"]
@@ -131,3 +132,11 @@ def test_scaled_overlay_autoscales_replicas_on_redis() -> None:
     assert [next(iter(e)) for e in env_from] == ["configMapRef", "secretRef"]
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
+
+
+def test_the_configmap_is_a_configuration_segrelay_accepts() -> None:
+    data = yaml.safe_load((ROOT / "k8s" / "base" / "configmap.yaml").read_text())["data"]
+    config = Config.from_env({**data, "SEGRELAY_SECRET": "k" * 32, "SEGRELAY_STORE": "redis://redis:6379/0"})
+    assert config.delivery_processes == int(data["SEGRELAY_DELIVERY_PROCESSES"])
+    code = "\n".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
+    assert all(name in code for name in data), "the ConfigMap sets a variable segrelay does not read"
