@@ -24,6 +24,10 @@ VENDOR_SECONDS = Histogram("segrelay_vendor_request_duration_seconds", "Vendor r
 QUEUE_DEPTH = Gauge("segrelay_queue_depth", "Postbacks waiting or being sent", ["vendor"], multiprocess_mode="max")
 QUEUE_BYTES = Gauge("segrelay_queue_bytes", "Bytes of stored events waiting for delivery (the queue bound)",
                     multiprocess_mode="max")
+QUEUE_LIMIT_BYTES = Gauge("segrelay_queue_limit_bytes", "The queue's bound (SEGRELAY_MAX_QUEUE_MB) in bytes",
+                          multiprocess_mode="max")
+OLDEST_DUE = Gauge("segrelay_oldest_due_seconds", "How long the longest-waiting due postback has been due",
+                   ["vendor"], multiprocess_mode="max")
 DEAD_LETTERS = Gauge("segrelay_dead_letters", "Postbacks in the dead-letter store", ["vendor"],
                      multiprocess_mode="max")
 CIRCUIT_OPEN = Gauge("segrelay_circuit_open", "1 while the vendor's circuit breaker is open", ["vendor"],

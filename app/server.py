@@ -146,6 +146,10 @@ class Service:
             metrics.QUEUE_DEPTH.labels(vendor.slug).set(counts.pending.get(vendor.slug, 0))
             metrics.DEAD_LETTERS.labels(vendor.slug).set(counts.dead.get(vendor.slug, 0))
         metrics.QUEUE_BYTES.set(counts.queued_bytes.get(ALL_TENANTS, 0))
+        metrics.QUEUE_LIMIT_BYTES.set(self.backpressure.max_bytes)
+        if self.config.delivery:  # the replicas that deliver watch their queue's head
+            for slug, age in (await self.store.oldest_due(now=time.time())).items():
+                metrics.OLDEST_DUE.labels(slug).set(age)
 
     async def _monitor(self) -> None:
         """Once a second, from the store's counters (never a scan): backpressure, free disk and the gauges."""

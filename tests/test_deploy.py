@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -31,8 +32,8 @@ def render(overlay: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    (found,) = [d for d in docs if d["kind"] == kind]
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     return found
 
 
@@ -82,7 +83,7 @@ def test_overlay_invariants(overlay: str, server: Segrelay) -> None:
         assert container[probe]["httpGet"]["port"] in ports
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
-    config = one(docs, "ConfigMap")["data"]
+    config = one(docs, "ConfigMap", "segrelay-config")["data"]
     drain = int(config["SEGRELAY_DRAIN_SECONDS"])
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     uvicorn_graceful = 5  # timeout_graceful_shutdown in app/cli.py
@@ -118,7 +119,7 @@ def test_single_overlay_is_one_sqlite_writer_on_a_volume() -> None:
     claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
     assert "emptyDir" not in volumes["data"]
     assert one(docs, "PersistentVolumeClaim")["metadata"]["name"] == claim
-    assert one(docs, "ConfigMap")["data"]["SEGRELAY_STORE"] == "sqlite:////data/segrelay.db"
+    assert one(docs, "ConfigMap", "segrelay-config")["data"]["SEGRELAY_STORE"] == "sqlite:////data/segrelay.db"
 
 
 def test_scaled_overlay_autoscales_replicas_on_redis() -> None:
@@ -127,7 +128,7 @@ def test_scaled_overlay_autoscales_replicas_on_redis() -> None:
     assert hpa["spec"]["minReplicas"] >= 3 and hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     # The real Redis URL (with its password) comes from the Secret, listed after the ConfigMap so it wins; the
     # ConfigMap's placeholder keeps a forgotten Secret from silently falling back to a pod-local SQLite file.
-    assert one(docs, "ConfigMap")["data"]["SEGRELAY_STORE"].startswith("redis://")
+    assert one(docs, "ConfigMap", "segrelay-config")["data"]["SEGRELAY_STORE"].startswith("redis://")
     env_from = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
     assert [next(iter(e)) for e in env_from] == ["configMapRef", "secretRef"]
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
@@ -140,3 +141,13 @@ def test_the_configmap_is_a_configuration_segrelay_accepts() -> None:
     assert config.delivery_processes == int(data["SEGRELAY_DELIVERY_PROCESSES"])
     code = "\n".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
     assert all(name in code for name in data), "the ConfigMap sets a variable segrelay does not read"
+
+
+@pytest.mark.parametrize("overlay", ["single", "scaled"])
+def test_overlays_carry_the_alerts_and_the_dashboard(overlay: str) -> None:
+    docs = render(overlay)
+    rules = one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} >= {"SegrelayCircuitOpen", "SegrelayDeadLetters", "SegrelayNoDeliveryProgress"}
+    dashboard = one(docs, "ConfigMap", "segrelay-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["dashboard.json"])["uid"] == "segrelay"

@@ -174,3 +174,16 @@ async def test_one_payload_per_event_and_counters_follow_every_move(store: Store
     assert counts.queued_bytes["acme"] == 100
     (again,) = await store.lease("segmentstream", now=now, limit=10, lease_seconds=30)
     assert again.payload == payload and again.target == "data_stream"
+
+
+async def test_oldest_due_is_how_long_the_head_of_each_queue_has_waited(store: Store) -> None:
+    now = time.time()
+    assert (await store.oldest_due(now=now))["tracify"] == 0.0
+    await store.accept("acme", "m1", b"p", [job("tracify")], now=now - 30, ttl=60)
+    await store.accept("acme", "m2", b"p", [job("tracify")], now=now - 5, ttl=60)
+    ages = await store.oldest_due(now=now)
+    assert 29 <= ages["tracify"] <= 31.5 and ages["audiohook"] == 0.0
+    leased = await store.lease("tracify", now=now, limit=1, lease_seconds=30)
+    assert 4 <= (await store.oldest_due(now=now))["tracify"] <= 6.5  # the leased one is no longer waiting
+    await store.retry(leased[0], due_at=now - 60, status=503, body="")  # a retry long overdue
+    assert (await store.oldest_due(now=now))["tracify"] >= 59

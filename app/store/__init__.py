@@ -146,6 +146,11 @@ class Store(Protocol):
         """The incremental counters: cheap at any queue depth."""
         ...
 
+    async def oldest_due(self, *, now: float) -> dict[str, float]:
+        """Per vendor, how long the longest-waiting due postback has been due (seconds; 0 when none). An index
+        lookup, not a scan."""
+        ...
+
     async def recover_leases(self, *, now: float) -> int:
         """At boot: make the leases of a crashed predecessor due now, where the store cannot tell on its own."""
         ...

@@ -5,7 +5,8 @@ Layout (prefix `segrelay:`):
   seen:<tenant>:<msg>   string expiry time, with a TTL   (idempotency)
   event:<id>            hash   the accepted event, once: tenant, message_id, payload (sealed), left (jobs not done)
   job:<id>              hash   one postback: event, vendor, target, tenant, attempts, size, last answer...
-  stream:<vendor>       stream one entry per due job, consumer group `workers`; a leased job is one in the
+  stream:<vendor>       stream one entry per due job (its id and since when it is due), consumer group `workers`;
+                               a leased job is one in the
                                 group's pending list; XAUTOCLAIM takes over the entries of a dead replica
   delayed:<vendor>      zset   job ids waiting for their retry time (score = due time)
   dead:<vendor>         zset   dead-lettered job ids (score = time of death)
@@ -60,7 +61,7 @@ for _ = 1, n do
   redis.call('HSET', 'segrelay:job:' .. id, 'event', event_id, 'vendor', vendor, 'target', ARGV[i + 2],
     'tenant', tenant, 'event_name', ARGV[i + 3], 'batch_key', ARGV[i + 4], 'size', size, 'attempts', 0,
     'created_at', now)
-  redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id)
+  redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id, 'due', ARGV[1])
   redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. vendor, 1)
   i = i + 5
 end
@@ -112,7 +113,7 @@ local job = redis.call('HMGET', KEYS[1], 'vendor', 'tenant', 'size')
 if not job[1] then return 0 end
 redis.call('HSET', KEYS[1], 'attempts', 0, 'created_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'died_at')
-redis.call('XADD', KEYS[3], '*', 'id', ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'due', ARGV[2])
 redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[1], 1)
 redis.call('HINCRBY', 'segrelay:counters', 'dead:' .. job[1], -1)
 redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[2], tonumber(job[3]))
@@ -126,9 +127,10 @@ _LEASE = """
 local vendor, group, consumer = ARGV[1], ARGV[2], ARGV[3]
 local now, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
 local stream, delayed = 'segrelay:stream:' .. vendor, 'segrelay:delayed:' .. vendor
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, limit)) do
-  redis.call('ZREM', delayed, id)
-  redis.call('XADD', stream, '*', 'id', id)
+local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+for i = 1, #due, 2 do
+  redis.call('ZREM', delayed, due[i])
+  redis.call('XADD', stream, '*', 'id', due[i], 'due', due[i + 1])
 end
 local entries = {}
 local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[6], '0-0', 'COUNT', limit)
@@ -342,6 +344,20 @@ class RedisStore:
             stats.vendors[vendor.slug] = VendorStats(pending=waiting + int(delayed), leased=leased,
                                                      due=waiting + int(delayed_due), dead=int(dead))
         return stats
+
+    async def oldest_due(self, *, now: float) -> dict[str, float]:
+        ages = {}
+        for vendor in VENDORS:
+            stream = await self._group(vendor.slug)
+            groups = await self.client.xinfo_groups(stream)
+            last = next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == GROUP), "0-0")
+            waiting = await self.client.xrange(stream, min=f"({last}", count=1)
+            oldest = [float(waiting[0][1].get(b"due", now))] if waiting else []
+            delayed: Any = await self.client.zrangebyscore(f"{P}delayed:{vendor.slug}", "-inf", now, start=0, num=1,
+                                                           withscores=True)
+            oldest += [float(entry[1]) for entry in delayed]
+            ages[vendor.slug] = max(0.0, now - min(oldest)) if oldest else 0.0
+        return ages
 
     async def counts(self) -> Counts:
         try:

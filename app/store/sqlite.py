@@ -44,6 +44,7 @@ from app.store import (
 )
 
 T = TypeVar("T")
+VENDOR_SLUGS = ("segmentstream", "tracify", "audiohook")
 MAX_GROUP = 512  # operations per transaction for the HTTP process (accepts: one fsync serves them all)
 MAX_GROUP_UNDURABLE = 64  # for a delivery process: short transactions, so accepts never wait long for the lock
 LOCK_TIMEOUT = 30.0  # seconds a write waits for another process's lock before it fails (503)
@@ -306,6 +307,15 @@ class SQLiteStore:
             kind, _, key = name.partition(":")
             {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = value
         return counts
+
+    async def oldest_due(self, *, now: float) -> dict[str, float]:
+        def op(c: sqlite3.Connection) -> dict[str, float]:
+            ages = {}
+            for vendor in VENDOR_SLUGS:
+                (due,) = c.execute("SELECT MIN(due_at) FROM jobs WHERE vendor = ? AND dead = 0", (vendor,)).fetchone()
+                ages[vendor] = max(0.0, now - due) if due is not None else 0.0
+            return ages
+        return await self._call(op)
 
     async def housekeeping(self, *, now: float) -> None:
         await self._call(lambda c: c.execute(
