@@ -352,7 +352,8 @@ class RedisStore:
             groups = await self.client.xinfo_groups(stream)
             last = next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == GROUP), "0-0")
             waiting = await self.client.xrange(stream, min=f"({last}", count=1)
-            oldest = [float(waiting[0][1].get(b"due", now))] if waiting else []
+            fields = waiting[0][1] if waiting else None
+            oldest = [float(fields.get(b"due", now))] if fields else []
             delayed: Any = await self.client.zrangebyscore(f"{P}delayed:{vendor.slug}", "-inf", now, start=0, num=1,
                                                            withscores=True)
             oldest += [float(entry[1]) for entry in delayed]
