@@ -209,3 +209,22 @@ def test_the_render_cache_tells_apart_two_events_that_share_an_id() -> None:
         assert isinstance(rendered, Postback)
         bodies.append(rendered.body["url"])
     assert bodies == ["https://shop.example/p1", "https://shop.example/p2"]
+
+
+async def test_a_stored_event_that_no_longer_builds_is_a_dead_letter_not_a_retry_loop(store: SQLiteStore) -> None:
+    sealer = Sealer(SECRET)
+    settings = orjson.dumps({"tracifyCustomerSiteId": SITE})  # the token is missing: build() raises KeyError
+    body = orjson.dumps({"type": "page", "messageId": "m1", "anonymousId": "a", "context": {
+        "ip": "1.2.3.4", "userAgent": "UA", "page": {"url": "https://shop.example/p"}}})
+    now = time.time()
+    await store.accept("acme", "m1", sealer.seal(pack_event(settings, now, body)),
+                       [NewJob("tracify", "events", "page", "k")], now=now, ttl=60)
+    calls: list[OutgoingRequest] = []
+    deliverer = Deliverer(config(), store, sealer, transport=answering(200, b'{"status": true}', seen=calls))
+
+    async def buried() -> bool:
+        return len(await store.dead_letters()) == 1
+    await run_until(deliverer, buried)
+    (letter,) = await store.dead_letters()
+    assert "could not build this postback" in letter.last_body and "KeyError" in letter.last_body
+    assert calls == [] and await pending(store) == 0

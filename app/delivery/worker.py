@@ -23,7 +23,6 @@ from app.crypto import Sealer
 from app.delivery.breaker import CircuitBreaker
 from app.delivery.policy import RetryPolicy, Verdict, classify, retry_after
 from app.delivery.transport import MAX_BODY_KEPT, AiohttpTransport, RequestRefused, SendFailed, Transport
-from app.errors import ContractError
 from app.outgoing import render
 from app.store import Job, Store
 from app.stored import Renderer
@@ -302,8 +301,10 @@ class Deliverer:
                 await self._bury(slug, [job], None,
                                  "stored payload cannot be decrypted: was SEGRELAY_SECRET changed?")
                 continue
-            except (ContractError, ValueError) as exc:
-                await self._bury(slug, [job], None, f"stored event can no longer be read: {type(exc).__name__}")
+            except Exception as exc:  # a stored event that no longer builds: a dead letter, never a retry loop
+                log.exception("could not build a postback", extra={"vendor": slug, "message_ids": [job.message_id]})
+                await self._bury(slug, [job], None, f"segrelay could not build this postback from the stored event: "
+                                                    f"{type(exc).__name__}")
                 continue
             if isinstance(outcome, Postback):
                 sendable.append(job)
