@@ -109,9 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("ids", nargs="*", default=[], metavar="ID")
     replay.set_defaults(run=cmd_dlq_replay)
 
+    stub = sub.add_parser("stub", help="a local stand-in for the three vendors that records what it receives "
+                                       "(GET /_stub/requests); for trying segrelay without real vendors")
+    stub.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: keep it local)")
+    stub.add_argument("--port", type=int, default=9000, help="port (default 9000)")
+    stub.set_defaults(run=cmd_stub)
+
     queue = sub.add_parser("queue", help="the delivery queue")
     queue_sub = queue.add_subparsers(required=True, metavar="ACTION")
-    stats = queue_sub.add_parser("stats", help="pending, leased, due and dead postbacks per vendor")
+    stats = queue_sub.add_parser("stats", help="per vendor: PENDING waiting to be sent (due now or later), LEASED "
+                                               "being sent, DUE pending and due now, DEAD in the dead-letter store")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=cmd_queue_stats)
     return parser
@@ -222,6 +229,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    loop="auto", http=http_protocol.GuardedHttpToolsProtocol, lifespan="on"))
     server.run()
     return 0 if service.stopped_cleanly else 1
+
+
+def cmd_stub(args: argparse.Namespace) -> int:
+    from app.stub import run
+
+    print(f"segrelay stub: vendors at http://{args.host}:{args.port}/<segmentstream|tracify|audiohook>; what "
+          f"arrived at http://{args.host}:{args.port}/_stub/requests", file=sys.stderr, flush=True)
+    run(args.host, args.port)
+    return 0
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:

@@ -80,8 +80,8 @@ class VendorStub:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / "stub.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "vendor_stub.py"), "--port",
-                                      str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "app", "stub", "--port", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         _wait_http(self.url + "/_stub/requests", self.proc)
 
     def env(self) -> dict[str, str]:

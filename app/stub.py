@@ -1,6 +1,9 @@
-"""A real HTTP server standing in for the three vendors, with scriptable answers.
+"""`segrelay stub`: a local HTTP server standing in for the three vendors, recording what it receives.
 
-Run: python tests/vendor_stub.py --port N. Point SEGRELAY_<VENDOR>_URL at http://127.0.0.1:N/<vendor>.
+Try segrelay without posting test data to a real vendor: run `segrelay stub --port 9000`, point
+SEGRELAY_<VENDOR>_URL at http://127.0.0.1:9000/<vendor>, and read what arrived at /_stub/requests. The end-to-end
+tests use it too, with scripted answers. It keeps what it receives in memory (headers included: vendor tokens),
+so run it on loopback only.
 
 Admin endpoints (JSON):
   POST /_stub/script    {"prefix": "/tracify", "answers": [{"status": 500, "body": "...", "headers": {},
@@ -12,7 +15,6 @@ Admin endpoints (JSON):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from typing import Any
@@ -93,8 +95,5 @@ def create_stub_app() -> Starlette:
     ])
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    uvicorn.run(create_stub_app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+def run(host: str, port: int) -> None:
+    uvicorn.run(create_stub_app(), host=host, port=port, log_level="warning", access_log=False)
