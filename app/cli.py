@@ -109,6 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("ids", nargs="*", default=[], metavar="ID")
     replay.set_defaults(run=cmd_dlq_replay)
 
+    check = sub.add_parser("check", help="send Segment's test-suite calls and contract probes to a deployed "
+                                         "endpoint and show what Segment would see (exit 0 only if all pass)")
+    check.add_argument("url", help="the endpoint, e.g. https://relay.example.com/segment")
+    check.add_argument("--key", required=True, help="an API key issued by that deployment")
+    check.add_argument("--settings", default="{}", help="destination settings: JSON text or a JSON file "
+                       "(default none: nothing is queued for a vendor)")
+    check.add_argument("--json", action="store_true", help="print the results as JSON")
+    check.set_defaults(run=cmd_check)
+
     stub = sub.add_parser("stub", help="a local stand-in for the three vendors that records what it receives "
                                        "(GET /_stub/requests); for trying segrelay without real vendors")
     stub.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: keep it local)")
@@ -229,6 +238,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    loop="auto", http=http_protocol.GuardedHttpToolsProtocol, lifespan="on"))
     server.run()
     return 0 if service.stopped_cleanly else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from app import check
+
+    try:
+        settings = _json_arg(args.settings, "--settings")
+    except (ValueError, OSError) as exc:
+        print(f"segrelay: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(settings, dict):
+        print("segrelay: --settings must be a JSON object", file=sys.stderr)
+        return 2
+    results = check.run(args.url, args.key, settings)
+    if args.json:
+        _dump([{"case": r.case, "expected": r.expected, "status": r.status, "message": r.message,
+                "passed": r.passed} for r in results])
+    else:
+        print(f"{'CASE':<32}{'EXPECTED':<15}{'GOT':<6}{'':<6}MESSAGE")
+        for r in results:
+            print(f"{r.case:<32}{r.expected:<15}{r.status or '-'!s:<6}{'PASS' if r.passed else 'FAIL':<6}{r.message}")
+        print(f"{sum(r.passed for r in results)} of {len(results)} as Segment expects")
+    return 0 if all(r.passed for r in results) else 1
 
 
 def cmd_stub(args: argparse.Namespace) -> int:
