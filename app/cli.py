@@ -244,12 +244,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from app import check
 
     try:
-        settings = _json_arg(args.settings, "--settings")
+        settings = _settings_arg(args.settings)
     except (ValueError, OSError) as exc:
         print(f"segrelay: {exc}", file=sys.stderr)
-        return 2
-    if not isinstance(settings, dict):
-        print("segrelay: --settings must be a JSON object", file=sys.stderr)
         return 2
     results = check.run(args.url, args.key, settings)
     if args.json:
@@ -384,17 +381,22 @@ def _json_arg(value: str, what: str) -> Any:
     return orjson.loads(text)
 
 
+def _settings_arg(value: str) -> dict[str, Any]:
+    """--settings: a JSON object, given as text or as a file."""
+    settings = _json_arg(value, "--settings")
+    if not isinstance(settings, dict):
+        raise ValueError("--settings must be a JSON object")
+    return settings
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
     urls = vendor_urls(os.environ)
     try:
-        raw_settings = _json_arg(args.settings, "--settings")
+        raw_settings = _settings_arg(args.settings)
         raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
         document = orjson.loads(raw)
     except (ValueError, OSError) as exc:
         print(f"segrelay: {exc}", file=sys.stderr)
-        return 2
-    if not isinstance(raw_settings, dict):
-        print("segrelay: --settings must be a JSON object", file=sys.stderr)
         return 2
     try:
         settings = resolve(raw_settings)
