@@ -65,3 +65,10 @@ def test_a_stalled_store_answers_503_and_the_late_write_makes_the_retry_a_duplic
         blocker.close()
     retry = service.post(event, SS_ONLY)  # Segment retries the same messageId
     assert retry.status_code == 200 and retry.json()["message"] == "duplicate"
+
+
+def test_sigterm_right_after_start_is_a_clean_stop(make_server: type[Segrelay]) -> None:
+    """The delivery processes may not have installed their handlers yet: still exit 0, nothing left behind."""
+    for _ in range(3):
+        service = make_server().start()
+        assert service.terminate() == 0, service.logs()[-2000:]
