@@ -26,13 +26,14 @@ from typing import Any, TypeVar
 import orjson
 
 from app.config import DEFAULT_STORE, Config, ConfigError, vendor_urls
-from app.crypto import KeyHasher
+from app.crypto import KeyHasher, Sealer
 from app.errors import ContractError
 from app.event import parse_event
 from app.keys import new_key
 from app.outgoing import preview
 from app.settings import resolve
 from app.store import Store, open_store
+from app.stored import with_settings
 from app.translate import active_vendors, translate
 from app.version import VERSION
 from handlers import BY_SLUG
@@ -103,10 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     dlist.add_argument("--limit", type=int, default=100)
     dlist.add_argument("--json", action="store_true")
     dlist.set_defaults(run=cmd_dlq_list)
-    replay = dlq_sub.add_parser("replay", help="queue dead letters again (attempts reset)")
+    replay = dlq_sub.add_parser("replay", help="queue dead letters again (attempts reset), rendered with the "
+                                "latest settings Segment sent for their tenant (fix a token in Segment, then replay)")
     group = replay.add_mutually_exclusive_group(required=True)
     group.add_argument("--all", action="store_true")
     group.add_argument("ids", nargs="*", default=[], metavar="ID")
+    replay.add_argument("--settings", default=None, help="render with these destination settings (JSON text or "
+                        "file) instead of the latest ones received from Segment for the tenant")
     replay.set_defaults(run=cmd_dlq_replay)
 
     check = sub.add_parser("check", help="send Segment's test-suite calls and contract probes to a deployed "
@@ -434,11 +438,44 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     if not args.all and not args.ids:
         print("segrelay: give dead-letter ids or --all", file=sys.stderr)
         return 2
+    override: bytes | None = None
+    if args.settings is not None:
+        try:
+            override = orjson.dumps(resolve(_settings_arg(args.settings)))
+        except (ValueError, OSError, ContractError) as exc:
+            print(f"segrelay: {getattr(exc, 'message', exc)}", file=sys.stderr)
+            return 2
     config = _existing_store_config()
+    sealer = Sealer(config.secret)
 
-    count = _with_store(config, lambda store: store.replay(None if args.all else args.ids, now=time.time()))
-    print(f"replayed {count} dead letter(s)")
-    return 0 if count or args.all else 1
+    async def action(store: Store) -> tuple[int, int, list[str]]:
+        letters = {d.id: d for d in await store.dead_letters(limit=1_000_000)}
+        ids = list(letters) if args.all else list(args.ids)
+        rerendered, unknown = 0, []
+        for job_id in ids:
+            found = await store.dead_letter_payload(job_id)
+            if found is None or job_id not in letters:
+                unknown.append(job_id)
+                continue
+            settings = override
+            if settings is None:
+                latest = await store.latest_settings(letters[job_id].tenant)
+                settings = sealer.open(latest) if latest is not None else None
+            if settings is not None:
+                event_id, payload = found
+                await store.replace_payload(event_id, sealer.seal(with_settings(sealer.open(payload), settings)))
+                rerendered += 1
+        known = [i for i in ids if i not in unknown]
+        count = await store.replay(known, now=time.time()) if known else 0
+        return count, rerendered, unknown
+
+    count, rerendered, unknown = _with_store(config, action)
+    for job_id in unknown:
+        print(f"segrelay: no dead letter with id {job_id}", file=sys.stderr)
+    source = "the --settings given" if override is not None else "the latest settings received for their tenant"
+    print(f"replayed {count} dead letter(s); {rerendered} rendered again with {source}"
+          + (f", {count - rerendered} with the settings they were stored with" if count - rerendered else ""))
+    return 0 if (count or args.all) and not unknown else 1
 
 
 def cmd_queue_stats(args: argparse.Namespace) -> int:

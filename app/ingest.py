@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 from collections import Counter
@@ -25,6 +26,8 @@ from app.settings import from_header, settings_json
 from app.store import ALL_TENANTS, Counts, NewJob, Store
 from app.stored import pack_event
 from app.translate import Routing, Translation, active_vendors, route, summary, translate
+
+log = logging.getLogger("segrelay.ingest")
 
 
 @dataclass(slots=True)
@@ -79,6 +82,8 @@ class Ingest:
         self.config, self.store, self.sealer = config, store, sealer
         self.authenticator, self.backpressure, self.notify = authenticator, backpressure, notify
         self.draining = False
+        self._settings_saved: dict[str, str | None] = {}  # tenant -> the settings header last saved for it
+        self._saving: set[asyncio.Task[None]] = set()
 
     def check_open(self) -> None:
         if self.draining:
@@ -137,10 +142,28 @@ class Ingest:
             metrics.DUPLICATES.inc()
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
         self.backpressure.add(key.tenant, queued)
+        self._remember_settings(key.tenant, settings_header, now)
         _count(routing)
         for vendor in {t.vendor for t in routing.targets}:
             self.notify(vendor)
         return Answer(202, answer, kind)
+
+    def _remember_settings(self, tenant: str, header: str | None, now: float) -> None:
+        """Keep the tenant's latest settings (sealed) for replays, off the answer's path, when they change."""
+        if self._settings_saved.get(tenant, "") == header:
+            return
+        self._settings_saved[tenant] = header
+        sealed = self.sealer.seal(settings_json(header))
+
+        async def save() -> None:
+            try:
+                await self.store.save_settings(tenant, sealed, now=now)
+            except Exception:
+                self._settings_saved.pop(tenant, None)  # try again with the next event
+                log.warning("could not save the latest settings", exc_info=True)
+        task = asyncio.create_task(save())
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
 
     def _dry_run(self, translation: Translation) -> dict[str, Any]:
         shown = preview(translation.postbacks, translation.skips, self.config.vendor_urls)

@@ -44,6 +44,12 @@ def unpack_event(data: bytes) -> StoredEvent:
     return StoredEvent(orjson.loads(settings), float(received_at), body)
 
 
+def with_settings(stored: bytes, settings_json: bytes) -> bytes:
+    """A packed event with other settings (a replay after the customer fixed them), the body and time kept."""
+    event = unpack_event(stored)
+    return pack_event(settings_json, event.received_at, event.body)
+
+
 class Renderer:
     """Turns leased jobs back into postbacks; remembers recently parsed events and their vendors' outcomes."""
 

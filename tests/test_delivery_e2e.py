@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from typing import Any
@@ -90,6 +91,40 @@ def test_400_is_dead_lettered_at_once_then_replayed(fresh_stub: VendorStub, make
     assert "replayed 1" in service.cli("dlq", "replay", letter["id"]).stdout
     delivered(fresh_stub, "/segmentstream/track", 2)
     assert wait_until(lambda: settled(service, "segmentstream") and dlq(service) == [])
+
+
+def test_fixing_the_token_in_segment_then_replaying_sends_with_the_new_token(fresh_stub: VendorStub,
+                                                                            make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/segmentstream/track", [{"status": 401, "body": '{"error": "bad token"}'}])
+    service = make_server().start()
+    first = order()
+    service.post(first, {"segmentstreamApiToken": "old-token"})
+    assert wait_until(lambda: len(dlq(service)) == 1)
+    (letter,) = dlq(service)
+    assert letter["last_status"] == 401
+    # The customer fixes the token in Segment; the next event arrives with it.
+    service.post(order(), {"segmentstreamApiToken": "new-token"})
+    delivered(fresh_stub, "/segmentstream/track", 2)
+    replayed = service.cli("dlq", "replay", letter["id"]).stdout
+    assert "replayed 1 dead letter(s); 1 rendered again with the latest settings received for their tenant" in replayed
+    sent = delivered(fresh_stub, "/segmentstream/track", 3)
+    tokens = [base64.b64decode(r["headers"]["authorization"].split()[1]).decode() for r in sent]
+    assert tokens == ["old-token:", "new-token:", "new-token:"]
+    assert json.loads(sent[2]["body"])["hitId"] == json.loads(sent[0]["body"])["hitId"]  # the same event
+    unknown = service.cli("dlq", "replay", "999999", check=False)
+    assert unknown.returncode == 1 and "no dead letter with id 999999" in unknown.stderr
+
+
+def test_replay_with_settings_given_on_the_command_line(fresh_stub: VendorStub,
+                                                        make_server: type[Segrelay]) -> None:
+    fresh_stub.script("/segmentstream/track", [{"status": 401, "body": "no"}])
+    service = make_server().start()
+    service.post(order(), {"segmentstreamApiToken": "old-token"})
+    assert wait_until(lambda: len(dlq(service)) == 1)
+    out = service.cli("dlq", "replay", "--all", "--settings", '{"segmentstreamApiToken": "cli-token"}').stdout
+    assert "1 rendered again with the --settings given" in out
+    sent = delivered(fresh_stub, "/segmentstream/track", 2)
+    assert base64.b64decode(sent[1]["headers"]["authorization"].split()[1]) == b"cli-token:"
 
 
 def test_tracify_status_false_is_dead_lettered(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:

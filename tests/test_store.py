@@ -187,3 +187,23 @@ async def test_oldest_due_is_how_long_the_head_of_each_queue_has_waited(store: S
     assert 4 <= (await store.oldest_due(now=now))["tracify"] <= 6.5  # the leased one is no longer waiting
     await store.retry(leased[0], due_at=now - 60, status=503, body="")  # a retry long overdue
     assert (await store.oldest_due(now=now))["tracify"] >= 59
+
+
+async def test_latest_settings_and_a_dead_letters_payload_for_replays(store: Store) -> None:
+    now = time.time()
+    assert await store.latest_settings("acme") is None
+    await store.save_settings("acme", b"sealed-1", now=now)
+    await store.save_settings("acme", b"sealed-2", now=now + 1)
+    await store.save_settings("beta", b"sealed-b", now=now)
+    assert await store.latest_settings("acme") == b"sealed-2"
+    await store.accept("acme", "m1", b"payload-1", [job()], now=now, ttl=60)
+    (leased,) = await store.lease("tracify", now=now, limit=1, lease_seconds=30)
+    assert await store.dead_letter_payload(leased.id) is None  # not dead: nothing to replay
+    await store.bury(leased, now=now, status=401, body="bad token")
+    found = await store.dead_letter_payload(leased.id)
+    assert found is not None and found[1] == b"payload-1"
+    await store.replace_payload(found[0], b"payload-2")
+    assert await store.replay([leased.id], now=now) == 1
+    (again,) = await store.lease("tracify", now=now, limit=1, lease_seconds=30)
+    assert again.payload == b"payload-2"
+    assert await store.dead_letter_payload("12345") is None

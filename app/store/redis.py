@@ -11,6 +11,7 @@ Layout (prefix `segrelay:`):
   delayed:<vendor>      zset   job ids waiting for their retry time (score = due time)
   dead:<vendor>         zset   dead-lettered job ids (score = time of death)
   counters              hash   pending:<vendor>, dead:<vendor>, bytes:<tenant>, bytes:* (kept by the scripts)
+  settings              hash   tenant -> the latest settings its events came with (sealed): what replays use
 
 Accepting an event (idempotency record + event + jobs + counters) is one Lua script, so it is atomic; so are
 completing, retrying and burying a job. Needs one Redis primary (not Cluster) with AOF persistence; see the README.
@@ -327,6 +328,23 @@ class RedisStore:
             count += int(await self._replay(keys=[f"{P}job:{job_id}", f"{P}dead:{_s(vendor)}", stream],
                                             args=[job_id, now]))
         return count
+
+    async def save_settings(self, tenant: str, sealed: bytes, *, now: float) -> None:
+        await self.client.hset(f"{P}settings", tenant, sealed)
+
+    async def latest_settings(self, tenant: str) -> bytes | None:
+        found: Any = await self.client.hget(f"{P}settings", tenant)
+        return bytes(found) if found is not None else None
+
+    async def dead_letter_payload(self, job_id: str) -> tuple[str, bytes] | None:
+        event_id, died_at = await self.client.hmget(f"{P}job:{job_id}", "event", "died_at")
+        if event_id is None or died_at is None:
+            return None
+        payload: Any = await self.client.hget(f"{P}event:{_s(event_id)}", "payload")
+        return (_s(event_id), bytes(payload)) if payload is not None else None
+
+    async def replace_payload(self, event_id: str, payload: bytes) -> None:
+        await self.client.hset(f"{P}event:{event_id}", "payload", payload)
 
     async def stats(self, *, now: float) -> QueueStats:
         stats = QueueStats()

@@ -72,6 +72,7 @@ CREATE INDEX IF NOT EXISTS jobs_due ON jobs (vendor, due_at) WHERE dead = 0;
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (leased) WHERE leased = 1;
 CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (vendor, died_at) WHERE dead = 1;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tenant_settings (tenant TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
 """
 _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message_id, j.event_name, j.batch_key,"
                " e.payload, j.attempts, j.created_at, j.size FROM jobs j JOIN events e ON e.id = j.event_id")
@@ -293,6 +294,27 @@ class SQLiteStore:
             c.executemany(_BUMP, bumps.items())
             return len(rows)
         return await self._call(op)
+
+    async def save_settings(self, tenant: str, sealed: bytes, *, now: float) -> None:
+        await self._call(lambda c: c.execute(
+            "INSERT INTO tenant_settings VALUES (?, ?, ?) ON CONFLICT (tenant) DO UPDATE"
+            " SET payload = excluded.payload, updated_at = excluded.updated_at", (tenant, sealed, now)))
+
+    async def latest_settings(self, tenant: str) -> bytes | None:
+        row = await self._call(lambda c: c.execute("SELECT payload FROM tenant_settings WHERE tenant = ?",
+                                                   (tenant,)).fetchone())
+        return bytes(row[0]) if row else None
+
+    async def dead_letter_payload(self, job_id: str) -> tuple[str, bytes] | None:
+        if not job_id.isdigit():
+            return None
+        row = await self._call(lambda c: c.execute(
+            "SELECT e.id, e.payload FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.id = ? AND j.dead = 1",
+            (int(job_id),)).fetchone())
+        return (str(row[0]), bytes(row[1])) if row else None
+
+    async def replace_payload(self, event_id: str, payload: bytes) -> None:
+        await self._call(lambda c: c.execute("UPDATE events SET payload = ? WHERE id = ?", (payload, int(event_id))))
 
     async def stats(self, *, now: float) -> QueueStats:
         rows = await self._call(lambda c: c.execute(
