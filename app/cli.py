@@ -86,10 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true", help="print one JSON object")
     create.set_defaults(run=cmd_keys_create)
     listing = keys_sub.add_parser("list", help="key ids, tenants, expiry, vendors, revoked (never the key)")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
     listing.set_defaults(run=cmd_keys_list)
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (effective within seconds)")
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", help="the key's id (the part after sr_, as `keys list` shows it)")
     revoke.set_defaults(run=cmd_keys_revoke)
 
     tr = sub.add_parser("translate", help="print what an event would become, without sending anything")
@@ -100,15 +100,15 @@ def _parser() -> argparse.ArgumentParser:
     dlq = sub.add_parser("dlq", help="dead letters: postbacks a vendor refused or that ran out of retries")
     dlq_sub = dlq.add_subparsers(required=True, metavar="ACTION")
     dlist = dlq_sub.add_parser("list", help="vendor, tenant, event, attempts, last status and body")
-    dlist.add_argument("--vendor", choices=sorted(BY_SLUG))
-    dlist.add_argument("--limit", type=int, default=100)
-    dlist.add_argument("--json", action="store_true")
+    dlist.add_argument("--vendor", choices=sorted(BY_SLUG), help="only this vendor's dead letters")
+    dlist.add_argument("--limit", type=int, default=100, help="at most this many, oldest first (default 100)")
+    dlist.add_argument("--json", action="store_true", help="print a JSON array")
     dlist.set_defaults(run=cmd_dlq_list)
     replay = dlq_sub.add_parser("replay", help="queue dead letters again (attempts reset), rendered with the "
                                 "latest settings Segment sent for their tenant (fix a token in Segment, then replay)")
     group = replay.add_mutually_exclusive_group(required=True)
-    group.add_argument("--all", action="store_true")
-    group.add_argument("ids", nargs="*", default=[], metavar="ID")
+    group.add_argument("--all", action="store_true", help="every dead letter")
+    group.add_argument("ids", nargs="*", default=[], metavar="ID", help="dead-letter ids, as `dlq list` shows them")
     replay.add_argument("--settings", default=None, help="render with these destination settings (JSON text or "
                         "file) instead of the latest ones received from Segment for the tenant")
     replay.set_defaults(run=cmd_dlq_replay)
@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     queue_sub = queue.add_subparsers(required=True, metavar="ACTION")
     stats = queue_sub.add_parser("stats", help="per vendor: PENDING waiting to be sent (due now or later), LEASED "
                                                "being sent, DUE pending and due now, DEAD in the dead-letter store")
-    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--json", action="store_true", help="print one JSON object, by vendor")
     stats.set_defaults(run=cmd_queue_stats)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -127,3 +128,18 @@ def test_first_serve_writes_a_key_and_a_working_curl_command_to_a_private_file(t
         log.close()
     logged = (tmp_path / "serve.log").read_text()
     assert key not in logged and auth.group(1) not in logged
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    from app.cli import _parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += walk(sub, f"{path} {name}")
+            elif action.help is None and not isinstance(action, argparse._HelpAction):
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return missing
+    assert walk(_parser(), "segrelay") == []

@@ -271,11 +271,11 @@ class Deliverer:
             await self.store.complete(jobs)
             metrics.POSTBACKS.labels(slug, "delivered").inc(len(jobs))
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("delivered", extra=extra)
+                log.debug("delivered", extra={**extra, "outcome": "delivered"})
             return
         if verdict is Verdict.DEAD:
             await self._bury(slug, jobs, status, body)
-            log.warning("dead-lettered: vendor refused the postback", extra=extra)
+            log.warning("dead-lettered: vendor refused the postback", extra={**extra, "outcome": "dead"})
             return
         if pause is not None:
             self.paused_until[slug] = max(self.paused_until[slug], now + pause)
@@ -283,12 +283,12 @@ class Deliverer:
             attempts = job.attempts + 1
             if self.policy.exhausted(attempts, now - job.created_at):
                 await self._bury(slug, [job], status, body)
-                log.warning("dead-lettered: retries exhausted", extra=extra)
+                log.warning("dead-lettered: retries exhausted", extra={**extra, "outcome": "dead"})
             else:
                 delay = max(self.policy.backoff(attempts), pause or 0.0)
                 await self.store.retry(job, due_at=now + delay, status=status, body=body)
                 metrics.POSTBACKS.labels(slug, "retried").inc()
-                log.info("retry scheduled", extra={**extra, "delay_seconds": round(delay, 3)})
+                log.info("retry scheduled", extra={**extra, "outcome": "retried", "delay_seconds": round(delay, 3)})
 
     async def _render(self, slug: str, jobs: list[Job]) -> tuple[list[Job], list[Postback]]:
         """The postbacks of the jobs that can still be built; the others are dead-lettered with the reason."""
