@@ -128,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     stub.add_argument("--port", type=int, default=9000, help="port (default 9000)")
     stub.set_defaults(run=cmd_stub)
 
+    trace = sub.add_parser("trace", help="what became of one event, per vendor: queued, retrying (next attempt), "
+                                         "leased, delivered (when, status), dead (status, answer) or skipped (why)")
+    trace.add_argument("message_id", metavar="MESSAGE_ID", help="the event's messageId, as Segment sent it")
+    trace.add_argument("--tenant", default=None, help="only this tenant's event of that messageId")
+    trace.add_argument("--json", action="store_true", help="print a JSON array")
+    trace.set_defaults(run=cmd_trace)
+
     queue = sub.add_parser("queue", help="the delivery queue")
     queue_sub = queue.add_subparsers(required=True, metavar="ACTION")
     stats = queue_sub.add_parser("stats", help="per vendor: PENDING waiting to be sent (due now or later), LEASED "
@@ -476,6 +483,29 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     print(f"replayed {count} dead letter(s); {rerendered} rendered again with {source}"
           + (f", {count - rerendered} with the settings they were stored with" if count - rerendered else ""))
     return 0 if (count or args.all) and not unknown else 1
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    config = _existing_store_config()
+    outcomes = _with_store(config, lambda store: store.trace(args.message_id, args.tenant))
+    if args.json:
+        _dump([{"tenant": o.tenant, "vendor": o.vendor, "target": o.target, "state": o.state, "attempts": o.attempts,
+                "status": o.status, "detail": o.detail, "at": o.at, "next_at": o.next_at} for o in outcomes])
+        return 0 if outcomes else 1
+    if not outcomes:
+        print(f"segrelay: nothing known of messageId {args.message_id!r}"
+              f"{f' for tenant {args.tenant}' if args.tenant else ''}: never stored here (an event with nothing to "
+              f"send is not kept; the answer to Segment gave its reasons), or older than the idempotency window",
+              file=sys.stderr)
+        return 1
+    print(f"{'TENANT':<14}{'VENDOR':<15}{'TARGET':<13}{'STATE':<11}{'ATTEMPTS':>8}  {'STATUS':<7}WHEN / DETAIL")
+    for o in outcomes:
+        when = (f"next attempt {_when(o.next_at)}" if o.state in ("queued", "retrying") else
+                f"lease ends {_when(o.next_at)}" if o.state == "leased" else _when(o.at))
+        detail = f"  {o.detail[:120]}" if o.detail else ""
+        print(f"{o.tenant:<14}{o.vendor:<15}{o.target or '-':<13}{o.state:<11}{o.attempts:>8}  "
+              f"{o.status if o.status is not None else '-'!s:<7}{when}{detail}")
+    return 0
 
 
 def cmd_queue_stats(args: argparse.Namespace) -> int:

@@ -135,7 +135,8 @@ class Ingest:
             # retry of this messageId is answered as a duplicate, so the event is kept exactly once.
             async with asyncio.timeout(self.config.accept_timeout_seconds):
                 fresh = await self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
-                                                ttl=self.config.idempotency_seconds)
+                                                ttl=self.config.idempotency_seconds,
+                                                skips=[(k.vendor, k.reason) for k in routing.skips])
         except TimeoutError:
             raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
         if not fresh:

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.support import ALL_VENDORS, SITE_ID, Segrelay, VendorStub, fixture, wait_until
 
@@ -125,6 +126,37 @@ def test_replay_with_settings_given_on_the_command_line(fresh_stub: VendorStub,
     assert "1 rendered again with the --settings given" in out
     sent = delivered(fresh_stub, "/segmentstream/track", 2)
     assert base64.b64decode(sent[1]["headers"]["authorization"].split()[1]) == b"cli-token:"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_trace_follows_one_event_to_every_vendor(fresh_stub: VendorStub, make_server: type[Segrelay],
+                                                 kind: str, request: pytest.FixtureRequest) -> None:
+    env = {}
+    if kind == "redis":
+        redis_server = request.getfixturevalue("redis_server")
+        env["SEGRELAY_STORE"] = f"redis://127.0.0.1:{redis_server.port}/9"
+        redis.Redis.from_url(env["SEGRELAY_STORE"]).flushdb()
+    fresh_stub.script("/audiohook", [{"status": 400, "body": "bad pixel"}])
+    fresh_stub.script("/tracify", [], default={"status": 503, "body": "busy"})
+    service = make_server(env).start()
+    event = order()
+    settings = {**ALL_VENDORS, "segmentstreamDataStreamId": None}  # so SegmentStream sends track only
+    assert service.post(event, {k: v for k, v in settings.items() if v is not None}).status_code == 202
+    delivered(fresh_stub, "/segmentstream/track", 1)
+
+    def states() -> dict[str, dict[str, Any]]:
+        out = service.cli("trace", event["messageId"], "--json", check=False).stdout
+        return {f"{r['vendor']}/{r['target']}": r for r in json.loads(out or "[]")}
+    assert wait_until(lambda: states().get("audiohook/pixel", {}).get("state") == "dead", 15), states()
+    assert wait_until(lambda: states().get("tracify/events", {}).get("state") == "retrying", 15), states()
+    rows = states()
+    assert rows["segmentstream/track"]["state"] == "delivered" and rows["segmentstream/track"]["status"] == 204
+    assert rows["audiohook/pixel"]["status"] == 400 and rows["audiohook/pixel"]["detail"] == "bad pixel"
+    assert rows["tracify/events"]["status"] == 503 and rows["tracify/events"]["next_at"]
+    table = service.cli("trace", event["messageId"], "--tenant", "acme").stdout
+    assert "delivered" in table and "dead" in table and "next attempt" in table
+    missing = service.cli("trace", "no-such-message", check=False)
+    assert missing.returncode == 1 and "nothing known of messageId 'no-such-message'" in missing.stderr
 
 
 def test_tracify_status_false_is_dead_lettered(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:

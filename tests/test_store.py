@@ -207,3 +207,29 @@ async def test_latest_settings_and_a_dead_letters_payload_for_replays(store: Sto
     (again,) = await store.lease("tracify", now=now, limit=1, lease_seconds=30)
     assert again.payload == b"payload-2"
     assert await store.dead_letter_payload("12345") is None
+
+
+async def test_trace_follows_each_postback_of_one_event(store: Store) -> None:
+    now = time.time()
+    jobs = [job("segmentstream", "track"), job("tracify", "events"), job("audiohook", "pixel")]
+    await store.accept("acme", "m1", b"p", jobs, now=now, ttl=60, skips=[("segmentstream", "no data stream id")])
+    await store.accept("beta", "m1", b"p", [job("tracify", "events")], now=now, ttl=60)
+    states = {(o.vendor, o.target): o.state for o in await store.trace("m1", "acme")}
+    assert states == {("segmentstream", "track"): "queued", ("tracify", "events"): "queued",
+                      ("audiohook", "pixel"): "queued", ("segmentstream", ""): "skipped"}
+    assert {o.tenant for o in await store.trace("m1")} == {"acme", "beta"}
+    (ss,) = await store.lease("segmentstream", now=now, limit=5, lease_seconds=30)
+    await store.complete([ss], status=204, now=now + 1)
+    (tr_acme, _) = sorted(await store.lease("tracify", now=now, limit=5, lease_seconds=30), key=lambda j: j.tenant)
+    await store.retry(tr_acme, due_at=now + 30, status=503, body="busy")
+    (ah,) = await store.lease("audiohook", now=now, limit=5, lease_seconds=30)
+    await store.bury(ah, now=now + 2, status=400, body="bad pixel")
+    got = {(o.vendor, o.target): o for o in await store.trace("m1", "acme")}
+    assert (got[("segmentstream", "track")].state, got[("segmentstream", "track")].status) == ("delivered", 204)
+    assert got[("segmentstream", "track")].attempts == 1
+    assert (got[("tracify", "events")].state, got[("tracify", "events")].status) == ("retrying", 503)
+    assert got[("tracify", "events")].next_at == pytest.approx(now + 30)
+    dead = got[("audiohook", "pixel")]
+    assert (dead.state, dead.status, dead.detail) == ("dead", 400, "bad pixel")
+    assert got[("segmentstream", "")].detail == "no data stream id"
+    assert await store.trace("unknown") == []

@@ -268,7 +268,7 @@ class Deliverer:
         extra = {"vendor": slug, "status": status, "postbacks": len(jobs), "attempt": jobs[0].attempts + 1,
                  "message_ids": [job.message_id for job in jobs[:20]]}
         if verdict is Verdict.DELIVERED:
-            await self.store.complete(jobs)
+            await self.store.complete(jobs, status=status, now=now)
             metrics.POSTBACKS.labels(slug, "delivered").inc(len(jobs))
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("delivered", extra={**extra, "outcome": "delivered"})

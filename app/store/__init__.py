@@ -65,6 +65,21 @@ class DeadLetter:
     died_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One postback of one event, as `segrelay trace` shows it."""
+
+    tenant: str
+    vendor: str
+    target: str  # "" for a vendor that skipped the event
+    state: str  # queued, retrying, leased, delivered, dead, skipped
+    attempts: int = 0
+    status: int | None = None  # the vendor's last HTTP status
+    detail: str = ""  # skip reason, or the vendor's last answer
+    at: float | None = None  # delivered or died at
+    next_at: float | None = None  # next attempt (queued, retrying) or lease end
+
+
 @dataclass(slots=True)
 class VendorStats:
     pending: int = 0  # waiting, due now or later
@@ -111,11 +126,16 @@ class Store(Protocol):
     async def revoke_key(self, key_id: str) -> bool: ...
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
         """Remember (tenant, message_id) for ttl seconds, store the payload once and queue its jobs, atomically.
+        `skips` (vendor, reason) are kept for `trace` as long as the idempotency record.
 
         False, and nothing stored, when the pair was already seen within its ttl.
         """
+        ...
+
+    async def trace(self, message_id: str, tenant: str | None = None) -> list[Outcome]:
+        """What became of one event, per postback: queued, retrying, leased, delivered, dead or skipped."""
         ...
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
@@ -125,7 +145,9 @@ class Store(Protocol):
         over an idle entry, SQLite when it hands one out.
         """
         ...
-    async def complete(self, jobs: Sequence[Job]) -> None: ...
+    async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:
+        """Delivered: the jobs go, their outcome (the vendor's status, when) stays for `trace`."""
+        ...
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None: ...
     async def release(self, jobs: Sequence[Job], *, due_at: float) -> None:
         """Hand leased jobs back without counting an attempt."""
@@ -167,7 +189,7 @@ class Store(Protocol):
         """At boot: make the leases of a crashed predecessor due now, where the store cannot tell on its own."""
         ...
 
-    async def housekeeping(self, *, now: float) -> None:
+    async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400) -> None:
         """Periodic upkeep: expire idempotency records, recover expired leases where needed."""
         ...
 

@@ -12,6 +12,7 @@ Layout (prefix `segrelay:`):
   dead:<vendor>         zset   dead-lettered job ids (score = time of death)
   counters              hash   pending:<vendor>, dead:<vendor>, bytes:<tenant>, bytes:* (kept by the scripts)
   settings              hash   tenant -> the latest settings its events came with (sealed): what replays use
+  trace:<msg>           hash   tenant|vendor|target -> what became of that postback (JSON), expiring with `seen`
 
 Accepting an event (idempotency record + event + jobs + counters) is one Lua script, so it is atomic; so are
 completing, retrying and burying a job. Needs one Redis primary (not Cluster) with AOF persistence; see the README.
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -35,6 +37,7 @@ from app.store import (
     DeadLetter,
     Job,
     NewJob,
+    Outcome,
     QueueStats,
     StoreError,
     StoreUnavailableError,
@@ -54,6 +57,7 @@ local n = tonumber(ARGV[3])
 if n == 0 then return 1 end
 local event_id, tenant, payload = ARGV[4], ARGV[5], ARGV[7]
 local size = string.len(payload)
+local trace = 'segrelay:trace:' .. ARGV[6]
 redis.call('HSET', 'segrelay:event:' .. event_id, 'tenant', tenant, 'message_id', ARGV[6], 'payload', payload,
   'left', n)
 local i = 8
@@ -64,24 +68,38 @@ for _ = 1, n do
     'created_at', now)
   redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id, 'due', ARGV[1])
   redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. vendor, 1)
+  redis.call('HSET', trace, tenant .. '|' .. vendor .. '|' .. ARGV[i + 2],
+    cjson.encode({s = 'queued', n = now}))
   i = i + 5
 end
+for _ = 1, tonumber(ARGV[i]) do
+  redis.call('HSET', trace, tenant .. '|' .. ARGV[i + 1] .. '|',
+    cjson.encode({s = 'skipped', d = ARGV[i + 2], at = now}))
+  i = i + 2
+end
+redis.call('PEXPIRE', trace, math.max(1, math.floor(tonumber(ARGV[2]) * 1000)))
 redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. tenant, size * n)
 redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', size * n)
 return 1
 """
-# ARGV: group, then (job id, vendor, entry id) per job. Only a job that still exists counts (a slower replica's
-# late answer for a job completed elsewhere changes nothing). One call completes a whole request's jobs.
+# ARGV: group, the vendor's status, now, then (job id, vendor, entry id) per job. Only a job that still exists
+# counts (a slower replica's late answer for a job completed elsewhere changes nothing). One call completes a whole
+# request's jobs and records them delivered for `trace`.
 _COMPLETE = """
 local done = 0
-for i = 2, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local job_key, stream = 'segrelay:job:' .. ARGV[i], 'segrelay:stream:' .. ARGV[i + 1]
   redis.call('XACK', stream, ARGV[1], ARGV[i + 2])
   redis.call('XDEL', stream, ARGV[i + 2])
-  local job = redis.call('HMGET', job_key, 'event', 'vendor', 'tenant', 'size', 'died_at')
+  local job = redis.call('HMGET', job_key, 'event', 'vendor', 'tenant', 'size', 'died_at', 'target', 'attempts')
   if job[1] and not job[5] then
     redis.call('DEL', job_key)
     local event = 'segrelay:event:' .. job[1]
+    local message_id = redis.call('HGET', event, 'message_id')
+    if message_id then
+      redis.call('HSET', 'segrelay:trace:' .. message_id, job[3] .. '|' .. job[2] .. '|' .. job[6],
+        cjson.encode({s = 'delivered', st = tonumber(ARGV[2]), a = tonumber(job[7]) + 1, at = tonumber(ARGV[3])}))
+    end
     if redis.call('HINCRBY', event, 'left', -1) <= 0 then redis.call('DEL', event) end
     redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[2], -1)
     redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[3], -tonumber(job[4]))
@@ -91,14 +109,22 @@ for i = 2, #ARGV, 3 do
 end
 return done
 """
-# KEYS: job, zset (delayed or dead), stream. ARGV: group, entry id, score, job id, bury (1/0), fields...
+# KEYS: job, zset (delayed or dead), stream. ARGV: group, entry id, score, job id, bury (1/0), trace state
+# ('' for none), status, body, attempts, then fields...
 _MOVE = """
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
-local job = redis.call('HMGET', KEYS[1], 'event', 'vendor', 'tenant', 'size', 'died_at')
+local job = redis.call('HMGET', KEYS[1], 'event', 'vendor', 'tenant', 'size', 'died_at', 'target')
 if not job[1] or job[5] then return 0 end
-if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+local message_id = ARGV[6] ~= '' and redis.call('HGET', 'segrelay:event:' .. job[1], 'message_id')
+if message_id then
+  local at = tonumber(ARGV[3])
+  redis.call('HSET', 'segrelay:trace:' .. message_id, job[3] .. '|' .. job[2] .. '|' .. job[6], cjson.encode({
+    s = ARGV[6], st = tonumber(ARGV[7]), d = ARGV[8], a = tonumber(ARGV[9]), at = ARGV[6] == 'dead' and at or nil,
+    n = ARGV[6] ~= 'dead' and at or nil}))
+end
 if ARGV[5] == '1' then
   redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[2], -1)
   redis.call('HINCRBY', 'segrelay:counters', 'dead:' .. job[2], 1)
@@ -254,10 +280,13 @@ class RedisStore:
     # accept ----------------------------------------------------------------------------------------------
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
         args: list[Any] = [now, ttl, len(jobs), uuid.uuid4().hex, tenant, message_id, payload]
         for job in jobs:
             args += [uuid.uuid4().hex, job.vendor, job.target, job.event_name, job.batch_key]
+        args.append(len(skips))
+        for vendor, reason in skips:
+            args += [vendor, reason]
         try:
             result = await self._accept(keys=[f"{P}seen:{tenant}:{message_id}"], args=args)
         except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -273,17 +302,18 @@ class RedisStore:
         return [Job(_s(r[1]), _s(r[2]), vendor, _s(r[3]), _s(r[4]), _s(r[10]), _s(r[5]), _s(r[6]), bytes(r[11]),
                     int(r[7]), float(r[8]), int(r[9]), _s(r[0])) for r in rows]
 
-    async def complete(self, jobs: Sequence[Job]) -> None:
-        args: list[Any] = [GROUP]
+    async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:
+        args: list[Any] = [GROUP, "" if status is None else status, now]
         for job in jobs:
             args += [job.id, job.vendor, job.receipt]
         await self._complete(keys=[], args=args)
 
-    async def _move_to(self, job: Job, zset: str, score: float, fields: dict[str, Any], *, bury: bool = False
-                       ) -> None:
+    async def _move_to(self, job: Job, zset: str, score: float, fields: dict[str, Any], *, bury: bool = False,
+                       state: str = "", status: int | None = None, body: str = "") -> None:
         """Ack the job's stream entry and park its id in `zset`, unless the job is gone (completed
         elsewhere after its lease expired): atomic, so a late answer never resurrects a delivered job."""
-        args: list[Any] = [GROUP, job.receipt, score, job.id, "1" if bury else "0"]
+        args: list[Any] = [GROUP, job.receipt, score, job.id, "1" if bury else "0", state, _status(status), body,
+                           job.attempts + 1]
         for name, value in fields.items():
             args += [name, value]
         await self._move(keys=[f"{P}job:{job.id}", f"{P}{zset}:{job.vendor}", f"{P}stream:{job.vendor}"],
@@ -291,7 +321,8 @@ class RedisStore:
 
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None:
         await self._move_to(job, "delayed", due_at,
-                            {"attempts": job.attempts + 1, "last_status": _status(status), "last_body": body})
+                            {"attempts": job.attempts + 1, "last_status": _status(status), "last_body": body},
+                            state="retrying", status=status, body=body)
 
     async def release(self, jobs: Sequence[Job], *, due_at: float) -> None:
         for job in jobs:
@@ -299,7 +330,8 @@ class RedisStore:
 
     async def bury(self, job: Job, *, now: float, status: int | None, body: str) -> None:
         await self._move_to(job, "dead", now, {"attempts": job.attempts + 1, "last_status": _status(status),
-                                               "last_body": body, "died_at": now}, bury=True)
+                                               "last_body": body, "died_at": now}, bury=True, state="dead",
+                            status=status, body=body)
 
     async def dead_letters(self, vendor: str | None = None, limit: int = 100) -> list[DeadLetter]:
         letters: list[DeadLetter] = []
@@ -328,6 +360,20 @@ class RedisStore:
             count += int(await self._replay(keys=[f"{P}job:{job_id}", f"{P}dead:{_s(vendor)}", stream],
                                             args=[job_id, now]))
         return count
+
+    async def trace(self, message_id: str, tenant: str | None = None) -> list[Outcome]:
+        raw = await self.client.hgetall(f"{P}trace:{message_id}")
+        outcomes = []
+        for field, value in raw.items():
+            who, vendor, target = _s(field).split("|", 2)
+            if tenant is not None and who != tenant:
+                continue
+            row = orjson.loads(value)
+            status = row.get("st")
+            outcomes.append(Outcome(who, vendor, target, row["s"], int(row.get("a", 0)),
+                                    int(status) if status not in (None, "") else None, row.get("d", ""),
+                                    row.get("at"), row.get("n")))
+        return sorted(outcomes, key=lambda o: (o.tenant, o.vendor, o.target))
 
     async def save_settings(self, tenant: str, sealed: bytes, *, now: float) -> None:
         await self.client.hset(f"{P}settings", tenant, sealed)
@@ -393,7 +439,7 @@ class RedisStore:
     async def recover_leases(self, *, now: float) -> int:
         return 0  # XAUTOCLAIM takes over a dead replica's entries once they are idle past the lease time
 
-    async def housekeeping(self, *, now: float) -> None:
+    async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400) -> None:
         """Forget consumers (replicas) that are gone: idle for an hour with nothing pending."""
         for vendor in VENDORS:
             stream = await self._group(vendor.slug)

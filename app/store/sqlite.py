@@ -37,6 +37,7 @@ from app.store import (
     DeadLetter,
     Job,
     NewJob,
+    Outcome,
     QueueStats,
     StoreError,
     StoreUnavailableError,
@@ -72,6 +73,12 @@ CREATE INDEX IF NOT EXISTS jobs_due ON jobs (vendor, due_at) WHERE dead = 0;
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (leased) WHERE leased = 1;
 CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (vendor, died_at) WHERE dead = 1;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_message ON events (message_id);
+CREATE TABLE IF NOT EXISTS outcomes (
+    message_id TEXT NOT NULL, tenant TEXT NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
+    state TEXT NOT NULL, status INTEGER, detail TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
+    at REAL NOT NULL, PRIMARY KEY (message_id, tenant, vendor, target)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outcomes_age ON outcomes (at);
 CREATE TABLE IF NOT EXISTS tenant_settings (tenant TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
 """
 _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message_id, j.event_name, j.batch_key,"
@@ -210,7 +217,7 @@ class SQLiteStore:
         return count > 0
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
         size = len(payload)
         bumps = [(f"pending:{v}", n) for v, n in Counter(j.vendor for j in jobs).items()]
         bumps += [(f"bytes:{tenant}", size * len(jobs)), (f"bytes:{ALL_TENANTS}", size * len(jobs))]
@@ -229,6 +236,8 @@ class SQLiteStore:
                               [(event_id, j.vendor, j.target, tenant, j.event_name, j.batch_key, size, now, now)
                                for j in jobs])
                 c.executemany(_BUMP, bumps)
+                c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, '', 'skipped', NULL, ?, 0, ?)",
+                              [(message_id, tenant, vendor, reason, now) for vendor, reason in skips])
             return bool(fresh)
         return await self._call(op)
 
@@ -241,9 +250,11 @@ class SQLiteStore:
             return [_job(r) for r in rows]
         return await self._call(op)
 
-    async def complete(self, jobs: Sequence[Job]) -> None:
+    async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:
         def op(c: sqlite3.Connection) -> None:
             done = [j for j in jobs if c.execute("DELETE FROM jobs WHERE id = ?", (int(j.id),)).rowcount]
+            c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, 'delivered', ?, '', ?, ?)",
+                          [(j.message_id, j.tenant, j.vendor, j.target, status, j.attempts + 1, now) for j in done])
             events = [(int(j.event_id),) for j in done]
             c.executemany("UPDATE events SET jobs_left = jobs_left - 1 WHERE id = ?", events)
             c.executemany("DELETE FROM events WHERE id = ? AND jobs_left <= 0", set(events))
@@ -295,6 +306,26 @@ class SQLiteStore:
             return len(rows)
         return await self._call(op)
 
+    async def trace(self, message_id: str, tenant: str | None = None) -> list[Outcome]:
+        def op(c: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            live = c.execute(
+                "SELECT e.tenant, j.vendor, j.target, j.leased, j.dead, j.attempts, j.last_status, j.last_body,"
+                " j.due_at, j.died_at FROM events e JOIN jobs j ON j.event_id = e.id WHERE e.message_id = ?"
+                " AND (? IS NULL OR e.tenant = ?)", (message_id, tenant, tenant)).fetchall()
+            kept = c.execute("SELECT tenant, vendor, target, state, status, detail, attempts, at FROM outcomes"
+                             " WHERE message_id = ? AND (? IS NULL OR tenant = ?)",
+                             (message_id, tenant, tenant)).fetchall()
+            return live, kept
+        live, kept = await self._call(op)
+        outcomes = [Outcome(r[0], r[1], r[2], r[3], r[6], r[4], r[5], r[7]) for r in kept]
+        for t, vendor, target, leased, dead, attempts, status, body, due_at, died_at in live:
+            if dead:
+                outcomes.append(Outcome(t, vendor, target, "dead", attempts, status, body, died_at))
+            else:
+                state = "leased" if leased else "retrying" if attempts else "queued"
+                outcomes.append(Outcome(t, vendor, target, state, attempts, status, body, None, due_at))
+        return sorted(outcomes, key=lambda o: (o.tenant, o.vendor, o.target))
+
     async def save_settings(self, tenant: str, sealed: bytes, *, now: float) -> None:
         await self._call(lambda c: c.execute(
             "INSERT INTO tenant_settings VALUES (?, ?, ?) ON CONFLICT (tenant) DO UPDATE"
@@ -339,10 +370,13 @@ class SQLiteStore:
             return ages
         return await self._call(op)
 
-    async def housekeeping(self, *, now: float) -> None:
-        await self._call(lambda c: c.execute(
-            "DELETE FROM seen WHERE (tenant, message_id) IN"
-            " (SELECT tenant, message_id FROM seen WHERE expires_at <= ? LIMIT ?)", (now, HOUSEKEEPING_BATCH)))
+    async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM seen WHERE (tenant, message_id) IN"
+                      " (SELECT tenant, message_id FROM seen WHERE expires_at <= ? LIMIT ?)", (now, HOUSEKEEPING_BATCH))
+            c.execute("DELETE FROM outcomes WHERE (message_id, tenant, vendor, target) IN (SELECT message_id, tenant,"
+                      " vendor, target FROM outcomes WHERE at <= ? LIMIT ?)", (now - keep_seconds, HOUSEKEEPING_BATCH))
+        await self._call(op)
 
     async def recover_leases(self, *, now: float) -> int:
         """At boot of the delivery process: leases held by a previous (dead) one become due now."""
