@@ -33,7 +33,7 @@ from app.keys import new_key
 from app.outgoing import preview
 from app.settings import resolve
 from app.store import Store, open_store
-from app.stored import with_settings
+from app.stored import unpack_event, with_settings
 from app.translate import active_vendors, translate
 from app.version import VERSION
 from handlers import BY_SLUG
@@ -105,12 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     dlist.add_argument("--json", action="store_true", help="print a JSON array")
     dlist.set_defaults(run=cmd_dlq_list)
     replay = dlq_sub.add_parser("replay", help="queue dead letters again (attempts reset), rendered with the "
-                                "latest settings Segment sent for their tenant (fix a token in Segment, then replay)")
+                                "latest settings Segment sent with their API key (fix a token in Segment, then replay)")
     group = replay.add_mutually_exclusive_group(required=True)
     group.add_argument("--all", action="store_true", help="every dead letter")
     group.add_argument("ids", nargs="*", default=[], metavar="ID", help="dead-letter ids, as `dlq list` shows them")
     replay.add_argument("--settings", default=None, help="render with these destination settings (JSON text or "
-                        "file) instead of the latest ones received from Segment for the tenant")
+                        "file) instead of the latest ones received from Segment with the event's API key")
     replay.set_defaults(run=cmd_dlq_replay)
 
     check = sub.add_parser("check", help="send Segment's test-suite calls and contract probes to a deployed "
@@ -464,13 +464,14 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             if found is None or job_id not in letters:
                 unknown.append(job_id)
                 continue
+            event_id, payload = found
+            stored = sealer.open(payload)
             settings = override
             if settings is None:
-                latest = await store.latest_settings(letters[job_id].tenant)
+                latest = await store.latest_settings(unpack_event(stored).key_id)
                 settings = sealer.open(latest) if latest is not None else None
             if settings is not None:
-                event_id, payload = found
-                await store.replace_payload(event_id, sealer.seal(with_settings(sealer.open(payload), settings)))
+                await store.replace_payload(event_id, sealer.seal(with_settings(stored, settings)))
                 rerendered += 1
         known = [i for i in ids if i not in unknown]
         count = await store.replay(known, now=time.time()) if known else 0
@@ -479,7 +480,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     count, rerendered, unknown = _with_store(config, action)
     for job_id in unknown:
         print(f"segrelay: no dead letter with id {job_id}", file=sys.stderr)
-    source = "the --settings given" if override is not None else "the latest settings received for their tenant"
+    source = "the --settings given" if override is not None else "the latest settings received with their API key"
     print(f"replayed {count} dead letter(s); {rerendered} rendered again with {source}"
           + (f", {count - rerendered} with the settings they were stored with" if count - rerendered else ""))
     return 0 if (count or args.all) and not unknown else 1

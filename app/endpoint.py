@@ -74,6 +74,8 @@ class SegmentEndpoint:
         except ContractError as exc:
             status, content, retry_after = exc.status_code, {"message": exc.message}, exc.retry_after
             kind = exc.call_type
+            if exc.message_id:
+                extra["message_id"] = exc.message_id
         except StoreUnavailableError:
             log.warning("store unavailable", exc_info=True)
             status, content, retry_after = 503, {"message": "Storage is temporarily unavailable; retry later"}, 5

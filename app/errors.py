@@ -16,6 +16,7 @@ class ContractError(Exception):
     status_code = 500
     retry_after: int | None = None
     call_type = "unknown"  # the Segment call it answers, once known (a metric label and a log field)
+    message_id = ""  # the event's messageId, once read (a log field)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

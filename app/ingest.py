@@ -82,7 +82,7 @@ class Ingest:
         self.config, self.store, self.sealer = config, store, sealer
         self.authenticator, self.backpressure, self.notify = authenticator, backpressure, notify
         self.draining = False
-        self._settings_saved: dict[str, str | None] = {}  # tenant -> the settings header last saved for it
+        self._settings_saved: dict[str, str | None] = {}  # key id -> the settings header last saved for it
         self._saving: set[asyncio.Task[None]] = set()
 
     def check_open(self) -> None:
@@ -101,7 +101,7 @@ class Ingest:
         try:
             answer = await self._handle(key, settings_header, body, document, kind)
         except ContractError as exc:
-            exc.call_type = kind
+            exc.call_type, exc.message_id = kind, _message_id(document)
             raise
         answer.message_id = _message_id(document)
         return answer
@@ -125,7 +125,7 @@ class Ingest:
         if not routing.targets:
             _count(routing)
             return Answer(200, answer, kind)
-        payload = self.sealer.seal(pack_event(settings_json(settings_header), now, body))
+        payload = self.sealer.seal(pack_event(settings_json(settings_header), now, body, key.key_id))
         queued = len(payload) * len(routing.targets)
         self.backpressure.check(key.tenant, queued)
         name = event.event_name or event.type
@@ -143,24 +143,24 @@ class Ingest:
             metrics.DUPLICATES.inc()
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
         self.backpressure.add(key.tenant, queued)
-        self._remember_settings(key.tenant, settings_header, now)
+        self._remember_settings(key.key_id, settings_header, now)
         _count(routing)
         for vendor in {t.vendor for t in routing.targets}:
             self.notify(vendor)
         return Answer(202, answer, kind)
 
-    def _remember_settings(self, tenant: str, header: str | None, now: float) -> None:
-        """Keep the tenant's latest settings (sealed) for replays, off the answer's path, when they change."""
-        if self._settings_saved.get(tenant, "") == header:
+    def _remember_settings(self, key_id: str, header: str | None, now: float) -> None:
+        """Keep the key's latest settings (sealed) for replays, off the answer's path, when they change."""
+        if self._settings_saved.get(key_id, "") == header:
             return
-        self._settings_saved[tenant] = header
+        self._settings_saved[key_id] = header
         sealed = self.sealer.seal(settings_json(header))
 
         async def save() -> None:
             try:
-                await self.store.save_settings(tenant, sealed, now=now)
+                await self.store.save_settings(key_id, sealed, now=now)
             except Exception:
-                self._settings_saved.pop(tenant, None)  # try again with the next event
+                self._settings_saved.pop(key_id, None)  # try again with the next event
                 log.warning("could not save the latest settings", exc_info=True)
         task = asyncio.create_task(save())
         self._saving.add(task)

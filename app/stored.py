@@ -30,24 +30,26 @@ class StoredEvent:
     settings: Mapping[str, Any]
     received_at: float
     body: bytes
+    key_id: str  # the API key it came with: a replay renders with that key's latest settings
 
 
-def pack_event(settings_json: bytes, received_at: float, body: bytes) -> bytes:
-    """The resolved settings as JSON, a space, the receive time, a newline, then the body as sent (compact JSON
-    has no raw newline, so the first one ends the head)."""
-    return settings_json + b" " + repr(received_at).encode() + b"\n" + body
+def pack_event(settings_json: bytes, received_at: float, body: bytes, key_id: str = "") -> bytes:
+    """The resolved settings as JSON, a space, the receive time, a space, the key id, a newline, then the body as
+    sent (compact JSON has no raw newline, so the first one ends the head)."""
+    return settings_json + b" " + repr(received_at).encode() + b" " + key_id.encode() + b"\n" + body
 
 
 def unpack_event(data: bytes) -> StoredEvent:
     head, _, body = data.partition(b"\n")
-    settings, _, received_at = head.rpartition(b" ")
-    return StoredEvent(orjson.loads(settings), float(received_at), body)
+    rest, _, key_id = head.rpartition(b" ")
+    settings, _, received_at = rest.rpartition(b" ")
+    return StoredEvent(orjson.loads(settings), float(received_at), body, key_id.decode())
 
 
 def with_settings(stored: bytes, settings_json: bytes) -> bytes:
-    """A packed event with other settings (a replay after the customer fixed them), the body and time kept."""
+    """A packed event with other settings (a replay after the customer fixed them), the rest kept."""
     event = unpack_event(stored)
-    return pack_event(settings_json, event.received_at, event.body)
+    return pack_event(settings_json, event.received_at, event.body, event.key_id)
 
 
 class Renderer:

@@ -330,6 +330,11 @@ def test_logs_never_hold_keys_settings_emails_ips_or_user_agents(server: Segrela
     assert accepted["key_id"] == server.key.split("_")[1] and accepted["request_id"]
     refused = next(line for line in lines if line.get("status") == 400 and "reason" in line)
     assert refused["reason"] == "Request body is not valid JSON"
+    bad = fresh(TRACK)
+    server.post(bad, {"audiohookId": "not-a-uuid"})
+    lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    rejected = next(line for line in lines if line.get("message_id") == bad["messageId"])
+    assert rejected["status"] == 400 and rejected["call_type"] == "track" and "audiohookId" in rejected["reason"]
     for secret in (server.key, basic(server.key).split()[1], "ss-token", "tr-token", "Jane.Doe@Example.com",
                    "203.0.113.195", "Chrome/124", settings_header(ALL_VENDORS)[:24]):
         assert secret not in logs

@@ -107,7 +107,7 @@ def test_fixing_the_token_in_segment_then_replaying_sends_with_the_new_token(fre
     service.post(order(), {"segmentstreamApiToken": "new-token"})
     delivered(fresh_stub, "/segmentstream/track", 2)
     replayed = service.cli("dlq", "replay", letter["id"]).stdout
-    assert "replayed 1 dead letter(s); 1 rendered again with the latest settings received for their tenant" in replayed
+    assert "replayed 1 dead letter(s); 1 rendered again with the latest settings received with their API key" in replayed
     sent = delivered(fresh_stub, "/segmentstream/track", 3)
     tokens = [base64.b64decode(r["headers"]["authorization"].split()[1]).decode() for r in sent]
     assert tokens == ["old-token:", "new-token:", "new-token:"]

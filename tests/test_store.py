@@ -191,11 +191,11 @@ async def test_oldest_due_is_how_long_the_head_of_each_queue_has_waited(store: S
 
 async def test_latest_settings_and_a_dead_letters_payload_for_replays(store: Store) -> None:
     now = time.time()
-    assert await store.latest_settings("acme") is None
-    await store.save_settings("acme", b"sealed-1", now=now)
-    await store.save_settings("acme", b"sealed-2", now=now + 1)
-    await store.save_settings("beta", b"sealed-b", now=now)
-    assert await store.latest_settings("acme") == b"sealed-2"
+    assert await store.latest_settings("key-a") is None
+    await store.save_settings("key-a", b"sealed-1", now=now)
+    await store.save_settings("key-a", b"sealed-2", now=now + 1)
+    await store.save_settings("key-b", b"sealed-b", now=now)
+    assert await store.latest_settings("key-a") == b"sealed-2"
     await store.accept("acme", "m1", b"payload-1", [job()], now=now, ttl=60)
     (leased,) = await store.lease("tracify", now=now, limit=1, lease_seconds=30)
     assert await store.dead_letter_payload(leased.id) is None  # not dead: nothing to replay

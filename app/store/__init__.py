@@ -160,11 +160,11 @@ class Store(Protocol):
         """Queue dead letters again (all when ids is None), attempts reset; returns how many."""
         ...
 
-    async def save_settings(self, tenant: str, sealed: bytes, *, now: float) -> None:
-        """Remember the latest settings (sealed) a tenant's events came with: what a replay renders with."""
+    async def save_settings(self, key_id: str, sealed: bytes, *, now: float) -> None:
+        """Remember the latest settings (sealed) an API key's events came with: what a replay renders with."""
         ...
 
-    async def latest_settings(self, tenant: str) -> bytes | None: ...
+    async def latest_settings(self, key_id: str) -> bytes | None: ...
 
     async def dead_letter_payload(self, job_id: str) -> tuple[str, bytes] | None:
         """(event id, sealed payload) of a dead letter, or None when there is no such dead letter."""

@@ -11,7 +11,7 @@ Layout (prefix `segrelay:`):
   delayed:<vendor>      zset   job ids waiting for their retry time (score = due time)
   dead:<vendor>         zset   dead-lettered job ids (score = time of death)
   counters              hash   pending:<vendor>, dead:<vendor>, bytes:<tenant>, bytes:* (kept by the scripts)
-  settings              hash   tenant -> the latest settings its events came with (sealed): what replays use
+  settings              hash   API key id -> the latest settings its events came with (sealed): what replays use
   trace:<msg>           hash   tenant|vendor|target -> what became of that postback (JSON), expiring with `seen`
 
 Accepting an event (idempotency record + event + jobs + counters) is one Lua script, so it is atomic; so are
@@ -375,11 +375,11 @@ class RedisStore:
                                     row.get("at"), row.get("n")))
         return sorted(outcomes, key=lambda o: (o.tenant, o.vendor, o.target))
 
-    async def save_settings(self, tenant: str, sealed: bytes, *, now: float) -> None:
-        await self.client.hset(f"{P}settings", tenant, sealed)
+    async def save_settings(self, key_id: str, sealed: bytes, *, now: float) -> None:
+        await self.client.hset(f"{P}settings", key_id, sealed)
 
-    async def latest_settings(self, tenant: str) -> bytes | None:
-        found: Any = await self.client.hget(f"{P}settings", tenant)
+    async def latest_settings(self, key_id: str) -> bytes | None:
+        found: Any = await self.client.hget(f"{P}settings", key_id)
         return bytes(found) if found is not None else None
 
     async def dead_letter_payload(self, job_id: str) -> tuple[str, bytes] | None:

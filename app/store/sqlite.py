@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
     state TEXT NOT NULL, status INTEGER, detail TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
     at REAL NOT NULL, PRIMARY KEY (message_id, tenant, vendor, target)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outcomes_age ON outcomes (at);
-CREATE TABLE IF NOT EXISTS tenant_settings (tenant TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS key_settings (key_id TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
 """
 _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message_id, j.event_name, j.batch_key,"
                " e.payload, j.attempts, j.created_at, j.size FROM jobs j JOIN events e ON e.id = j.event_id")
@@ -326,14 +326,14 @@ class SQLiteStore:
                 outcomes.append(Outcome(t, vendor, target, state, attempts, status, body, None, due_at))
         return sorted(outcomes, key=lambda o: (o.tenant, o.vendor, o.target))
 
-    async def save_settings(self, tenant: str, sealed: bytes, *, now: float) -> None:
+    async def save_settings(self, key_id: str, sealed: bytes, *, now: float) -> None:
         await self._call(lambda c: c.execute(
-            "INSERT INTO tenant_settings VALUES (?, ?, ?) ON CONFLICT (tenant) DO UPDATE"
-            " SET payload = excluded.payload, updated_at = excluded.updated_at", (tenant, sealed, now)))
+            "INSERT INTO key_settings VALUES (?, ?, ?) ON CONFLICT (key_id) DO UPDATE"
+            " SET payload = excluded.payload, updated_at = excluded.updated_at", (key_id, sealed, now)))
 
-    async def latest_settings(self, tenant: str) -> bytes | None:
-        row = await self._call(lambda c: c.execute("SELECT payload FROM tenant_settings WHERE tenant = ?",
-                                                   (tenant,)).fetchone())
+    async def latest_settings(self, key_id: str) -> bytes | None:
+        row = await self._call(lambda c: c.execute("SELECT payload FROM key_settings WHERE key_id = ?",
+                                                   (key_id,)).fetchone())
         return bytes(row[0]) if row else None
 
     async def dead_letter_payload(self, job_id: str) -> tuple[str, bytes] | None:
