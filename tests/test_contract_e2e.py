@@ -304,8 +304,12 @@ def test_health_readiness_and_metrics(server: Segrelay) -> None:
     assert assert_json(httpx.get(server.url + "/readyz"), 200)["status"] == "ready"
     server.post(fresh(TRACK))
     server.post(fresh(fixture("devcenter_test_event.json")), ALL_VENDORS)
+    server.post(fresh(fixture("screen.json")))
+    server.post(fresh({"type": "track", "userId": "u"}))  # no event name: 400
     text = httpx.get(server.url + "/metrics").text
     assert 'segrelay_requests_total{call_type="track",status="200"}' in text
+    assert 'segrelay_requests_total{call_type="screen",status="501"}' in text
+    assert 'segrelay_requests_total{call_type="track",status="400"}' in text
     assert 'segrelay_skips_total{reason="not_routed",vendor="tracify"}' in text
     assert 'segrelay_postbacks_total{outcome="skipped",vendor="audiohook"}' in text
     assert 'segrelay_postbacks_total{outcome="queued",vendor="segmentstream"}' in text

@@ -89,6 +89,10 @@ def test_400_is_dead_lettered_at_once_then_replayed(fresh_stub: VendorStub, make
     assert len(fresh_stub.requests("/segmentstream/track")) == 1
     text_listing = service.cli("dlq", "list").stdout
     assert "hitId malformed" in text_listing and "status=400" in text_listing
+    dead_line = next(json.loads(line) for line in service.logs().splitlines()
+                     if line.startswith("{") and '"outcome":"dead"' in line)
+    assert dead_line["message_ids"] == [event["messageId"]] and dead_line["vendor"] == "segmentstream"
+    assert dead_line["attempt"] == 1 and dead_line["status"] == 400
     assert "replayed 1" in service.cli("dlq", "replay", letter["id"]).stdout
     delivered(fresh_stub, "/segmentstream/track", 2)
     assert wait_until(lambda: settled(service, "segmentstream") and dlq(service) == [])
