@@ -128,7 +128,8 @@ def test_sigterm_under_load_loses_and_duplicates_nothing(fresh_stub: VendorStub,
     fresh_stub.script("/segmentstream", [], default={"status": 204, "delay": 0.2})
     service = make_server().start()
     load = Load(service, total=400).start()
-    assert wait_until(lambda: len(load.accepted) >= 150, 60)
+    # Under load with delivery running (and sending): 150 accepted, and the delivery processes up.
+    assert wait_until(lambda: len(load.accepted) >= 150 and '"msg":"delivery started"' in service.logs(), 60)
     assert service.terminate() == 0  # a clean drain on SIGTERM exits 0
     logs = service.logs()
     for line in ("draining: no new events are accepted", "delivery draining", "delivery stopped",

@@ -165,7 +165,7 @@ async def test_aiohttp_refusing_a_header_value_is_reported_as_refused(value: str
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    transport = AiohttpTransport(["tracify"], concurrency=2, connect_timeout=2, read_timeout=2)
+    transport = AiohttpTransport(concurrency=2, connect_timeout=2, read_timeout=2)
     request = OutgoingRequest("POST", f"http://127.0.0.1:{port}/api/v1/events", {"tracify-token": value}, b"{}")
     try:
         ok = await transport("tracify", OutgoingRequest("POST", request.url, {"tracify-token": "fine"}, b"{}"))

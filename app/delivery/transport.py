@@ -47,9 +47,8 @@ Transport = Callable[[str, OutgoingRequest], Awaitable[VendorAnswer]]
 class AiohttpTransport:
     """One pooled aiohttp session per vendor: keep-alive, at most `concurrency` connections, the same timeouts."""
 
-    def __init__(self, vendors: list[str], *, concurrency: int, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, *, concurrency: int, connect_timeout: float, read_timeout: float) -> None:
         self._settings = (concurrency, connect_timeout, read_timeout)
-        self._vendors = vendors
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     def _session(self, vendor: str) -> aiohttp.ClientSession:

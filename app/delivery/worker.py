@@ -43,7 +43,7 @@ class Deliverer:
         self.config, self.store, self.sealer, self.clock = config, store, sealer, clock
         self.policy = RetryPolicy(config.retry_base_seconds, config.retry_max_seconds, config.give_up_seconds,
                                   config.give_up_min_attempts, config.max_attempts)
-        self._own_transport = AiohttpTransport([v.slug for v in VENDORS], concurrency=config.vendor_concurrency,
+        self._own_transport = AiohttpTransport(concurrency=config.vendor_concurrency,
                                                connect_timeout=config.connect_timeout,
                                                read_timeout=config.read_timeout) if transport is None else None
         self.transport: Transport = transport or self._own_transport  # type: ignore[assignment]
