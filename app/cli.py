@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import orjson
+from cryptography.exceptions import InvalidTag
 
 from app.config import DEFAULT_STORE, Config, ConfigError, vendor_urls
 from app.crypto import KeyHasher, Sealer
@@ -456,16 +457,18 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     sealer = Sealer(config.secret)
 
     async def action(store: Store) -> tuple[int, int, list[str]]:
-        letters = {d.id: d for d in await store.dead_letters(limit=1_000_000)}
-        ids = list(letters) if args.all else list(args.ids)
+        ids = [d.id for d in await store.dead_letters(limit=1_000_000)] if args.all else list(args.ids)
         rerendered, unknown = 0, []
         for job_id in ids:
-            found = await store.dead_letter_payload(job_id)
-            if found is None or job_id not in letters:
+            found = await store.dead_letter_payload(job_id)  # None unless it is a dead letter
+            if found is None:
                 unknown.append(job_id)
                 continue
             event_id, payload = found
-            stored = sealer.open(payload)
+            try:
+                stored = sealer.open(payload)
+            except InvalidTag:  # sealed under another secret: replayed as it is (and dead-lettered again)
+                continue
             settings = override
             if settings is None:
                 latest = await store.latest_settings(unpack_event(stored).key_id)

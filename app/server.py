@@ -80,7 +80,7 @@ class RequestContext:
 class Service:
     """Everything the HTTP process holds: store, ingest, backpressure, and delivery in one of three shapes.
 
-    Delivery runs in `config.delivery_processes` child processes (the default, one), inside this process (0), or
+    Delivery runs in `config.delivery_processes` child processes (by default one per core), inside this process (0), or
     not at all (`SEGRELAY_DELIVERY=false`: another deployment delivers from the shared store).
     """
 

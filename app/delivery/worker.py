@@ -69,8 +69,7 @@ class Deliverer:
     async def stop(self, drain_seconds: float) -> None:
         """Stop leasing, let in-flight sends finish for up to drain_seconds, hand the rest back."""
         self._stopping = True
-        for event in self._wake.values():
-            event.set()
+        self.wake_all()
         await asyncio.gather(*self._dispatchers, return_exceptions=True)
         waiting = [job for ready in self._ready.values() for _, job in ready]
         if waiting:  # leased ahead, never sent: due again at once, attempts unchanged

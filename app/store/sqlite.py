@@ -43,9 +43,9 @@ from app.store import (
     StoreUnavailableError,
     VendorStats,
 )
+from handlers import VENDORS
 
 T = TypeVar("T")
-VENDOR_SLUGS = ("segmentstream", "tracify", "audiohook")
 MAX_GROUP = 512  # operations per transaction for the HTTP process (accepts: one fsync serves them all)
 MAX_GROUP_UNDURABLE = 64  # for a delivery process: short transactions, so accepts never wait long for the lock
 LOCK_TIMEOUT = 30.0  # seconds a write waits for another process's lock before it fails (503)
@@ -364,9 +364,10 @@ class SQLiteStore:
     async def oldest_due(self, *, now: float) -> dict[str, float]:
         def op(c: sqlite3.Connection) -> dict[str, float]:
             ages = {}
-            for vendor in VENDOR_SLUGS:
-                (due,) = c.execute("SELECT MIN(due_at) FROM jobs WHERE vendor = ? AND dead = 0", (vendor,)).fetchone()
-                ages[vendor] = max(0.0, now - due) if due is not None else 0.0
+            for vendor in VENDORS:
+                (due,) = c.execute("SELECT MIN(due_at) FROM jobs WHERE vendor = ? AND dead = 0",
+                                   (vendor.slug,)).fetchone()
+                ages[vendor.slug] = max(0.0, now - due) if due is not None else 0.0
             return ages
         return await self._call(op)
 
