@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
+
+import pycountry
 
 from app.errors import BadRequestError, UnsupportedTypeError
 
@@ -56,6 +58,12 @@ _CAMPAIGN_TO_UTM = (
     ("content", "utm_content"),
 )
 _FOLD = re.compile(r"[^a-z0-9]")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+# ISO 4217 codes, from a maintained list (pycountry); XXX ("no currency") and XTS (testing) are not amounts' units.
+CURRENCIES = frozenset(c.alpha_3 for c in pycountry.currencies) - {"XXX", "XTS"}
+# Events whose Ecommerce v1 `id` property is the order's id (on product events it is the product's).
+ORDER_EVENTS = frozenset({"Order Completed", "Order Updated", "Order Refunded", "Order Cancelled",
+                          "Checkout Started"})
 
 # Bounds on what one event may cost to read (documented in the README's "Limits" section).
 MAX_PRODUCTS = 250  # products read per event (Segment caps an event at 32 KB); more are dropped with a warning
@@ -75,6 +83,37 @@ LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 def fold(key: str) -> str:
     """`orderId`, `order_id`, `Order-ID` -> `orderid`."""
     return _FOLD.sub("", key.lower())
+
+
+def is_email(value: str | None) -> bool:
+    return value is not None and len(value) <= 254 and _EMAIL.match(value) is not None
+
+
+def is_currency(code: str) -> bool:
+    """An ISO 4217 code (upper case)."""
+    return code in CURRENCIES
+
+
+def absolute_url(url: str | None) -> tuple[str | None, str | None]:
+    """A page url with a scheme and a host, and a warning when it had to be completed or cannot be used.
+
+    `www.shop.com/cart` and `//shop.com/cart` get https (what a browser would assume); a url with no host
+    (`/cart`) or that does not parse (`http://[::1`) is not a page url: absent, with a warning.
+    """
+    if url is None:
+        return None, None
+    try:
+        parts = urlsplit(url)
+        if parts.scheme and parts.netloc and parts.hostname:
+            return url, None
+        completed = "https:" + url if url.startswith("//") else "https://" + url
+        host = urlsplit(completed).hostname or ""
+    except ValueError:
+        return None, f"page url {_shown(url)} is not a url: not used"
+    plausible = host == "localhost" or "." in host.strip(".")
+    if plausible and urlsplit(completed).username is None and not any(c.isspace() for c in host):
+        return completed, f"page url {_shown(url)} has no scheme: https assumed"
+    return None, f"page url {_shown(url)} has no host: not used"
 
 
 def canonical_event_name(name: str) -> str:
@@ -140,7 +179,7 @@ def number(value: Any) -> Decimal | None:
         if len(value) > MAX_NUMBER_TEXT:
             return None
         try:
-            result = Decimal(value.strip())
+            result = Decimal(value.strip().removeprefix("$"))  # facade reads "$50" as 50
         except InvalidOperation:
             return None
         if not result.is_finite() or result.adjusted() >= MAX_DIGITS:
@@ -179,6 +218,7 @@ class Event:
     referrer: str | None = None
     url_params: dict[str, str] = field(default_factory=dict)
     currency: str | None = None
+    bad_currency: str | None = None  # a currency the event named that is not ISO 4217 (it is never sent)
     order_id: str | None = None
     order_total: Decimal | None = None
     product_items: tuple[dict[str, Any], ...] = ()  # the raw product objects, read into Products on first use
@@ -293,6 +333,24 @@ def _order_total(props: dict[str, Any], items: tuple[dict[str, Any], ...]) -> De
     return sum(priced, Decimal(0)) if priced else None
 
 
+def _email(traits: dict[str, Any], context: dict[str, Any], props: dict[str, Any], raw: dict[str, Any],
+           user_id: str | None) -> str | None:
+    """facade's order: traits (any call), context.traits, properties, top level, then a userId that is an email."""
+    found = text(first(traits.get("email"), folded(context.get("traits")).get("email"), props.get("email"),
+                       raw.get("email")))
+    if found is None and is_email(user_id):
+        return user_id
+    return found
+
+
+def _order_id(props: dict[str, Any], canonical: str | None) -> str | None:
+    """order_id (orderId, OrderID...), order_number, checkout_id, then the v1 `id` on order events."""
+    found = text(first(props.get("orderid"), props.get("ordernumber"), props.get("checkoutid")))
+    if found is None and canonical in ORDER_EVENTS:
+        found = text(props.get("id"))
+    return found
+
+
 def _require_object(raw: dict[str, Any], name: str) -> dict[str, Any]:
     value = raw.get(name)
     if value is None:
@@ -372,7 +430,9 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         event_name = text(raw.get("name"))
 
     page = folded(context.get("page"))
-    page_url = text(first(page.get("url"), props.get("url")))
+    page_url, problem = absolute_url(text(first(page.get("url"), props.get("url"))))
+    if problem:
+        warnings.append(problem)
     campaign = folded(context.get("campaign"))
     if canonical in SINGLE_PRODUCT_EVENTS:
         product_items: tuple[dict[str, Any], ...] = (props,)
@@ -384,7 +444,12 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
                 warnings.append(f"{len(items)} products: only the first {MAX_PRODUCTS} were read")
                 items = items[:MAX_PRODUCTS]
             product_items = tuple(p for p in items if isinstance(p, dict))
-    currency = text(props.get("currency"))
+    currency, bad_currency = text(props.get("currency")), None
+    if currency is not None:
+        currency = currency.upper()
+        if not is_currency(currency):
+            bad_currency, currency = currency[:20], None
+            warnings.append(f"'currency' {_shown(bad_currency)} is not an ISO 4217 code: not used")
     library = folded(context.get("library"))
     library_name = "/".join(x for x in (text(library.get("name")), text(library.get("version"))) if x)
 
@@ -396,21 +461,15 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         anonymous_id=anonymous_id,
         event_name=event_name,
         canonical_name=canonical,
-        email=text(
-            first(
-                traits.get("email") if kind == "identify" else None,
-                folded(context.get("traits")).get("email"),
-                props.get("email"),
-                raw.get("email"),
-            )
-        ),
+        email=_email(traits, context, props, raw, user_id),
         ip=text(context.get("ip")),
         user_agent=text(context.get("useragent")),
         page_url=page_url,
         referrer=text(first(page.get("referrer"), props.get("referrer"))),
         url_params=_url_params(page_url, page.get("search"), campaign),
-        currency=(currency.upper() if currency else None) or default_currency,
-        order_id=text(first(props.get("orderid"), props.get("checkoutid"))),
+        currency=currency or (None if bad_currency else default_currency),
+        bad_currency=bad_currency,
+        order_id=_order_id(props, canonical),
         order_total=_order_total(props, product_items),
         product_items=product_items,
         ga_client_id=text(folded(folded(raw.get("integrations")).get("googleanalytics")).get("clientid")),

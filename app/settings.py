@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from app.errors import BadRequestError
-from app.event import fold
+from app.event import fold, is_currency
 from handlers import ALL_SETTINGS
 from handlers._base import Setting
 
@@ -88,6 +88,11 @@ def coerce(setting: Setting, value: Any) -> Any:
         except ValueError:
             raise BadRequestError(f"Setting '{name}' must be a UUID (like 123e4567-e89b-12d3-a456-426614174000)"
                                   ) from None
+    if setting.type == "currency":
+        if not is_currency(value.upper()):
+            raise BadRequestError(f"Setting '{name}' must be an ISO 4217 currency code like EUR or USD, got "
+                                  f"{value[:20]!r}")
+        return value.upper()
     if setting.type == "select" and value not in setting.choices:
         raise BadRequestError(f"Setting '{name}' must be one of: {', '.join(setting.choices)}")
     return value

@@ -15,7 +15,9 @@ BY_SLUG = {vendor.slug: vendor for vendor in VENDORS}
 COMMON_SETTINGS = (
     Setting("conversionEvents", "array", "Track events that are conversions (Tracify conversion, Audiohook "
             "and SegmentStream event as named)"),
-    Setting("defaultCurrency", "string", "Currency when an event has none (ISO 4217, e.g. EUR)"),
+    Setting("defaultCurrency", "currency", "Currency when an event has none (an ISO 4217 code, e.g. EUR)"),
+    Setting("identityStitching", "boolean", "Fill a server-side event's missing ip, user agent, page url and email "
+            "from the browser context last seen for its userId or anonymousId", default=True),
     Setting("dryRun", "boolean", "Translate only: the response lists what would be sent, nothing is sent",
             default=False),
 )

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from app.event import Event
 
-SettingType = Literal["string", "boolean", "array", "uuid", "select"]
+SettingType = Literal["string", "boolean", "array", "uuid", "select", "currency"]
 Settings = Mapping[str, Any]  # resolved settings: declared name -> coerced value
 T = TypeVar("T")
 
@@ -205,6 +205,18 @@ def listed(name: str | None, names: list[str]) -> bool:
         return False
     wanted = name.strip().lower()
     return any(n.strip().lower() == wanted for n in names)
+
+
+def missing_currency(event: Event, what: str) -> str | None:
+    """Why a conversion with an amount cannot be sent: it has no (valid) currency. None when it can."""
+    if event.order_total is None or event.currency:
+        return None
+    if event.bad_currency:
+        return f"{what} has an amount but its currency {event.bad_currency!r} is not an ISO 4217 code"
+    return f"{what} has an amount but no currency (set properties.currency, or the defaultCurrency setting)"
+
+
+UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
 
 
 def describe(event: Event) -> str:

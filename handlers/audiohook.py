@@ -6,6 +6,7 @@ from typing import Any
 
 from app.event import Event, fold
 from handlers._base import (
+    UTM_KEYS,
     Outcome,
     Postback,
     Route,
@@ -21,9 +22,11 @@ from handlers._base import (
     is_conversion,
     iso_millis,
     listed,
+    missing_currency,
     routed_name,
     snake_case,
 )
+from handlers._privacy import free_form, pseudonymous_id
 
 SLUG = "audiohook"
 ROUTES = {
@@ -34,11 +37,11 @@ ROUTES = {
     "Order Completed": "purchase",
 }
 FALLBACK_IP = "0.0.0.0"
-# Properties already mapped to a field of their own (or PII) are left out of event_payload.
+# Properties already mapped to a field of their own are left out of event_payload (personal ones always are).
 _MAPPED = frozenset(
     fold(k)
-    for k in ("order_id", "checkout_id", "total", "value", "currency", "products", "url", "referrer", "email",
-              "session_id", "product_id", "sku", "name", "price", "quantity")
+    for k in ("order_id", "order_number", "checkout_id", "total", "revenue", "value", "currency", "products", "url",
+              "referrer", "session_id", "product_id", "sku", "price", "quantity", *UTM_KEYS)
 )
 
 SETTINGS = (
@@ -66,6 +69,10 @@ def route(event: Event, settings: Settings) -> list[Route]:
                                             f"context.userAgent){hint}")]
     if name == "purchase" and event.order_id is None:
         return [Skip(SLUG, "missing_field", "Audiohook: purchase has no order_id")]
+    if name == "purchase" or is_conversion(event, settings):
+        problem = missing_currency(event, f"Audiohook: {describe(event)}")
+        if problem:
+            return [Skip(SLUG, "missing_field", problem)]
     return [Target(SLUG, "pixel", kind=name)]
 
 
@@ -76,7 +83,7 @@ def build(event: Event, settings: Settings) -> list[Outcome]:
 def _render(event: Event, settings: Settings, name: str) -> Postback:
     ip = event.ip or FALLBACK_IP
     user_agent = event.user_agent or event.library or "unknown"
-    visitor = event.anonymous_id or event.user_id
+    visitor = event.anonymous_id or pseudonymous_id(event.user_id, lower=True)
     body: dict[str, Any] = {
         "event_name": name,
         "timestamp": iso_millis(event.ts),
@@ -88,25 +95,22 @@ def _render(event: Event, settings: Settings, name: str) -> Postback:
         "url": event.page_url,
         "referrer": event.referrer,
         "email": email_hash(event.email, lower=True) if event.email else None,
+        "order_id": event.order_id,
+        **{utm: event.url_params.get(utm) for utm in UTM_KEYS},
     }
-    if name == "purchase":
-        body["order_id"] = event.order_id
-        body["items"] = [
-            {
-                "product_id": p.id,
-                "product_name": p.name,
-                "price": as_number(p.price) if p.price is not None else None,
-                "quantity": as_number(p.quantity),
-            }
-            for p in event.products
-        ]
-    if name == "purchase" or is_conversion(event, settings):
-        body["value"] = as_number(event.order_total) if event.order_total is not None else None
+    if event.order_total is not None and event.currency:  # an amount never goes without its currency
+        body["value"] = as_number(event.order_total)
         body["currency"] = event.currency
-    body["event_payload"] = {
-        k: v for k, v in event.raw_props.items()
-        if fold(k) not in _MAPPED and isinstance(v, str | int | float | bool)
-    }
+    body["items"] = [
+        {
+            "product_id": p.id,
+            "product_name": p.name,
+            "price": as_number(p.price) if p.price is not None else None,
+            "quantity": as_number(p.quantity),
+        }
+        for p in event.products
+    ]
+    body["event_payload"] = free_form(event.raw_props, mapped=_MAPPED)
     return Postback(SLUG, "pixel", f"/{settings['audiohookId']}/pixel.png", drop_empty(body))
 
 

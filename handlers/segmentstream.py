@@ -23,9 +23,11 @@ from handlers._base import (
     drop_empty,
     email_hash,
     iso_millis,
+    missing_currency,
     money,
     routed_name,
 )
+from handlers._privacy import free_text, pseudonymous_id
 
 SLUG = "segmentstream"
 MAX_BYTES = 64 * 1024
@@ -63,17 +65,18 @@ def route(event: Event, settings: Settings) -> list[Route]:
     routes: list[Route] = []
     if settings.get("segmentstreamApiToken"):
         name = _name(event)[0]
-        if name in TRANSACTIONS and event.order_id is None:
-            routes.append(Skip(SLUG, "missing_field", f"SegmentStream: {describe(event)} has no order_id"))
-        else:
-            routes.append(Target(SLUG, "track"))
+        problem = _transaction_problem(event, "SegmentStream") if name in TRANSACTIONS else None
+        routes.append(Skip(SLUG, "missing_field", problem) if problem else Target(SLUG, "track"))
     if settings.get("segmentstreamDataStreamId") and event.canonical_name in DATA_STREAM_STATUS:
-        if event.order_id is None:
-            routes.append(Skip(SLUG, "missing_field", f"SegmentStream data stream: {describe(event)} has no "
-                                                      f"order_id"))
-        else:
-            routes.append(Target(SLUG, "data_stream"))
+        problem = _transaction_problem(event, "SegmentStream data stream")
+        routes.append(Skip(SLUG, "missing_field", problem) if problem else Target(SLUG, "data_stream"))
     return routes
+
+
+def _transaction_problem(event: Event, what: str) -> str | None:
+    if event.order_id is None:
+        return f"{what}: {describe(event)} has no order_id"
+    return missing_currency(event, f"{what}: {describe(event)}")
 
 
 def build(event: Event, settings: Settings) -> list[Outcome]:
@@ -90,12 +93,12 @@ def _track(event: Event, settings: Settings) -> Outcome:
     body_event: dict[str, Any] = {
         "name": name,
         "category": category,
-        "label": text(event.prop("label")),
+        "label": free_text(text(event.prop("label"))),
         "value": _value(event),
         "nonInteraction": _non_interaction(event),
         "source": settings.get("segmentstreamSource") or "Segment",
         "user": {
-            "userId": event.user_id,
+            "userId": pseudonymous_id(event.user_id, lower=False),
             "anonymousId": event.anonymous_id,
             "emailHash": email_hash(event.email, lower=False) if event.email else None,
         },
@@ -148,10 +151,10 @@ def _transaction(event: Event) -> dict[str, Any]:
         "subtotal": as_number(subtotal) if subtotal is not None else None,
         "status": status,
         "currency": event.currency,
-        "voucher": text(event.prop("coupon")),
+        "voucher": free_text(text(event.prop("coupon"))),
         "voucherDiscount": str(discount) if discount is not None else None,
         "shippingCost": as_number(shipping) if shipping is not None else None,
-        "paymentMethod": text(event.prop("payment_method")),
+        "paymentMethod": free_text(text(event.prop("payment_method"))),
         "lineItems": [_line_item(p, event.currency) for p in event.products],
     }
 
@@ -202,7 +205,7 @@ def _data_stream(event: Event, stream_id: str) -> Outcome:
             "status": status,
             "total": money(event.order_total) if event.order_total is not None else None,
             "currency": event.currency,
-            "userId": event.user_id,
+            "userId": pseudonymous_id(event.user_id, lower=False),
             "anonymousId": event.anonymous_id,
             "messageId": event.message_id,
             "createdAt": stamp,

@@ -24,6 +24,7 @@ from handlers._base import (
     describe,
     drop_empty,
     is_conversion,
+    missing_currency,
     money,
     routed_name,
     sha256_hex,
@@ -74,10 +75,13 @@ def route(event: Event, settings: Settings) -> list[Route]:
     if not (event.email or event.ip or event.user_agent):
         return [Skip(SLUG, "missing_field", f"Tracify: {describe(event)} has no email, ip or user agent")]
     if kind == "purchase":
-        missing = [n for n, v in (("order_id", event.order_id), ("currency", event.currency),
-                                  ("amount", event.order_total)) if v is None]
+        missing = [n for n, v in (("order_id", event.order_id), ("amount", event.order_total)) if v is None]
         if missing:
             return [Skip(SLUG, "missing_field", f"Tracify: purchase has no {', '.join(missing)}")]
+    if kind in ("purchase", "conversion"):
+        problem = missing_currency(event, f"Tracify: {describe(event)}")
+        if problem:
+            return [Skip(SLUG, "missing_field", problem)]
     token, site = settings["tracifyApiToken"], settings["tracifyCustomerSiteId"]
     return [Target(SLUG, "events", _batch_key(token, site), kind)]
 

@@ -135,18 +135,18 @@ def test_segmentstream_value_is_a_non_negative_integer() -> None:
 def test_segmentstream_64_kb_guard_drops_details_then_line_items_never_totals() -> None:
     products = [{"product_id": f"p{i}", "name": "N" * 200, "category": "C" * 200, "brand": "B" * 100,
                  "price": 1, "quantity": 1} for i in range(400)]
-    raw = {**ORDER, "properties": {"order_id": "big", "total": 400, "products": products}}
+    raw = {**ORDER, "properties": {"order_id": "big", "total": 400, "currency": "EUR", "products": products}}
     body = only_postback(segmentstream.build(event(raw), {**SETTINGS, "segmentstreamDataStreamId": None})).body
     assert len(orjson.dumps(body)) <= 64 * 1024
     items = body["event"]["transaction"]["lineItems"]
     assert body["event"]["transaction"]["total"] == 400
     assert all("category" not in i["product"] and "manufacturer" not in i["product"] for i in items)
     small = [{**p, "name": "n", "category": "C" * 150} for p in products[:250]]
-    raw["properties"] = {"order_id": "mid", "total": 250, "products": small}
+    raw["properties"] = {"order_id": "mid", "total": 250, "currency": "EUR", "products": small}
     body = only_postback(segmentstream.build(event(raw), {**SETTINGS, "segmentstreamDataStreamId": None})).body
     kept = body["event"]["transaction"]["lineItems"]
     assert len(kept) == 250 and all("category" not in i["product"] and i["product"]["name"] == "n" for i in kept)
-    raw["properties"] = {"order_id": "huge", "total": 1500, "products": products * 4}
+    raw["properties"] = {"order_id": "huge", "total": 1500, "currency": "EUR", "products": products * 4}
     body = only_postback(segmentstream.build(event(raw), {**SETTINGS, "segmentstreamDataStreamId": None})).body
     assert len(orjson.dumps(body)) <= 64 * 1024
     assert 0 < len(body["event"]["transaction"]["lineItems"]) < 1600

@@ -91,7 +91,14 @@ def test_email_sources_in_order() -> None:
     identify = parse({"type": "identify", "userId": "u", "traits": {"email": "a@x"}, "email": "b@x"})
     assert identify.email == "a@x"
     track = parse({"type": "track", "event": "E", "userId": "u", "traits": {"email": "a@x"}, "email": "b@x"})
-    assert track.email == "b@x"  # traits.email counts for identify only
+    assert track.email == "a@x"  # top-level traits count on any call (facade)
+    nested = parse({"type": "track", "event": "E", "userId": "u", "context": {"traits": {"email": "c@x"}},
+                    "properties": {"email": "d@x"}})
+    assert nested.email == "c@x"
+    assert parse({"type": "track", "event": "E", "userId": "u", "properties": {"email": "d@x"}}).email == "d@x"
+    by_id = parse({"type": "track", "event": "E", "userId": " Jane.Doe@Example.com "})
+    assert by_id.email == "Jane.Doe@Example.com"  # a userId that is an email address
+    assert parse({"type": "track", "event": "E", "userId": "user@123"}).email is None  # not an address
 
 
 def test_unsupported_types() -> None:
