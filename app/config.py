@@ -50,6 +50,8 @@ class Config:
     redis_unsafe: bool = False
     delivery_processes: int = field(default_factory=lambda: default_delivery_processes())
     log_level: str = "info"
+    identity_ttl_days: float = 30.0
+    max_identities: int = 1_000_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -91,6 +93,8 @@ class Config:
             redis_unsafe=_bool(env, "SEGRELAY_REDIS_UNSAFE", False),
             delivery_processes=_int(env, "SEGRELAY_DELIVERY_PROCESSES", default_delivery_processes(), minimum=0),
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
+            identity_ttl_days=_float(env, "SEGRELAY_IDENTITY_TTL_DAYS", 30.0, minimum=0.0001),
+            max_identities=_int(env, "SEGRELAY_MAX_IDENTITIES", 1_000_000),
         )
         if config.lease_seconds <= config.connect_timeout + config.read_timeout:
             raise ConfigError("SEGRELAY_LEASE_SECONDS must exceed SEGRELAY_CONNECT_TIMEOUT + SEGRELAY_READ_TIMEOUT, "

@@ -229,6 +229,7 @@ class Event:
     props: dict[str, Any] = field(default_factory=dict)  # folded properties
     raw_props: dict[str, Any] = field(default_factory=dict)  # properties with the customer's key names
     warnings: list[str] = field(default_factory=list)  # what was read differently from how it was sent
+    stitched: list[str] = field(default_factory=list)  # fields filled from a remembered identity (app/identity.py)
 
     def prop(self, name: str) -> Any:
         return self.props.get(fold(name))
@@ -281,7 +282,7 @@ def _from_epoch(value: Decimal | None) -> datetime | None:
     return parsed if EARLIEST <= parsed < LATEST else None
 
 
-def _url_params(page_url: str | None, search: Any, campaign: dict[str, Any]) -> dict[str, str]:
+def url_params(page_url: str | None, search: Any, campaign: dict[str, Any]) -> dict[str, str]:
     query = page_url.partition("#")[0].partition("?")[2] if page_url else ""
     if not query and isinstance(search, str):
         query = search.lstrip("?")
@@ -466,7 +467,7 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         user_agent=text(context.get("useragent")),
         page_url=page_url,
         referrer=text(first(page.get("referrer"), props.get("referrer"))),
-        url_params=_url_params(page_url, page.get("search"), campaign),
+        url_params=url_params(page_url, page.get("search"), campaign),
         currency=currency or (None if bad_currency else default_currency),
         bad_currency=bad_currency,
         order_id=_order_id(props, canonical),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,7 @@ from app.config import Config
 from app.crypto import Sealer
 from app.errors import BadRequestError, ContractError, UnavailableError
 from app.event import call_type, parse_event
+from app.identity import IdentityBook, Stitch
 from app.keys import KeyRecord
 from app.outgoing import preview
 from app.settings import from_header, settings_json
@@ -80,6 +82,7 @@ class Ingest:
     def __init__(self, config: Config, store: Store, sealer: Sealer, authenticator: Authenticator,
                  backpressure: Backpressure, notify: Callable[[str], None]) -> None:
         self.config, self.store, self.sealer = config, store, sealer
+        self.identities = IdentityBook(store, sealer, config.secret, ttl_seconds=config.identity_ttl_days * 86_400)
         self.authenticator, self.backpressure, self.notify = authenticator, backpressure, notify
         self.draining = False
         self._settings_saved: dict[str, str | None] = {}  # key id -> the settings header last saved for it
@@ -112,33 +115,41 @@ class Ingest:
         now = time.time()
         event = parse_event(document, body, datetime.fromtimestamp(now, UTC), settings.get("defaultCurrency"))
         vendors = active_vendors(settings, key.vendors)
-        if settings.get("dryRun"):
-            return Answer(200, self._dry_run(translate(event, settings, vendors)), kind)
+        dry_run = bool(settings.get("dryRun"))
+        stitch = Stitch({}, [])
+        if settings.get("identityStitching"):
+            async with self._store_deadline():
+                stitch = await self.identities.stitch(key.tenant, event, now=now, remember=not dry_run)
+        if dry_run:
+            return Answer(200, self._dry_run(translate(event, settings, vendors), event.stitched), kind)
         routing = route(event, settings, vendors)
         rows = summary(routing)
         answer: dict[str, Any] = {"message": "accepted", "postbacks": rows}
+        if event.stitched:
+            answer["stitched"] = event.stitched
         if event.warnings:
             answer["warnings"] = event.warnings
         if not routing.vendors:
             answer["warning"] = ("No vendor is configured in this destination's settings: set "
                                  "segmentstreamApiToken, tracifyApiToken and tracifyCustomerSiteId, or audiohookId")
         if not routing.targets:
+            if stitch.writes:  # an identify links ids even when no vendor takes it
+                async with self._store_deadline():
+                    await self.store.remember(stitch.writes)
             _count(routing)
             return Answer(200, answer, kind)
-        payload = self.sealer.seal(pack_event(settings_json(settings_header), now, body, key.key_id))
+        payload = self.sealer.seal(pack_event(settings_json(settings_header), now, body, key.key_id, stitch.filled))
         queued = len(payload) * len(routing.targets)
         self.backpressure.check(key.tenant, queued)
         name = event.event_name or event.type
         jobs = [NewJob(t.vendor, t.target, name, t.batch_key) for t in routing.targets]
-        try:
-            # Segment gives up after ~10 s: answer 503 well before. If the write still lands later, Segment's
-            # retry of this messageId is answered as a duplicate, so the event is kept exactly once.
-            async with asyncio.timeout(self.config.accept_timeout_seconds):
-                fresh = await self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
-                                                ttl=self.config.idempotency_seconds,
-                                                skips=[(k.vendor, k.reason) for k in routing.skips])
-        except TimeoutError:
-            raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
+        # Segment gives up after ~10 s: answer 503 well before. If the write still lands later, Segment's retry of
+        # this messageId is answered as a duplicate, so the event is kept exactly once.
+        async with self._store_deadline():
+            fresh = await self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
+                                            ttl=self.config.idempotency_seconds,
+                                            skips=[(k.vendor, k.reason) for k in routing.skips],
+                                            identities=stitch.writes)
         if not fresh:
             metrics.DUPLICATES.inc()
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
@@ -166,10 +177,22 @@ class Ingest:
         self._saving.add(task)
         task.add_done_callback(self._saving.discard)
 
-    def _dry_run(self, translation: Translation) -> dict[str, Any]:
+    @contextlib.asynccontextmanager
+    async def _store_deadline(self) -> AsyncIterator[None]:
+        """A store call that takes longer than SEGRELAY_ACCEPT_TIMEOUT_SECONDS is a 503."""
+        try:
+            async with asyncio.timeout(self.config.accept_timeout_seconds):
+                yield
+        except TimeoutError:
+            raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
+
+    def _dry_run(self, translation: Translation, stitched: list[str]) -> dict[str, Any]:
         shown = preview(translation.postbacks, translation.skips, self.config.vendor_urls)
-        return {"message": "dry run: nothing was queued or sent", "wouldSend": shown["send"],
-                "skipped": shown["skipped"]}
+        answer = {"message": "dry run: nothing was queued or sent", "wouldSend": shown["send"],
+                  "skipped": shown["skipped"]}
+        if stitched:
+            answer["stitched"] = stitched
+        return answer
 
 
 def _message_id(document: dict[str, Any]) -> str:

@@ -1,16 +1,17 @@
 """What is stored for an accepted event, and how a job's postback is rendered from it when it is sent.
 
-The accept path stores the event once: the body exactly as Segment sent it, the resolved settings it came with
-and the time it was received, sealed together. Delivery opens it, parses it again with the same clock and builds
-the vendor's postbacks with the same pure handler, so the body sent is the body the accept path decided on,
-without rendering four bodies and sealing four payloads while Segment waits.
+The accept path stores the event once: the body exactly as Segment sent it, the resolved settings it came with,
+the time it was received and what identity stitching filled in, sealed together. Delivery opens it, parses it
+again with the same clock, applies the same stitched fields and builds the vendor's postbacks with the same pure
+handler, so the body sent is the body the accept path decided on, without rendering four bodies and sealing four
+payloads while Segment waits.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ import orjson
 
 from app.crypto import Sealer
 from app.event import Event, parse_event
+from app.identity import apply
 from app.store import Job
 from handlers import BY_SLUG, Outcome, Postback, Skip
 
@@ -31,25 +33,33 @@ class StoredEvent:
     received_at: float
     body: bytes
     key_id: str  # the API key it came with: a replay renders with that key's latest settings
+    stitched: Mapping[str, Any] = field(default_factory=dict)  # what identity stitching filled in (app/identity.py)
 
 
-def pack_event(settings_json: bytes, received_at: float, body: bytes, key_id: str = "") -> bytes:
-    """The resolved settings as JSON, a space, the receive time, a space, the key id, a newline, then the body as
-    sent (compact JSON has no raw newline, so the first one ends the head)."""
-    return settings_json + b" " + repr(received_at).encode() + b" " + key_id.encode() + b"\n" + body
+def pack_event(settings_json: bytes, received_at: float, body: bytes, key_id: str = "",
+               stitched: Mapping[str, Any] | None = None) -> bytes:
+    """[`+` and the stitched fields as JSON, a newline,] the resolved settings as JSON, a space, the receive time, a
+    space, the key id, a newline, then the body as sent (compact JSON has no raw newline, so a newline ends each
+    head line; settings JSON starts with `{`, never `+`)."""
+    head = settings_json + b" " + repr(received_at).encode() + b" " + key_id.encode() + b"\n" + body
+    return b"+" + orjson.dumps(stitched) + b"\n" + head if stitched else head
 
 
 def unpack_event(data: bytes) -> StoredEvent:
+    stitched: Mapping[str, Any] = {}
+    if data[:1] == b"+":
+        filled, _, data = data[1:].partition(b"\n")
+        stitched = orjson.loads(filled)
     head, _, body = data.partition(b"\n")
     rest, _, key_id = head.rpartition(b" ")
     settings, _, received_at = rest.rpartition(b" ")
-    return StoredEvent(orjson.loads(settings), float(received_at), body, key_id.decode())
+    return StoredEvent(orjson.loads(settings), float(received_at), body, key_id.decode(), stitched)
 
 
 def with_settings(stored: bytes, settings_json: bytes) -> bytes:
     """A packed event with other settings (a replay after the customer fixed them), the rest kept."""
     event = unpack_event(stored)
-    return pack_event(settings_json, event.received_at, event.body, event.key_id)
+    return pack_event(settings_json, event.received_at, event.body, event.key_id, event.stitched)
 
 
 class Renderer:
@@ -87,6 +97,8 @@ class Renderer:
             document = orjson.loads(stored.body)
             now = datetime.fromtimestamp(stored.received_at, UTC)
             event = parse_event(document, stored.body, now, stored.settings.get("defaultCurrency"))
+            if stored.stitched:
+                apply(event, stored.stitched)
             found = (event, stored.settings)
             self._remember(self._events, event_key, found)
         return found

@@ -249,7 +249,8 @@ def test_key_limited_to_vendors_gets_403_naming_the_other_vendor(server: Segrela
 
 
 def test_skip_reasons_fit_the_event(server: Segrelay) -> None:
-    page = fresh({"type": "page", "userId": "u", "context": {"page": {"url": "https://e.com/"}}})
+    # A user never seen before: nothing remembered to stitch from.
+    page = fresh({"type": "page", "userId": uuid.uuid4().hex, "context": {"page": {"url": "https://e.com/"}}})
     body = assert_json(server.post(page, {"audiohookId": AUDIOHOOK_ID}), 200)
     (skip,) = body["postbacks"]
     assert skip["reason"] == "Audiohook: page has no ip and user agent (context.ip, context.userAgent)"

@@ -64,7 +64,8 @@ class DeliveryService:
                 metrics.CIRCUIT_OPEN.labels(vendor.slug).set(1 if self.deliverer.breakers[vendor.slug].is_open(now)
                                                              else 0)
             try:
-                await self.store.housekeeping(now=now, keep_seconds=self.config.idempotency_seconds)
+                await self.store.housekeeping(now=now, keep_seconds=self.config.idempotency_seconds,
+                                              max_identities=self.config.max_identities)
             except Exception:
                 log.exception("housekeeping error")
 

@@ -9,6 +9,9 @@ payload when they are sent. A job moves through: accepted (due now) -> leased (d
 -> completed (gone), retried (due later, attempts + 1), released (due now or later, attempts unchanged) or buried
 (dead letter). The event's payload goes when its last job is completed.
 
+Remembered identities (identity stitching, app/identity.py) live beside the queue: one sealed record per keyed hash
+of (tenant, userId or anonymousId), expiring on their own and bounded in number by housekeeping.
+
 Counters are kept incrementally in the same transactions (never counted by a scan): postbacks pending and dead
 per vendor, and bytes queued per tenant and in all, which bound the queue (`SEGRELAY_MAX_QUEUE_MB`).
 """
@@ -24,6 +27,16 @@ from app.keys import KeyRecord
 
 log = logging.getLogger("segrelay.store")
 ALL_TENANTS = "*"  # the bytes counter of every tenant together
+MAX_IDENTITIES = 1_000_000  # remembered identities kept at most (SEGRELAY_MAX_IDENTITIES); the oldest go first
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One remembered browser context, as stored: never the id itself, never in clear."""
+
+    key: str  # keyed hash of (tenant, kind, id): app/identity.py
+    record: bytes  # sealed
+    expires_at: float
 
 
 @dataclass(slots=True)
@@ -103,6 +116,7 @@ class Counts:
     pending: dict[str, int] = field(default_factory=dict)  # by vendor: not yet delivered or buried
     dead: dict[str, int] = field(default_factory=dict)  # by vendor
     queued_bytes: dict[str, int] = field(default_factory=dict)  # by tenant, and ALL_TENANTS
+    identities: int = 0  # remembered identities
 
 
 class StoreError(Exception):
@@ -126,12 +140,24 @@ class Store(Protocol):
     async def revoke_key(self, key_id: str) -> bool: ...
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = (), identities: Sequence[Identity] = ()) -> bool:
         """Remember (tenant, message_id) for ttl seconds, store the payload once and queue its jobs, atomically.
-        `skips` (vendor, reason) are kept for `trace` as long as the idempotency record.
+        `skips` (vendor, reason) are kept for `trace` as long as the idempotency record; `identities` are
+        remembered in the same write (as `remember` does), duplicate or not.
 
         False, and nothing stored, when the pair was already seen within its ttl.
         """
+        ...
+
+    async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
+        """The sealed records of these identity keys (None where none is remembered or it expired). A read that
+        the accept path makes: one round trip, no write lock."""
+        ...
+
+    async def remember(self, identities: Sequence[Identity]) -> None: ...
+
+    async def forget(self, keys: Sequence[str]) -> int:
+        """Delete these identities now; returns how many there were."""
         ...
 
     async def trace(self, message_id: str, tenant: str | None = None) -> list[Outcome]:
@@ -189,8 +215,10 @@ class Store(Protocol):
         """At boot: make the leases of a crashed predecessor due now, where the store cannot tell on its own."""
         ...
 
-    async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400) -> None:
-        """Periodic upkeep: expire idempotency records, recover expired leases where needed."""
+    async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400,
+                           max_identities: int = MAX_IDENTITIES) -> None:
+        """Periodic upkeep: expire idempotency records and identities, keep at most `max_identities` (the
+        oldest go), recover expired leases where needed. Bounded work per call."""
         ...
 
 

@@ -13,6 +13,8 @@ Layout (prefix `segrelay:`):
   counters              hash   pending:<vendor>, dead:<vendor>, bytes:<tenant>, bytes:* (kept by the scripts)
   settings              hash   API key id -> the latest settings its events came with (sealed): what replays use
   trace:<msg>           hash   tenant|vendor|target -> what became of that postback (JSON), expiring with `seen`
+  identity:<key>        string a remembered browser context (sealed), expiring on its own
+  identities            zset   identity keys by expiry time: how many there are, and which go first past the bound
 
 Accepting an event (idempotency record + event + jobs + counters) is one Lua script, so it is atomic; so are
 completing, retrying and burying a job. Needs one Redis primary (not Cluster) with AOF persistence; see the README.
@@ -33,8 +35,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.keys import KeyRecord
 from app.store import (
     ALL_TENANTS,
+    MAX_IDENTITIES,
     Counts,
     DeadLetter,
+    Identity,
     Job,
     NewJob,
     Outcome,
@@ -48,6 +52,8 @@ from handlers import VENDORS
 P = "segrelay:"
 GROUP = "workers"
 COUNTERS = P + "counters"
+IDENTITIES = P + "identities"
+HOUSEKEEPING_BATCH = 2000
 _ACCEPT = """
 local seen = redis.call('GET', KEYS[1])
 local now = tonumber(ARGV[1])
@@ -280,18 +286,53 @@ class RedisStore:
     # accept ----------------------------------------------------------------------------------------------
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = (), identities: Sequence[Identity] = ()) -> bool:
         args: list[Any] = [now, ttl, len(jobs), uuid.uuid4().hex, tenant, message_id, payload]
         for job in jobs:
             args += [uuid.uuid4().hex, job.vendor, job.target, job.event_name, job.batch_key]
         args.append(len(skips))
         for vendor, reason in skips:
             args += [vendor, reason]
+        keys = [f"{P}seen:{tenant}:{message_id}"]
         try:
-            result = await self._accept(keys=[f"{P}seen:{tenant}:{message_id}"], args=args)
+            if not identities:
+                result = await self._accept(keys=keys, args=args)
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    _remember(pipe, identities)
+                    await self._accept(keys=keys, args=args, client=pipe)
+                    result = (await pipe.execute())[-1]
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
         return bool(result)
+
+    # identities ----------------------------------------------------------------------------------------
+
+    async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
+        try:
+            found = await self.client.mget([f"{P}identity:{key}" for key in keys])
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
+        return [value if isinstance(value, bytes) else None for value in found]
+
+    async def remember(self, identities: Sequence[Identity]) -> None:
+        if not identities:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                _remember(pipe, identities)
+                await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
+
+    async def forget(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(*(f"{P}identity:{key}" for key in keys))
+            pipe.zrem(IDENTITIES, *keys)
+            gone, _ = await pipe.execute()
+        return int(gone)
 
     # queue ---------------------------------------------------------------------------------------------
 
@@ -429,7 +470,7 @@ class RedisStore:
             raw = await self.client.hgetall(COUNTERS)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
-        counts = Counts()
+        counts = Counts(identities=int(await self.client.zcard(IDENTITIES)))
         for name, value in raw.items():
             kind, _, key = _s(name).partition(":")
             {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = int(value)
@@ -439,13 +480,27 @@ class RedisStore:
     async def recover_leases(self, *, now: float) -> int:
         return 0  # XAUTOCLAIM takes over a dead replica's entries once they are idle past the lease time
 
-    async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400) -> None:
-        """Forget consumers (replicas) that are gone: idle for an hour with nothing pending."""
+    async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400,
+                           max_identities: int = MAX_IDENTITIES) -> None:
+        """Drop expired identities from their index (the records expire on their own) and the oldest past the
+        bound; forget consumers (replicas) that are gone: idle for an hour with nothing pending."""
+        await self.client.zremrangebyscore(IDENTITIES, "-inf", now)
+        excess = min(int(await self.client.zcard(IDENTITIES)) - max_identities, HOUSEKEEPING_BATCH)
+        if excess > 0:
+            popped: list[tuple[bytes, float]] = await self.client.zpopmin(IDENTITIES, excess)  # type: ignore[assignment]
+            oldest = [_s(member) for member, _ in popped]
+            await self.client.delete(*(f"{P}identity:{key}" for key in oldest))
         for vendor in VENDORS:
             stream = await self._group(vendor.slug)
             for consumer in await self.client.xinfo_consumers(stream, GROUP):
                 if int(consumer["pending"]) == 0 and int(consumer["idle"]) > 3_600_000:
                     await self.client.xgroup_delconsumer(stream, GROUP, consumer["name"])
+
+
+def _remember(pipe: Any, identities: Sequence[Identity]) -> None:
+    for identity in identities:
+        pipe.set(f"{P}identity:{identity.key}", identity.record, pxat=max(1, int(identity.expires_at * 1000)))
+    pipe.zadd(IDENTITIES, {identity.key: identity.expires_at for identity in identities})
 
 
 def _status(status: int | None) -> str:

@@ -33,8 +33,10 @@ from typing import Any, TypeVar
 from app.keys import KeyRecord
 from app.store import (
     ALL_TENANTS,
+    MAX_IDENTITIES,
     Counts,
     DeadLetter,
+    Identity,
     Job,
     NewJob,
     Outcome,
@@ -80,6 +82,9 @@ CREATE TABLE IF NOT EXISTS outcomes (
     at REAL NOT NULL, PRIMARY KEY (message_id, tenant, vendor, target)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outcomes_age ON outcomes (at);
 CREATE TABLE IF NOT EXISTS key_settings (key_id TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (key TEXT PRIMARY KEY, record BLOB NOT NULL, expires_at REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS identities_expiry ON identities (expires_at);
 """
 _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message_id, j.event_name, j.batch_key,"
                " e.payload, j.attempts, j.created_at, j.size FROM jobs j JOIN events e ON e.id = j.event_id")
@@ -98,6 +103,7 @@ class SQLiteStore:
         _private_file(self.path)
         self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._conn = self._connect()
+        self._readers = threading.local()  # one read-only connection per thread that reads (recall)
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
         self.commits = 0  # transactions committed (group commit makes this much smaller than operations)
@@ -175,6 +181,16 @@ class SQLiteStore:
                 results.append((fut, value, None))
         return results
 
+    def _reader(self) -> sqlite3.Connection:
+        """A connection for point reads on the caller's own thread: WAL readers never wait for the writer."""
+        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                                   timeout=1.0, check_same_thread=False)
+            conn.execute("PRAGMA mmap_size=268435456")
+            self._readers.conn = conn
+        return conn
+
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._thread.is_alive():
             raise StoreError("sqlite store is closed")
@@ -191,6 +207,10 @@ class SQLiteStore:
         return []  # WAL with synchronous=FULL on the HTTP process: set here, not by the operator
 
     async def close(self) -> None:
+        reader = getattr(self._readers, "conn", None)
+        if reader is not None:
+            reader.close()
+            self._readers.conn = None
         if self._thread.is_alive():
             self._ops.put(_Stop())
             await asyncio.to_thread(self._thread.join)
@@ -217,7 +237,7 @@ class SQLiteStore:
         return count > 0
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = (), identities: Sequence[Identity] = ()) -> bool:
         size = len(payload)
         bumps = [(f"pending:{v}", n) for v, n in Counter(j.vendor for j in jobs).items()]
         bumps += [(f"bytes:{tenant}", size * len(jobs)), (f"bytes:{ALL_TENANTS}", size * len(jobs))]
@@ -238,7 +258,27 @@ class SQLiteStore:
                 c.executemany(_BUMP, bumps)
                 c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, '', 'skipped', NULL, ?, 0, ?)",
                               [(message_id, tenant, vendor, reason, now) for vendor, reason in skips])
+            _remember(c, identities)
             return bool(fresh)
+        return await self._call(op)
+
+    async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
+        conn = self._reader()
+        found = {}
+        for key in keys:
+            row = conn.execute("SELECT record FROM identities WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
+            found[key] = bytes(row[0]) if row else None
+        return [found[key] for key in keys]
+
+    async def remember(self, identities: Sequence[Identity]) -> None:
+        if identities:
+            await self._call(lambda c: _remember(c, identities))
+
+    async def forget(self, keys: Sequence[str]) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            gone = sum(c.execute("DELETE FROM identities WHERE key = ?", (key,)).rowcount for key in set(keys))
+            c.execute(_BUMP, ("identities", -gone))
+            return gone
         return await self._call(op)
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
@@ -358,7 +398,10 @@ class SQLiteStore:
         counts = Counts()
         for name, value in rows:
             kind, _, key = name.partition(":")
-            {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = value
+            if kind == "identities":
+                counts.identities = value
+            else:
+                {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = value
         return counts
 
     async def oldest_due(self, *, now: float) -> dict[str, float]:
@@ -371,8 +414,17 @@ class SQLiteStore:
             return ages
         return await self._call(op)
 
-    async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400) -> None:
+    async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400,
+                           max_identities: int = MAX_IDENTITIES) -> None:
         def op(c: sqlite3.Connection) -> None:
+            expired = c.execute("DELETE FROM identities WHERE key IN (SELECT key FROM identities WHERE expires_at <= ?"
+                                " LIMIT ?)", (now, HOUSEKEEPING_BATCH)).rowcount
+            row = c.execute("SELECT value FROM counters WHERE name = 'identities'").fetchone()
+            excess = min(max(0, (row[0] if row else 0) - expired - max_identities), HOUSEKEEPING_BATCH)
+            evicted = c.execute("DELETE FROM identities WHERE key IN (SELECT key FROM identities ORDER BY expires_at"
+                                " LIMIT ?)", (excess,)).rowcount if excess else 0
+            if expired or evicted:
+                c.execute(_BUMP, ("identities", -expired - evicted))
             c.execute("DELETE FROM seen WHERE (tenant, message_id) IN"
                       " (SELECT tenant, message_id FROM seen WHERE expires_at <= ? LIMIT ?)", (now, HOUSEKEEPING_BATCH))
             c.execute("DELETE FROM outcomes WHERE (message_id, tenant, vendor, target) IN (SELECT message_id, tenant,"
@@ -383,6 +435,20 @@ class SQLiteStore:
         """At boot of the delivery process: leases held by a previous (dead) one become due now."""
         return await self._call(lambda c: c.execute(
             "UPDATE jobs SET leased = 0, due_at = ? WHERE leased = 1 AND dead = 0", (now,)).rowcount)
+
+
+def _remember(c: sqlite3.Connection, identities: Sequence[Identity]) -> None:
+    """Insert or replace each record, counting the new ones (no count(*) needed to bound them)."""
+    added = 0
+    for identity in identities:
+        if c.execute("INSERT OR IGNORE INTO identities VALUES (?, ?, ?)",
+                     (identity.key, identity.record, identity.expires_at)).rowcount:
+            added += 1
+        else:
+            c.execute("UPDATE identities SET record = ?, expires_at = ? WHERE key = ?",
+                      (identity.record, identity.expires_at, identity.key))
+    if added:
+        c.execute(_BUMP, ("identities", added))
 
 
 def _leaving(jobs: Iterable[Job]) -> list[tuple[str, int]]:
