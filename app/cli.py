@@ -1,4 +1,4 @@
-"""The `segrelay` command: serve, keys, translate, dlq, queue."""
+"""The `segrelay` command: serve, deliver, keys, translate, dlq, trace, identities, queue, check, stub."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from app.config import DEFAULT_STORE, Config, ConfigError, vendor_urls
 from app.crypto import KeyHasher, Sealer
 from app.errors import ContractError
 from app.event import parse_event
+from app.identity import Context, IdentityBook, stitch
 from app.keys import new_key
 from app.outgoing import preview
 from app.settings import resolve
@@ -93,9 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", help="the key's id (the part after sr_, as `keys list` shows it)")
     revoke.set_defaults(run=cmd_keys_revoke)
 
-    tr = sub.add_parser("translate", help="print what an event would become, without sending anything")
+    tr = sub.add_parser("translate", help="print what events would become, without sending anything",
+                        description="Print what each event would become for each vendor enabled by --settings. A file "
+                                    "of several events (a JSON array or JSON lines) is read in order, stitching "
+                                    "identities across them as the server would (in memory; no store is used).")
     tr.add_argument("--settings", default="{}", help="destination settings: JSON text or a JSON file")
-    tr.add_argument("event", nargs="?", default="-", help="Segment event JSON file, or - for stdin")
+    tr.add_argument("event", nargs="?", default="-", help="a Segment event as JSON, a JSON array of events or JSON "
+                                                          "lines, in a file or - for stdin")
     tr.set_defaults(run=cmd_translate)
 
     dlq = sub.add_parser("dlq", help="dead letters: postbacks a vendor refused or that ran out of retries")
@@ -135,6 +140,16 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--tenant", default=None, help="only this tenant's event of that messageId")
     trace.add_argument("--json", action="store_true", help="print a JSON array")
     trace.set_defaults(run=cmd_trace)
+
+    ids = sub.add_parser("identities", help="remembered browser contexts (identity stitching)")
+    ids_sub = ids.add_subparsers(required=True, metavar="ACTION")
+    forget = ids_sub.add_parser("forget", help="delete what is remembered of one person now (and of the ids linked "
+                                               "to it), e.g. for a deletion request")
+    forget.add_argument("--tenant", required=True, help="the tenant of the API key the person's events came with")
+    who = forget.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id", help="the person's userId, exactly as sent")
+    who.add_argument("--anonymous-id", help="an anonymousId, exactly as sent")
+    forget.set_defaults(run=cmd_identities_forget)
 
     queue = sub.add_parser("queue", help="the delivery queue")
     queue_sub = queue.add_subparsers(required=True, metavar="ACTION")
@@ -406,19 +421,52 @@ def cmd_translate(args: argparse.Namespace) -> int:
     try:
         raw_settings = _settings_arg(args.settings)
         raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
-        document = orjson.loads(raw)
+        documents = _events_arg(raw)
     except (ValueError, OSError) as exc:
         print(f"segrelay: {exc}", file=sys.stderr)
         return 2
+    remembered: dict[str, Context] = {}  # identity stitching across the file's events, in memory
+    results, failed = [], False
+    for document in documents:
+        body = orjson.dumps(document) if len(documents) > 1 else raw
+        try:
+            settings = resolve(raw_settings)
+            event = parse_event(document, body, datetime.now(UTC), settings.get("defaultCurrency"))
+            vendors = active_vendors(settings)
+            if settings.get("identityStitching"):
+                keys = [k for k in (event.user_id and f"user:{event.user_id}",
+                                    event.anonymous_id and f"anonymous:{event.anonymous_id}") if k]
+                _, updates = stitch(event, keys, [remembered.get(k) for k in keys], now=time.time())
+                remembered.update(updates)
+            translation = translate(event, settings, vendors)
+        except ContractError as exc:
+            results.append({"status": exc.status_code, "message": exc.message})
+            failed = True
+            continue
+        result: dict[str, Any] = preview(translation.postbacks, translation.skips, urls)
+        if event.stitched:
+            result["stitched"] = event.stitched
+        if event.warnings:
+            result["warnings"] = event.warnings
+        results.append(result)
+    _dump(results if len(documents) > 1 else results[0])
+    return 1 if failed else 0
+
+
+def _events_arg(raw: bytes) -> list[Any]:
+    """One event, a JSON array of events, or JSON lines (one event per line)."""
     try:
-        settings = resolve(raw_settings)
-        event = parse_event(document, raw, datetime.now(UTC), settings.get("defaultCurrency"))
-        translation = translate(event, settings, active_vendors(settings))
-    except ContractError as exc:
-        _dump({"status": exc.status_code, "message": exc.message})
-        return 1
-    _dump(preview(translation.postbacks, translation.skips, urls))
-    return 0
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        lines = [line for line in raw.splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise
+        return [orjson.loads(line) for line in lines]
+    if isinstance(document, list):
+        if not document:
+            raise ValueError("the file holds an empty list of events")
+        return document
+    return [document]
 
 
 # dlq and queue ------------------------------------------------------------------------------------------
@@ -509,6 +557,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
         detail = f"  {o.detail[:120]}" if o.detail else ""
         print(f"{o.tenant:<14}{o.vendor:<15}{o.target or '-':<13}{o.state:<11}{o.attempts:>8}  "
               f"{o.status if o.status is not None else '-'!s:<7}{when}{detail}")
+    return 0
+
+
+def cmd_identities_forget(args: argparse.Namespace) -> int:
+    config = _existing_store_config()
+
+    async def forget(store: Store) -> int:
+        book = IdentityBook(store, Sealer(config.secret), config.secret, ttl_seconds=config.identity_ttl_days * 86_400)
+        return await book.forget(args.tenant.strip(), user_id=args.user_id, anonymous_id=args.anonymous_id)
+    gone = _with_store(config, forget)
+    who = f"userId {args.user_id!r}" if args.user_id else f"anonymousId {args.anonymous_id!r}"
+    print(f"forgot {gone} remembered identit{'y' if gone == 1 else 'ies'} of {who} (tenant {args.tenant.strip()}) "
+          f"and the ids linked to it")
     return 0
 
 

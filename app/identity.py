@@ -2,17 +2,18 @@
 
 A purchase sent from a backend (analytics-python, a CRM, a webhook) has no ip, user agent or page url, so the
 attribution vendors could not credit it. For each tenant, segrelay remembers per `userId` and per `anonymousId`
-the latest browser context seen on any event (ip, user agent, page url, referrer, campaign, email, and when), and
-an event lacking some of them gets them from its `userId`'s record, else its `anonymousId`'s, before the vendors'
-rules run. An event carrying both ids (identify, and every call analytics.js makes after it) links them: the
-merged context is remembered under both.
+the latest browser context seen on any event (ip, user agent, page url, referrer, campaign, email, the browser's
+anonymousId, and when), and an event lacking some of them gets them from its `userId`'s record, else its
+`anonymousId`'s, before the vendors' rules run. An event carrying both ids (identify, and every call analytics.js
+makes after it) links them: the merged context is remembered under both.
 
 Privacy: records are keyed by an HMAC of (tenant, kind, id) under a key derived from the server secret (the id is
 never stored, and one tenant can never read another's), sealed like payloads (AES-GCM), expire after
 `SEGRELAY_IDENTITY_TTL_DAYS` and are bounded in number (`SEGRELAY_MAX_IDENTITIES`). `segrelay identities forget`
 deletes one person's records. The setting `identityStitching: false` turns it off for a destination.
 
-The pure part (`observed`, `fill`, `apply`, `merged`) has no I/O; `IdentityBook` reads and writes the store.
+The pure part (`stitch` and its helpers) has no I/O: `segrelay translate` runs it over a file of events in memory;
+`IdentityBook` reads and writes the store for the accept path.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ FIELDS = {
     "page_url": "context.page.url",
     "referrer": "context.page.referrer",
     "email": "email",
+    "anonymous_id": "anonymousId",  # a server-side event then names the browser's visitor, as the pixel saw it
 }
 CAMPAIGN = "context.campaign"
 UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
@@ -113,15 +115,37 @@ def described(filled: Mapping[str, Any]) -> list[str]:
 
 
 def merged(newest: Context, *older: Context | None, seen: float, links: Sequence[str] = ()) -> Context:
-    """Newest values win; links are kept, most recent last, up to MAX_LINKS."""
-    result = Context(seen=seen)
+    """Values and campaign: the newest non-empty wins. Links are the caller's (never inherited from another id's
+    record, so forgetting one person never reaches another), most recent last, up to MAX_LINKS."""
+    result = Context(seen=seen, links=list(dict.fromkeys(reversed(links)))[::-1][-MAX_LINKS:])
     for context in reversed([c for c in (newest, *older) if c is not None]):
         result.values.update(context.values)
         result.campaign = context.campaign or result.campaign
-        result.links = [link for link in result.links if link not in context.links] + context.links
-    result.links = [link for link in result.links if link not in links] + list(links)
-    result.links = result.links[-MAX_LINKS:]
     return result
+
+
+def stitch(event: Event, keys: Sequence[str], records: Sequence[Context | None], *,
+           now: float) -> tuple[dict[str, Any], list[tuple[str, Context]]]:
+    """Fill the event from the records of its ids (userId's first), and say what to remember under each key.
+
+    Each id's record becomes: the event's own context over that id's record over the linked id's, linked to
+    the other ids of the event. Unchanged records are not written again unless older than REFRESH_SECONDS.
+    """
+    own = observed(event)
+    filled = fill(event, records)
+    if filled:
+        apply(event, filled)
+    updates = []
+    for index, key in enumerate(keys):
+        previous = records[index]
+        others = [record for i, record in enumerate(records) if i != index]
+        links = [link for link in (previous.links if previous else []) if link not in keys]
+        context = merged(own, previous, *others, seen=now, links=links + [k for k in keys if k != key])
+        if previous is not None and context.same_as(previous) and now - previous.seen < REFRESH_SECONDS:
+            continue
+        if context.values or context.campaign or context.links:
+            updates.append((key, context))
+    return filled, updates
 
 
 @dataclass(slots=True)
@@ -150,42 +174,29 @@ class IdentityBook:
 
     async def stitch(self, tenant: str, event: Event, *, now: float, remember: bool = True) -> Stitch:
         """Fill the event from what is remembered for its ids; say what to remember of it."""
-        keys = []
-        if event.user_id:
-            keys.append(self.keys.key(tenant, "user", event.user_id))
-        if event.anonymous_id:
-            keys.append(self.keys.key(tenant, "anonymous", event.anonymous_id))
-        records = [self._open(r) for r in await self.store.recall(keys, now=now)]
-        own = observed(event)
-        filled = fill(event, records)
-        if filled:
-            apply(event, filled)
+        keys = self._keys(tenant, event.user_id, event.anonymous_id)
+        records = [self._open(r) for r in await self.store.recall(keys, now=now)] if keys else []
+        filled, updates = stitch(event, keys, records, now=now)
         if not remember:
             return Stitch(filled, [])
-        writes = []
-        for index, key in enumerate(keys):
-            others = [k for k in keys if k != key]
-            # This id's record: the event's own context over this id's record, over the linked id's.
-            context = merged(own, records[index], *(r for i, r in enumerate(records) if i != index), seen=now,
-                             links=others)
-            previous = records[index]
-            if previous is not None and context.same_as(previous) and now - previous.seen < REFRESH_SECONDS:
-                continue
-            if not context.values and not context.campaign and not context.links:
-                continue  # nothing worth remembering
-            writes.append(Identity(key, self.sealer.seal(context.pack()), now + self.ttl))
-        return Stitch(filled, writes)
+        return Stitch(filled, [Identity(key, self.sealer.seal(context.pack()), now + self.ttl)
+                               for key, context in updates])
 
     async def forget(self, tenant: str, *, user_id: str | None = None, anonymous_id: str | None = None) -> int:
         """Delete what is remembered for this id and for the ids linked to it."""
+        keys = self._keys(tenant, user_id, anonymous_id)
+        linked = [link for record in await self.store.recall(keys, now=0.0)
+                  if (context := self._open(record)) is not None for link in context.links]
+        return await self.store.forget(list(dict.fromkeys(keys + linked)))
+
+    def _keys(self, tenant: str, user_id: str | None, anonymous_id: str | None) -> list[str]:
+        """The event's identity keys, userId's first."""
         keys = []
         if user_id:
             keys.append(self.keys.key(tenant, "user", user_id))
         if anonymous_id:
             keys.append(self.keys.key(tenant, "anonymous", anonymous_id))
-        linked = [link for record in await self.store.recall(keys, now=0.0)
-                  if (context := self._open(record)) is not None for link in context.links]
-        return await self.store.forget(list(dict.fromkeys(keys + linked)))
+        return keys
 
     def _open(self, record: bytes | None) -> Context | None:
         if record is None:

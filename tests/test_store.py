@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from app.keys import KeyRecord
-from app.store import NewJob, Store, open_store
+from app.store import Identity, NewJob, Store, open_store
 
 
 @pytest.fixture
@@ -233,3 +233,39 @@ async def test_trace_follows_each_postback_of_one_event(store: Store) -> None:
     assert (dead.state, dead.status, dead.detail) == ("dead", 400, "bad pixel")
     assert got[("segmentstream", "")].detail == "no data stream id"
     assert await store.trace("unknown") == []
+
+
+# Remembered identities (identity stitching) -----------------------------------------------------------------
+
+
+async def test_identities_remember_recall_and_forget(store: Store) -> None:
+    now = time.time()
+    assert await store.recall(["k1", "k2"], now=now) == [None, None]
+    await store.remember([Identity("k1", b"sealed-1", now + 60), Identity("k2", b"sealed-2", now + 60)])
+    assert await store.recall(["k2", "missing", "k1"], now=now) == [b"sealed-2", None, b"sealed-1"]
+    await store.remember([Identity("k1", b"newer", now + 120)])  # replaced, not added
+    assert await store.recall(["k1"], now=now) == [b"newer"]
+    assert (await store.counts()).identities == 2
+    assert await store.forget(["k1", "nothing"]) == 1
+    assert await store.recall(["k1", "k2"], now=now) == [None, b"sealed-2"]
+    assert (await store.counts()).identities == 1
+
+
+async def test_identities_ride_along_with_accept_even_for_a_duplicate(store: Store) -> None:
+    now = time.time()
+    assert await store.accept("acme", "m1", b"p", [job()], now=now, ttl=60,
+                              identities=[Identity("a", b"first", now + 60)])
+    assert not await store.accept("acme", "m1", b"p", [job()], now=now, ttl=60,
+                                  identities=[Identity("a", b"second", now + 60)])
+    assert await store.recall(["a"], now=now) == [b"second"]
+    assert await pending(store) == 1
+
+
+async def test_identities_expire_and_are_bounded_oldest_first(store: Store) -> None:
+    now = time.time()
+    await store.remember([Identity("gone", b"x", now - 1)])
+    assert await store.recall(["gone"], now=now) == [None]
+    await store.remember([Identity(f"k{i}", b"x", now + 100 + i) for i in range(5)])
+    await store.housekeeping(now=now, max_identities=3)
+    assert (await store.counts()).identities == 3
+    assert await store.recall([f"k{i}" for i in range(5)], now=now) == [None, None, b"x", b"x", b"x"]
