@@ -7,7 +7,7 @@ anonymousId, and when), and an event lacking some of them gets them from its `us
 `anonymousId`'s, before the vendors' rules run. An event carrying both ids (identify, and every call analytics.js
 makes after it) links them: the merged context is remembered under both.
 
-Privacy: records are keyed by an HMAC of (tenant, kind, id) under a key derived from the server secret (the id is
+Privacy: records are keyed by a keyed hash of (tenant, kind, id) under a key derived from the server secret (the id is
 never stored, and one tenant can never read another's), sealed like payloads (AES-GCM), expire after
 `SEGRELAY_IDENTITY_TTL_DAYS` and are bounded in number (`SEGRELAY_MAX_IDENTITIES`). `segrelay identities forget`
 deletes one person's records. The setting `identityStitching: false` turns it off for a destination.
@@ -18,9 +18,10 @@ The pure part (`stitch` and its helpers) has no I/O: `segrelay translate` runs i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import hmac
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,9 @@ CAMPAIGN = "context.campaign"
 UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
 MAX_LINKS = 8  # ids of the other kind remembered per record (for `forget`)
 REFRESH_SECONDS = 86_400.0  # an unchanged record is written again (its expiry pushed back) at most this often
+FLUSH_SECONDS = 0.25  # what events teach is written in batches this often
+CACHE_SIZE = 20_000  # contexts kept in memory per process (about 1 KB each)
+CACHE_SECONDS = 5.0  # ...and trusted this long before the store is asked again (SEGRELAY_IDENTITY_CACHE_SECONDS)
 
 
 @dataclass(slots=True)
@@ -117,10 +121,12 @@ def described(filled: Mapping[str, Any]) -> list[str]:
 def merged(newest: Context, *older: Context | None, seen: float, links: Sequence[str] = ()) -> Context:
     """Values and campaign: the newest non-empty wins. Links are the caller's (never inherited from another id's
     record, so forgetting one person never reaches another), most recent last, up to MAX_LINKS."""
-    result = Context(seen=seen, links=list(dict.fromkeys(reversed(links)))[::-1][-MAX_LINKS:])
-    for context in reversed([c for c in (newest, *older) if c is not None]):
-        result.values.update(context.values)
-        result.campaign = context.campaign or result.campaign
+    kept = list(links) if len(set(links)) == len(links) else list(dict.fromkeys(reversed(links)))[::-1]
+    result = Context({}, {}, seen, kept[-MAX_LINKS:])
+    for context in (*reversed(older), newest):
+        if context is not None:
+            result.values.update(context.values)
+            result.campaign = context.campaign or result.campaign
     return result
 
 
@@ -139,8 +145,12 @@ def stitch(event: Event, keys: Sequence[str], records: Sequence[Context | None],
     for index, key in enumerate(keys):
         previous = records[index]
         others = [record for i, record in enumerate(records) if i != index]
+        other_keys = [k for k in keys if k != key]
+        if previous is not None and now - previous.seen < REFRESH_SECONDS and _covers(previous, own, others,
+                                                                                      other_keys):
+            continue  # a returning visitor with nothing new: the common case, decided without building a record
         links = [link for link in (previous.links if previous else []) if link not in keys]
-        context = merged(own, previous, *others, seen=now, links=links + [k for k in keys if k != key])
+        context = merged(own, previous, *others, seen=now, links=links + other_keys)
         if previous is not None and context.same_as(previous) and now - previous.seen < REFRESH_SECONDS:
             continue
         if context.values or context.campaign or context.links:
@@ -148,46 +158,127 @@ def stitch(event: Event, keys: Sequence[str], records: Sequence[Context | None],
     return filled, updates
 
 
-@dataclass(slots=True)
-class Stitch:
-    filled: dict[str, Any]  # stored with the event so that delivery renders the same bodies
-    writes: list[Identity]  # what to remember (with the event's accept, or on its own)
+def _covers(previous: Context, own: Context, others: Sequence[Context | None], other_keys: Sequence[str]) -> bool:
+    """Whether `previous` already holds all that merging would give it (then nothing needs writing)."""
+    values = previous.values
+    if any(values.get(name) != value for name, value in own.values.items()):
+        return False
+    if own.campaign and own.campaign != previous.campaign:
+        return False
+    if any(key not in previous.links for key in other_keys):
+        return False
+    for other in others:
+        if other is not None and (any(name not in values for name in other.values)
+                                  or (other.campaign and not previous.campaign)):
+            return False
+    return True
 
 
 class IdentityKeys:
-    """Keyed hashes of (tenant, kind, id): the id itself is never stored, and tenants never meet."""
+    """Keyed hashes (BLAKE2b with a key derived from the server secret, 128 bits) of (tenant, kind, id): the id
+    itself is never stored, and tenants never meet."""
 
     def __init__(self, secret: bytes) -> None:
         self._key = derive(secret, b"identity/v1")
 
     def key(self, tenant: str, kind: str, value: str) -> str:
-        message = f"{tenant}\0{kind}\0{value}".encode()
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()[:40]
+        return hashlib.blake2b(f"{tenant}\0{kind}\0{value}".encode(), digest_size=16, key=self._key).hexdigest()
 
 
 class IdentityBook:
-    """Reads and writes remembered contexts in the store for the accept path, `forget` for operators."""
+    """Reads and writes remembered contexts in the store: for the accept path, and `forget` for operators.
 
-    def __init__(self, store: Store, sealer: Sealer, secret: bytes, *, ttl_seconds: float) -> None:
-        self.store, self.sealer, self.ttl = store, sealer, ttl_seconds
+    Writes are behind: what an event teaches is kept in memory (the latest per key) and written in one batch every
+    FLUSH_SECONDS, off the answer's path; this process's own look-ups see it at once, other replicas within
+    FLUSH_SECONDS. A crash may lose that last fraction of a second of remembered context, never an event.
+    Reads go to the store only for keys this process has not read or written in the last `cache_seconds`.
+    """
+
+    def __init__(self, store: Store, sealer: Sealer, secret: bytes, *, ttl_seconds: float,
+                 flush_seconds: float = FLUSH_SECONDS, cache_seconds: float = CACHE_SECONDS,
+                 timeout: float = 3.0) -> None:
+        self.store, self.sealer, self.ttl, self.flush_seconds = store, sealer, ttl_seconds, flush_seconds
+        self.cache_seconds, self.timeout = cache_seconds, timeout
         self.keys = IdentityKeys(secret)
+        self._pending: dict[str, tuple[Context, float]] = {}  # key -> (context, expires at): sealed when written
+        self._flusher: asyncio.Task[None] | None = None
+        # Recently seen contexts (a returning visitor's events come in bursts): key -> (context, when cached).
+        self._recent: OrderedDict[str, tuple[Context, float]] = OrderedDict()
 
-    async def stitch(self, tenant: str, event: Event, *, now: float, remember: bool = True) -> Stitch:
-        """Fill the event from what is remembered for its ids; say what to remember of it."""
+    async def stitch(self, tenant: str, event: Event, *, now: float, remember: bool = True) -> dict[str, Any]:
+        """Fill the event from what is remembered for its ids, and remember what it teaches. Returns what was
+        filled (stored with the event, so that delivery renders the same bodies)."""
         keys = self._keys(tenant, event.user_id, event.anonymous_id)
-        records = [self._open(r) for r in await self.store.recall(keys, now=now)] if keys else []
+        if not keys:
+            return {}
+        records = [self._known(key, now) for key in keys]
+        if None in records:
+            async with asyncio.timeout(self.timeout):  # TimeoutError: the caller answers 503
+                stored = await self.store.recall(keys, now=now)
+            for index, record in enumerate(stored):
+                if records[index] is None and (context := self._open(record)) is not None:
+                    records[index] = context
+                    self._cache(keys[index], context, now)
         filled, updates = stitch(event, keys, records, now=now)
-        if not remember:
-            return Stitch(filled, [])
-        return Stitch(filled, [Identity(key, self.sealer.seal(context.pack()), now + self.ttl)
-                               for key, context in updates])
+        if remember and updates:
+            for key, context in updates:
+                self._pending[key] = (context, now + self.ttl)
+                self._cache(key, context, now)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush_later(), name="identity-flush")
+        return filled
+
+    def _known(self, key: str, now: float) -> Context | None:
+        """What this process wrote or read lately: read again from the store after `cache_seconds`, since other
+        replicas may have learned more, or `identities forget` deleted it."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending[0]
+        recent = self._recent.get(key)
+        if recent is not None and now - recent[1] < self.cache_seconds:
+            return recent[0]
+        return None
+
+    def _cache(self, key: str, context: Context, now: float) -> None:
+        self._recent[key] = (context, now)
+        self._recent.move_to_end(key)
+        if len(self._recent) > CACHE_SIZE:
+            self._recent.popitem(last=False)
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.flush_seconds)
+        await self.flush()
+
+    async def close(self) -> None:
+        """Write what is pending, and stop the timer."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is pending (at shutdown too). On a store error the batch waits for the next event."""
+        batch, self._pending = self._pending, {}
+        if not batch:
+            return
+        try:
+            await self.store.remember([Identity(key, self.sealer.seal(context.pack()), expires_at)
+                                       for key, (context, expires_at) in batch.items()])
+        except Exception:
+            for key, value in batch.items():
+                self._pending.setdefault(key, value)
+            log.warning("could not write remembered identities; kept for the next try", exc_info=True)
 
     async def forget(self, tenant: str, *, user_id: str | None = None, anonymous_id: str | None = None) -> int:
         """Delete what is remembered for this id and for the ids linked to it."""
         keys = self._keys(tenant, user_id, anonymous_id)
         linked = [link for record in await self.store.recall(keys, now=0.0)
                   if (context := self._open(record)) is not None for link in context.links]
-        return await self.store.forget(list(dict.fromkeys(keys + linked)))
+        doomed = list(dict.fromkeys(keys + linked))
+        for key in doomed:
+            self._pending.pop(key, None)
+            self._recent.pop(key, None)
+        return await self.store.forget(doomed)
 
     def _keys(self, tenant: str, user_id: str | None, anonymous_id: str | None) -> list[str]:
         """The event's identity keys, userId's first."""

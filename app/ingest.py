@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +20,7 @@ from app.config import Config
 from app.crypto import Sealer
 from app.errors import BadRequestError, ContractError, UnavailableError
 from app.event import call_type, parse_event
-from app.identity import IdentityBook, Stitch
+from app.identity import IdentityBook
 from app.keys import KeyRecord
 from app.outgoing import preview
 from app.settings import from_header, settings_json
@@ -78,11 +77,32 @@ class Backpressure:
         self.queued[ALL_TENANTS] = self.queued.get(ALL_TENANTS, 0) + size
 
 
+class StoreDeadline:
+    """A store call that takes longer than SEGRELAY_ACCEPT_TIMEOUT_SECONDS is a 503 (a class: cheaper per request
+    than a generator-based context manager)."""
+
+    __slots__ = ("_timeout",)
+
+    def __init__(self, seconds: float) -> None:
+        self._timeout = asyncio.timeout(seconds)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            await self._timeout.__aexit__(kind, exc, tb)
+        except TimeoutError:
+            raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
+
+
 class Ingest:
     def __init__(self, config: Config, store: Store, sealer: Sealer, authenticator: Authenticator,
                  backpressure: Backpressure, notify: Callable[[str], None]) -> None:
         self.config, self.store, self.sealer = config, store, sealer
-        self.identities = IdentityBook(store, sealer, config.secret, ttl_seconds=config.identity_ttl_days * 86_400)
+        self.identities = IdentityBook(store, sealer, config.secret, ttl_seconds=config.identity_ttl_days * 86_400,
+                                       cache_seconds=config.identity_cache_seconds,
+                                       timeout=config.accept_timeout_seconds)
         self.authenticator, self.backpressure, self.notify = authenticator, backpressure, notify
         self.draining = False
         self._settings_saved: dict[str, str | None] = {}  # key id -> the settings header last saved for it
@@ -116,10 +136,12 @@ class Ingest:
         event = parse_event(document, body, datetime.fromtimestamp(now, UTC), settings.get("defaultCurrency"))
         vendors = active_vendors(settings, key.vendors)
         dry_run = bool(settings.get("dryRun"))
-        stitch = Stitch({}, [])
+        stitched: dict[str, Any] = {}
         if settings.get("identityStitching"):
-            async with self._store_deadline():
-                stitch = await self.identities.stitch(key.tenant, event, now=now, remember=not dry_run)
+            try:
+                stitched = await self.identities.stitch(key.tenant, event, now=now, remember=not dry_run)
+            except TimeoutError:
+                raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
         if dry_run:
             return Answer(200, self._dry_run(translate(event, settings, vendors), event.stitched), kind)
         routing = route(event, settings, vendors)
@@ -133,23 +155,19 @@ class Ingest:
             answer["warning"] = ("No vendor is configured in this destination's settings: set "
                                  "segmentstreamApiToken, tracifyApiToken and tracifyCustomerSiteId, or audiohookId")
         if not routing.targets:
-            if stitch.writes:  # an identify links ids even when no vendor takes it
-                async with self._store_deadline():
-                    await self.store.remember(stitch.writes)
             _count(routing)
             return Answer(200, answer, kind)
-        payload = self.sealer.seal(pack_event(settings_json(settings_header), now, body, key.key_id, stitch.filled))
+        payload = self.sealer.seal(pack_event(settings_json(settings_header), now, body, key.key_id, stitched))
         queued = len(payload) * len(routing.targets)
         self.backpressure.check(key.tenant, queued)
         name = event.event_name or event.type
         jobs = [NewJob(t.vendor, t.target, name, t.batch_key) for t in routing.targets]
         # Segment gives up after ~10 s: answer 503 well before. If the write still lands later, Segment's retry of
         # this messageId is answered as a duplicate, so the event is kept exactly once.
-        async with self._store_deadline():
+        async with StoreDeadline(self.config.accept_timeout_seconds):
             fresh = await self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
                                             ttl=self.config.idempotency_seconds,
-                                            skips=[(k.vendor, k.reason) for k in routing.skips],
-                                            identities=stitch.writes)
+                                            skips=[(k.vendor, k.reason) for k in routing.skips])
         if not fresh:
             metrics.DUPLICATES.inc()
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
@@ -176,15 +194,6 @@ class Ingest:
         task = asyncio.create_task(save())
         self._saving.add(task)
         task.add_done_callback(self._saving.discard)
-
-    @contextlib.asynccontextmanager
-    async def _store_deadline(self) -> AsyncIterator[None]:
-        """A store call that takes longer than SEGRELAY_ACCEPT_TIMEOUT_SECONDS is a 503."""
-        try:
-            async with asyncio.timeout(self.config.accept_timeout_seconds):
-                yield
-        except TimeoutError:
-            raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
 
     def _dry_run(self, translation: Translation, stitched: list[str]) -> dict[str, Any]:
         shown = preview(translation.postbacks, translation.skips, self.config.vendor_urls)

@@ -135,6 +135,7 @@ class Service:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.ingest.identities.close()
         await self.store.close()
         self.stopped_cleanly = clean
         log.info("stopped", extra={"clean": clean})

@@ -41,6 +41,7 @@ end
 function request()
   counter = counter + 1
   local body = string.gsub(wrk.body, "__MESSAGE_ID__", "bench-" .. prefix .. "-" .. counter)
+  body = string.gsub(body, "__VISITOR__", tostring(counter % 2000))  -- a pool of 2,000 returning visitors
   return wrk.format("POST", "/segment", wrk.headers, body)
 end
 """
@@ -74,6 +75,12 @@ def wrk(url: str, body: str, headers: dict[str, str], *, seconds: int, connectio
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     figures["non_2xx"] = float(non2xx.group(1)) if non2xx else 0.0
     return figures
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(args: list[str], env: dict[str, str], ready: str, log: Path) -> subprocess.Popen[bytes]:

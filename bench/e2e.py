@@ -27,10 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import ALL_VENDORS, ROOT, SECRET, RedisServer, basic, free_port, settings_header, start, stop, wrk
+from common import (
+    ALL_VENDORS,
+    ROOT,
+    SECRET,
+    RedisServer,
+    basic,
+    cpu_seconds,
+    free_port,
+    settings_header,
+    start,
+    stop,
+    wrk,
+)
 from ingest import run_bare
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 KINDS = ("segmentstream_track", "segmentstream_data_stream", "tracify", "audiohook")
 
 
@@ -39,11 +50,6 @@ def event_body() -> str:
     event["messageId"] = "__MESSAGE_ID__"
     event["properties"]["order_id"] = "__MESSAGE_ID__"
     return json.dumps(event)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def children(pid: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from typing import Any
 
@@ -83,7 +84,7 @@ def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 def test_server_side_purchase_reaches_every_vendor_with_the_browser_identity(
         fresh_stub: VendorStub, make_server: type[Segrelay], store_env: dict[str, str]) -> None:
-    service = make_server(store_env).start()
+    service = make_server({**store_env, "SEGRELAY_IDENTITY_CACHE_SECONDS": "0.5"}).start()
     anonymous_id, user_id = f"anon-{uuid.uuid4()}", f"user-{uuid.uuid4()}"
     assert service.post(browser_page(anonymous_id), ALL_VENDORS).status_code == 202
     linked = service.post(identify(anonymous_id, user_id), ALL_VENDORS)
@@ -128,6 +129,7 @@ def test_server_side_purchase_reaches_every_vendor_with_the_browser_identity(
     # Forgotten on request: the user and the anonymous id linked to it.
     forgotten = service.cli("identities", "forget", "--tenant", "acme", "--user-id", user_id)
     assert "forgot 2 remembered identities" in forgotten.stdout
+    time.sleep(0.6)  # SEGRELAY_IDENTITY_CACHE_SECONDS: how long a running server trusts what it read
     after = service.post(server_purchase(user_id), ALL_VENDORS)
     assert after.status_code == 202 and "stitched" not in after.json()
     service.stop()

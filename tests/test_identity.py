@@ -121,21 +121,28 @@ async def test_book_stitches_a_server_purchase_from_the_browser_and_forgets_on_r
         sqlite_store: Store, tmp_path: Path) -> None:
     book = IdentityBook(sqlite_store, Sealer(SECRET), SECRET, ttl_seconds=3600)
     now = time.time()
-    for browser_event in (page("anon-1"), event({"type": "identify", "userId": "user-1", "anonymousId": "anon-1",
-                                                 "traits": {"email": "jane@x.co"}})):
-        await sqlite_store.remember((await book.stitch("acme", browser_event, now=now)).writes)
+    await book.stitch("acme", page("anon-1"), now=now)
+    await book.flush()
+    # A second book (another process) sees what the first wrote; the identify it learns is still pending...
+    other_process = IdentityBook(sqlite_store, Sealer(SECRET), SECRET, ttl_seconds=3600)
+    await other_process.stitch("acme", event({"type": "identify", "userId": "user-1", "anonymousId": "anon-1",
+                                              "traits": {"email": "jane@x.co"}}), now=now)
     order = purchase("user-1")
-    result = await book.stitch("acme", order, now=now)
+    filled = await other_process.stitch("acme", order, now=now)  # ...and its own look-ups see it at once
     assert (order.ip, order.user_agent, order.email, order.anonymous_id) == (
         "203.0.113.7", "Mozilla/5.0 (X11; Linux)", "jane@x.co", "anon-1")
-    assert result.writes == []  # nothing new learned from a server-side event
+    assert set(filled) == {"ip", "user_agent", "page_url", "referrer", "email", "anonymous_id", "campaign"}
+    await other_process.close()  # writes what is pending
+    from_store = purchase("user-1")
+    await book.stitch("acme", from_store, now=now)
+    assert from_store.email == "jane@x.co"
     other = purchase("user-1")
     await book.stitch("other-tenant", other, now=now)
     assert (other.ip, other.stitched) == (None, [])
     # At rest: keyed hashes and sealed records, no id, ip or email in the database file.
-    rows = sqlite3.connect(tmp_path / "segrelay.db").execute("SELECT key, record FROM identities").fetchall()
+    rows = sqlite3.connect(tmp_path / "segrelay-identities.db").execute("SELECT key, record FROM identities").fetchall()
     assert len(rows) == 2
-    dump = b"".join(k.encode() + r for k, r in rows)
+    dump = b"".join(bytes(k) + r for k, r in rows)
     assert not any(secret in dump for secret in (b"user-1", b"anon-1", b"203.0.113.7", b"jane@x.co"))
     # Forgetting the user also forgets the anonymous id linked to it.
     assert await book.forget("acme", user_id="user-1") == 2
@@ -146,7 +153,8 @@ async def test_book_stitches_a_server_purchase_from_the_browser_and_forgets_on_r
 
 async def test_book_reads_nothing_from_records_sealed_under_another_secret(sqlite_store: Store) -> None:
     writer = IdentityBook(sqlite_store, Sealer(SECRET), SECRET, ttl_seconds=3600)
-    await sqlite_store.remember((await writer.stitch("acme", page("anon-9"), now=time.time())).writes)
+    await writer.stitch("acme", page("anon-9"), now=time.time())
+    await writer.close()
     reader = IdentityBook(sqlite_store, Sealer(b"z" * 32), SECRET, ttl_seconds=3600)
     later = event({"type": "track", "event": "Order Completed", "anonymousId": "anon-9"})
     await reader.stitch("acme", later, now=time.time())

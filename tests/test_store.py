@@ -238,34 +238,37 @@ async def test_trace_follows_each_postback_of_one_event(store: Store) -> None:
 # Remembered identities (identity stitching) -----------------------------------------------------------------
 
 
+def ikey(name: str) -> str:
+    """An identity key as app/identity.py makes them: 32 hex digits."""
+    return name.encode().hex().ljust(32, "0")
+
+
 async def test_identities_remember_recall_and_forget(store: Store) -> None:
     now = time.time()
-    assert await store.recall(["k1", "k2"], now=now) == [None, None]
-    await store.remember([Identity("k1", b"sealed-1", now + 60), Identity("k2", b"sealed-2", now + 60)])
-    assert await store.recall(["k2", "missing", "k1"], now=now) == [b"sealed-2", None, b"sealed-1"]
-    await store.remember([Identity("k1", b"newer", now + 120)])  # replaced, not added
-    assert await store.recall(["k1"], now=now) == [b"newer"]
+    assert await store.recall([ikey("k1"), ikey("k2")], now=now) == [None, None]
+    await store.remember([Identity(ikey("k1"), b"sealed-1", now + 60), Identity(ikey("k2"), b"sealed-2", now + 60)])
+    assert await store.recall([ikey("k2"), ikey("missing"), ikey("k1")], now=now) == [b"sealed-2", None, b"sealed-1"]
+    await store.remember([Identity(ikey("k1"), b"newer", now + 120)])  # replaced, not added
+    assert await store.recall([ikey("k1")], now=now) == [b"newer"]
     assert (await store.counts()).identities == 2
-    assert await store.forget(["k1", "nothing"]) == 1
-    assert await store.recall(["k1", "k2"], now=now) == [None, b"sealed-2"]
+    assert await store.forget([ikey("k1"), ikey("nothing")]) == 1
+    assert await store.recall([ikey("k1"), ikey("k2")], now=now) == [None, b"sealed-2"]
     assert (await store.counts()).identities == 1
 
 
-async def test_identities_ride_along_with_accept_even_for_a_duplicate(store: Store) -> None:
+async def test_identities_batch_keeps_the_last_record_of_a_key(store: Store) -> None:
     now = time.time()
-    assert await store.accept("acme", "m1", b"p", [job()], now=now, ttl=60,
-                              identities=[Identity("a", b"first", now + 60)])
-    assert not await store.accept("acme", "m1", b"p", [job()], now=now, ttl=60,
-                                  identities=[Identity("a", b"second", now + 60)])
-    assert await store.recall(["a"], now=now) == [b"second"]
-    assert await pending(store) == 1
+    await store.remember([Identity(ikey("a"), b"first", now + 60), Identity(ikey("b"), b"x", now + 60),
+                          Identity(ikey("a"), b"second", now + 60)])
+    assert await store.recall([ikey("a"), ikey("b")], now=now) == [b"second", b"x"]
+    assert (await store.counts()).identities == 2
 
 
 async def test_identities_expire_and_are_bounded_oldest_first(store: Store) -> None:
     now = time.time()
-    await store.remember([Identity("gone", b"x", now - 1)])
-    assert await store.recall(["gone"], now=now) == [None]
-    await store.remember([Identity(f"k{i}", b"x", now + 100 + i) for i in range(5)])
+    await store.remember([Identity(ikey("gone"), b"x", now - 1)])
+    assert await store.recall([ikey("gone")], now=now) == [None]
+    await store.remember([Identity(ikey(f"k{i}"), b"x", now + 100 + i) for i in range(5)])
     await store.housekeeping(now=now, max_identities=3)
     assert (await store.counts()).identities == 3
-    assert await store.recall([f"k{i}" for i in range(5)], now=now) == [None, None, b"x", b"x", b"x"]
+    assert await store.recall([ikey(f"k{i}") for i in range(5)], now=now) == [None, None, b"x", b"x", b"x"]

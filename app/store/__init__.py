@@ -34,7 +34,7 @@ MAX_IDENTITIES = 1_000_000  # remembered identities kept at most (SEGRELAY_MAX_I
 class Identity:
     """One remembered browser context, as stored: never the id itself, never in clear."""
 
-    key: str  # keyed hash of (tenant, kind, id): app/identity.py
+    key: str  # keyed hash of (tenant, kind, id), 32 hex digits: app/identity.py
     record: bytes  # sealed
     expires_at: float
 
@@ -140,10 +140,9 @@ class Store(Protocol):
     async def revoke_key(self, key_id: str) -> bool: ...
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = (), identities: Sequence[Identity] = ()) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
         """Remember (tenant, message_id) for ttl seconds, store the payload once and queue its jobs, atomically.
-        `skips` (vendor, reason) are kept for `trace` as long as the idempotency record; `identities` are
-        remembered in the same write (as `remember` does), duplicate or not.
+        `skips` (vendor, reason) are kept for `trace` as long as the idempotency record.
 
         False, and nothing stored, when the pair was already seen within its ttl.
         """
@@ -154,7 +153,9 @@ class Store(Protocol):
         the accept path makes: one round trip, no write lock."""
         ...
 
-    async def remember(self, identities: Sequence[Identity]) -> None: ...
+    async def remember(self, identities: Sequence[Identity]) -> None:
+        """Insert or replace these records (a batch: app/identity.py writes behind)."""
+        ...
 
     async def forget(self, keys: Sequence[str]) -> int:
         """Delete these identities now; returns how many there were."""

@@ -286,22 +286,15 @@ class RedisStore:
     # accept ----------------------------------------------------------------------------------------------
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = (), identities: Sequence[Identity] = ()) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
         args: list[Any] = [now, ttl, len(jobs), uuid.uuid4().hex, tenant, message_id, payload]
         for job in jobs:
             args += [uuid.uuid4().hex, job.vendor, job.target, job.event_name, job.batch_key]
         args.append(len(skips))
         for vendor, reason in skips:
             args += [vendor, reason]
-        keys = [f"{P}seen:{tenant}:{message_id}"]
         try:
-            if not identities:
-                result = await self._accept(keys=keys, args=args)
-            else:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    _remember(pipe, identities)
-                    await self._accept(keys=keys, args=args, client=pipe)
-                    result = (await pipe.execute())[-1]
+            result = await self._accept(keys=[f"{P}seen:{tenant}:{message_id}"], args=args)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
         return bool(result)

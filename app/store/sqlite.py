@@ -82,9 +82,12 @@ CREATE TABLE IF NOT EXISTS outcomes (
     at REAL NOT NULL, PRIMARY KEY (message_id, tenant, vendor, target)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outcomes_age ON outcomes (at);
 CREATE TABLE IF NOT EXISTS key_settings (key_id TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS identities (key TEXT PRIMARY KEY, record BLOB NOT NULL, expires_at REAL NOT NULL)
-    WITHOUT ROWID;
+"""
+IDENTITY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS identities (
+    id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE, record BLOB NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS identities_expiry ON identities (expires_at);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message_id, j.event_name, j.batch_key,"
                " e.payload, j.attempts, j.created_at, j.size FROM jobs j JOIN events e ON e.id = j.event_id")
@@ -95,37 +98,27 @@ class _Stop:
     pass
 
 
-class SQLiteStore:
-    def __init__(self, path: str, *, durable: bool = True) -> None:
-        self.path = Path(path)
-        self.durable = durable
-        self._max_group = MAX_GROUP if durable else MAX_GROUP_UNDURABLE
-        _private_file(self.path)
+class _Writer:
+    """One connection and the one thread that uses it: operations queue up and commit in groups."""
+
+    def __init__(self, conn: sqlite3.Connection, *, name: str, max_group: int) -> None:
+        self.conn, self.max_group = conn, max_group
         self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._conn = self._connect()
-        self._readers = threading.local()  # one read-only connection per thread that reads (recall)
-        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self.commits = 0  # transactions committed (group commit makes this much smaller than operations)
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=LOCK_TIMEOUT)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
-        conn.execute("PRAGMA cache_size=-65536")  # 64 MB of pages per connection: index pages stay hot at depth
-        conn.execute("PRAGMA mmap_size=268435456")  # reads through a 256 MB map instead of read() calls
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-        if "payload" in columns:  # the layout of 0.1: one rendered postback per row
-            left = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-            if left:
-                raise StoreError(f"{self.path} holds {left} postbacks queued by segrelay 0.1; let that version "
-                                 f"deliver them (or move the file away) before starting this one")
-            conn.execute("DROP TABLE jobs")
-        conn.executescript(SCHEMA)
-        conn.execute("PRAGMA busy_timeout=0")  # from here on, _begin() waits for the lock
-        return conn
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._thread.is_alive():
+            raise StoreError("sqlite store is closed")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._ops.put((fn, fut))
+        return await fut
 
-    # The writer thread --------------------------------------------------------------------------------
+    async def close(self) -> None:
+        if self._thread.is_alive():
+            self._ops.put(_Stop())
+            await asyncio.to_thread(self._thread.join)
 
     def _run(self) -> None:
         while True:
@@ -133,7 +126,7 @@ class SQLiteStore:
             if isinstance(item, _Stop):
                 break
             group = [item]
-            while len(group) < self._max_group:
+            while len(group) < self.max_group:
                 try:
                     nxt = self._ops.get_nowait()
                 except queue.Empty:
@@ -142,14 +135,14 @@ class SQLiteStore:
                     self._ops.put(nxt)
                     break
                 group.append(nxt)
-            results = self._commit_group(self._conn, group)
+            results = self._commit_group(self.conn, group)
             by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
             for entry in results:
                 by_loop.setdefault(entry[0].get_loop(), []).append(entry)
             for loop, entries in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # the loop closed while we worked
                     loop.call_soon_threadsafe(_resolve, entries)
-        self._conn.close()
+        self.conn.close()
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[Any]) -> list[Any]:
         """Run the group in one transaction; if it fails, redo each operation in its own transaction.
@@ -181,22 +174,50 @@ class SQLiteStore:
                 results.append((fut, value, None))
         return results
 
+
+class SQLiteStore:
+    def __init__(self, path: str, *, durable: bool = True) -> None:
+        self.path = Path(path)
+        self.identities_path = self.path.with_name(f"{self.path.stem}-identities{self.path.suffix or '.db'}")
+        self.durable = durable
+        _private_file(self.path)
+        _private_file(self.identities_path)
+        self._writer = _Writer(_connect(self.path, durable=durable, prepare=self._prepare), name="sqlite-writer",
+                               max_group=MAX_GROUP if durable else MAX_GROUP_UNDURABLE)
+        # Remembered identities live in a file of their own, committed without an fsync each time: their random
+        # keys would otherwise double what every durable commit of the queue writes (and waits for), and a power
+        # cut may only cost the last seconds of remembered context, never an event.
+        self._identity_writer = _Writer(
+            _connect(self.identities_path, durable=False, prepare=lambda c: c.executescript(IDENTITY_SCHEMA),
+                     mmap=False),
+            name="sqlite-identities", max_group=MAX_GROUP)
+        self._readers = threading.local()  # one read-only connection per thread that recalls identities
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        if "payload" in columns:  # the layout of 0.1: one rendered postback per row
+            left = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            if left:
+                raise StoreError(f"{self.path} holds {left} postbacks queued by segrelay 0.1; let that version "
+                                 f"deliver them (or move the file away) before starting this one")
+            conn.execute("DROP TABLE jobs")
+        conn.executescript(SCHEMA)
+
     def _reader(self) -> sqlite3.Connection:
         """A connection for point reads on the caller's own thread: WAL readers never wait for the writer."""
         conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
-                                   timeout=1.0, check_same_thread=False)
-            conn.execute("PRAGMA mmap_size=268435456")
+            conn = sqlite3.connect(self.identities_path.resolve().as_uri() + "?mode=ro", uri=True,
+                                   isolation_level=None, timeout=1.0, check_same_thread=False)
             self._readers.conn = conn
         return conn
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if not self._thread.is_alive():
-            raise StoreError("sqlite store is closed")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._ops.put((fn, fut))
-        return await fut
+        return await self._writer.call(fn)
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
 
     # Store protocol -------------------------------------------------------------------------------------
 
@@ -211,9 +232,8 @@ class SQLiteStore:
         if reader is not None:
             reader.close()
             self._readers.conn = None
-        if self._thread.is_alive():
-            self._ops.put(_Stop())
-            await asyncio.to_thread(self._thread.join)
+        await self._writer.close()
+        await self._identity_writer.close()
 
     async def save_key(self, record: KeyRecord) -> None:
         def op(c: sqlite3.Connection) -> None:
@@ -237,7 +257,7 @@ class SQLiteStore:
         return count > 0
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = (), identities: Sequence[Identity] = ()) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
         size = len(payload)
         bumps = [(f"pending:{v}", n) for v, n in Counter(j.vendor for j in jobs).items()]
         bumps += [(f"bytes:{tenant}", size * len(jobs)), (f"bytes:{ALL_TENANTS}", size * len(jobs))]
@@ -258,28 +278,26 @@ class SQLiteStore:
                 c.executemany(_BUMP, bumps)
                 c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, '', 'skipped', NULL, ?, 0, ?)",
                               [(message_id, tenant, vendor, reason, now) for vendor, reason in skips])
-            _remember(c, identities)
             return bool(fresh)
         return await self._call(op)
 
     async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
-        conn = self._reader()
-        found = {}
-        for key in keys:
-            row = conn.execute("SELECT record FROM identities WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
-            found[key] = bytes(row[0]) if row else None
-        return [found[key] for key in keys]
+        sql = f"SELECT key, record FROM identities WHERE key IN ({_marks(len(keys))}) AND expires_at > ?"  # noqa: S608
+        rows = self._reader().execute(sql, (*map(bytes.fromhex, keys), now)).fetchall()
+        found = {bytes(key).hex(): bytes(record) for key, record in rows}
+        return [found.get(key) for key in keys]
 
     async def remember(self, identities: Sequence[Identity]) -> None:
         if identities:
-            await self._call(lambda c: _remember(c, identities))
+            await self._identity_writer.call(lambda c: _remember(c, identities))
 
     async def forget(self, keys: Sequence[str]) -> int:
         def op(c: sqlite3.Connection) -> int:
-            gone = sum(c.execute("DELETE FROM identities WHERE key = ?", (key,)).rowcount for key in set(keys))
+            gone = sum(c.execute("DELETE FROM identities WHERE key = ?", (bytes.fromhex(key),)).rowcount
+                       for key in set(keys))
             c.execute(_BUMP, ("identities", -gone))
             return gone
-        return await self._call(op)
+        return await self._identity_writer.call(op)
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
         def op(c: sqlite3.Connection) -> list[Job]:
@@ -398,10 +416,9 @@ class SQLiteStore:
         counts = Counts()
         for name, value in rows:
             kind, _, key = name.partition(":")
-            if kind == "identities":
-                counts.identities = value
-            else:
-                {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = value
+            {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = value
+        row = self._reader().execute("SELECT value FROM counters WHERE name = 'identities'").fetchone()
+        counts.identities = row[0] if row else 0
         return counts
 
     async def oldest_due(self, *, now: float) -> dict[str, float]:
@@ -416,15 +433,18 @@ class SQLiteStore:
 
     async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400,
                            max_identities: int = MAX_IDENTITIES) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            expired = c.execute("DELETE FROM identities WHERE key IN (SELECT key FROM identities WHERE expires_at <= ?"
+        def expire_identities(c: sqlite3.Connection) -> None:
+            expired = c.execute("DELETE FROM identities WHERE id IN (SELECT id FROM identities WHERE expires_at <= ?"
                                 " LIMIT ?)", (now, HOUSEKEEPING_BATCH)).rowcount
             row = c.execute("SELECT value FROM counters WHERE name = 'identities'").fetchone()
             excess = min(max(0, (row[0] if row else 0) - expired - max_identities), HOUSEKEEPING_BATCH)
-            evicted = c.execute("DELETE FROM identities WHERE key IN (SELECT key FROM identities ORDER BY expires_at"
+            evicted = c.execute("DELETE FROM identities WHERE id IN (SELECT id FROM identities ORDER BY expires_at"
                                 " LIMIT ?)", (excess,)).rowcount if excess else 0
             if expired or evicted:
                 c.execute(_BUMP, ("identities", -expired - evicted))
+        await self._identity_writer.call(expire_identities)
+
+        def op(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM seen WHERE (tenant, message_id) IN"
                       " (SELECT tenant, message_id FROM seen WHERE expires_at <= ? LIMIT ?)", (now, HOUSEKEEPING_BATCH))
             c.execute("DELETE FROM outcomes WHERE (message_id, tenant, vendor, target) IN (SELECT message_id, tenant,"
@@ -437,18 +457,40 @@ class SQLiteStore:
             "UPDATE jobs SET leased = 0, due_at = ? WHERE leased = 1 AND dead = 0", (now,)).rowcount)
 
 
+def _connect(path: Path, *, durable: bool, prepare: Callable[[sqlite3.Connection], object],
+             mmap: bool = True) -> sqlite3.Connection:
+    """A writer's connection: WAL, its synchronous level, big caches; `prepare` creates or migrates the schema
+    while SQLite's own busy handler still waits for other processes."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_TIMEOUT)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+    conn.execute("PRAGMA cache_size=-65536")  # 64 MB of pages per connection: index pages stay hot at depth
+    if mmap:
+        conn.execute("PRAGMA mmap_size=268435456")  # reads through a 256 MB map instead of read() calls
+    prepare(conn)
+    conn.execute("PRAGMA busy_timeout=0")  # from here on, _begin() waits for the lock
+    return conn
+
+
+def _marks(count: int) -> str:
+    """`?, ?, ?`: placeholders only, the values stay parameters."""
+    return ", ".join("?" * count)
+
+
 def _remember(c: sqlite3.Connection, identities: Sequence[Identity]) -> None:
-    """Insert or replace each record, counting the new ones (no count(*) needed to bound them)."""
-    added = 0
-    for identity in identities:
-        if c.execute("INSERT OR IGNORE INTO identities VALUES (?, ?, ?)",
-                     (identity.key, identity.record, identity.expires_at)).rowcount:
-            added += 1
-        else:
-            c.execute("UPDATE identities SET record = ?, expires_at = ? WHERE key = ?",
-                      (identity.record, identity.expires_at, identity.key))
-    if added:
-        c.execute(_BUMP, ("identities", added))
+    """Insert or replace the records in a few statements, counting the new ones (no count(*) to bound them)."""
+    latest = {bytes.fromhex(identity.key): identity for identity in identities}
+    keys = list(latest)
+    known = 0
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        sql = f"SELECT COUNT(*) FROM identities WHERE key IN ({_marks(len(chunk))})"  # noqa: S608
+        known += c.execute(sql, chunk).fetchone()[0]
+    c.executemany("INSERT INTO identities (key, record, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
+                  " SET record = excluded.record, expires_at = excluded.expires_at",
+                  [(key, i.record, i.expires_at) for key, i in latest.items()])
+    if len(keys) > known:
+        c.execute(_BUMP, ("identities", len(keys) - known))
 
 
 def _leaving(jobs: Iterable[Job]) -> list[tuple[str, int]]:
