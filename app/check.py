@@ -47,7 +47,8 @@ def cases() -> list[Case]:
     def status(code: int) -> Callable[[int, dict[str, Any]], bool]:
         return lambda got, body: got == code
 
-    duplicate = _event("track", event="Order Completed", properties={"order_id": "check", "total": 1})
+    duplicate = _event("track", event="Order Completed",
+                       properties={"order_id": "check", "total": 1, "currency": "USD"})
     return [
         Case("track (Test Event Name)", "2xx", _event("track", event="Test Event Name")),
         Case("identify", "2xx", _event("identify", traits={"plan": "check"})),

@@ -149,6 +149,8 @@ class Ingest:
         answer: dict[str, Any] = {"message": "accepted", "postbacks": rows}
         if event.stitched:
             answer["stitched"] = event.stitched
+            for name in event.stitched:
+                metrics.STITCHED.labels(name).inc()
         if event.warnings:
             answer["warnings"] = event.warnings
         if not routing.vendors:

@@ -17,6 +17,8 @@ POSTBACKS = Counter("segrelay_postbacks", "Postbacks by vendor and outcome (queu
                     "skipped)", ["vendor", "outcome"])
 SKIPS = Counter("segrelay_skips", "Postbacks skipped, by vendor and reason code", ["vendor", "reason"])
 DUPLICATES = Counter("segrelay_duplicates", "Events answered as duplicates of an earlier messageId")
+STITCHED = Counter("segrelay_stitched_fields", "Fields of accepted events filled from a remembered identity",
+                   ["field"])
 VENDOR_SECONDS = Histogram("segrelay_vendor_request_duration_seconds", "Vendor request duration", ["vendor"],
                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30))
 # Gauges: the HTTP process sets the queue figures, delivery processes the circuits; across processes the

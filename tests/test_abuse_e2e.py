@@ -92,7 +92,7 @@ def test_bytes_in_flight_are_bounded_with_a_503(make_server: type[Segrelay]) -> 
         holder.sendall(head + b" " * 120_000)  # held: not finished
         time.sleep(0.3)
         event = {**fixture("order_completed.json"), "messageId": "big",
-                 "properties": {"blob": "x" * 100_000, "total": 1, "order_id": "o"}}
+                 "properties": {"blob": "x" * 100_000, "total": 1, "currency": "EUR", "order_id": "o"}}
         refused = service.post(event, SS_ONLY)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert "more data than it can hold" in refused.json()["message"]
