@@ -196,6 +196,16 @@ return out
 
 
 
+# ARGV: (key, sealed record, expiry in ms since the epoch, expiry in s) per identity
+_REMEMBER = """
+for i = 1, #ARGV, 4 do
+  redis.call('SET', 'segrelay:identity:' .. ARGV[i], ARGV[i + 1], 'PXAT', ARGV[i + 2])
+  redis.call('ZADD', 'segrelay:identities', ARGV[i + 3], ARGV[i])
+end
+return #ARGV / 4
+"""
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -210,6 +220,7 @@ class RedisStore:
         self._move = self.client.register_script(_MOVE)
         self._complete = self.client.register_script(_COMPLETE)
         self._replay = self.client.register_script(_REPLAY)
+        self._remember = self.client.register_script(_REMEMBER)
         self._groups: set[str] = set()
 
     async def _group(self, vendor: str) -> str:
@@ -311,10 +322,11 @@ class RedisStore:
     async def remember(self, identities: Sequence[Identity]) -> None:
         if not identities:
             return
+        args: list[Any] = []
+        for identity in identities:
+            args += [identity.key, identity.record, max(1, int(identity.expires_at * 1000)), identity.expires_at]
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                _remember(pipe, identities)
-                await pipe.execute()
+            await self._remember(keys=[], args=args)  # one script for a batch: cheaper than a command per key
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
 
@@ -488,12 +500,6 @@ class RedisStore:
             for consumer in await self.client.xinfo_consumers(stream, GROUP):
                 if int(consumer["pending"]) == 0 and int(consumer["idle"]) > 3_600_000:
                     await self.client.xgroup_delconsumer(stream, GROUP, consumer["name"])
-
-
-def _remember(pipe: Any, identities: Sequence[Identity]) -> None:
-    for identity in identities:
-        pipe.set(f"{P}identity:{identity.key}", identity.record, pxat=max(1, int(identity.expires_at * 1000)))
-    pipe.zadd(IDENTITIES, {identity.key: identity.expires_at for identity in identities})
 
 
 def _status(status: int | None) -> str:
