@@ -51,10 +51,14 @@ def test_the_rules_fire_as_their_unit_tests_say(rules_dir: Path) -> None:
 
 
 def exported(server: Segrelay) -> set[str]:
-    """Metric family names on a real server's /metrics, once it has accepted, skipped and delivered something."""
+    """Metric family names on a real server's /metrics, once it has accepted, skipped, stitched and delivered
+    something."""
     server.post({**fixture("order_completed.json"), "messageId": "monitoring-1"},
                 {"segmentstreamApiToken": "ss-token"})
     server.post({**fixture("identify.json"), "messageId": "monitoring-2"}, {"segmentstreamApiToken": "ss-token"})
+    # The same user's order from a backend: stitched from the browser order above.
+    server.post({**fixture("order_completed_server.json"), "messageId": "monitoring-3"},
+                {"segmentstreamApiToken": "ss-token"})
     text = ""
 
     def delivered() -> bool:
