@@ -53,7 +53,7 @@ CACHE_SIZE = 20_000  # contexts kept in memory per process (about 1 KB each)
 CACHE_SECONDS = 5.0  # ...and trusted this long before the store is asked again (SEGRELAY_IDENTITY_CACHE_SECONDS)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity where it matters (IdentityBook's fast path)
 class Context:
     """What is remembered of one visitor."""
 
@@ -72,6 +72,24 @@ class Context:
 
     def same_as(self, other: Context) -> bool:
         return (self.values, self.campaign, self.links) == (other.values, other.campaign, other.links)
+
+
+NOTHING = Context()  # a look-up that found no record (cached like one that did)
+
+
+@dataclass(slots=True)
+class _Seen:
+    keys: list[str]
+    contexts: list[Context | None]
+    signature: tuple[Any, ...]
+    filled: dict[str, Any]
+
+
+def _signature(event: Event) -> tuple[Any, ...]:
+    """What of the event's own context stitching reads (the ids are the visitor's key)."""
+    params = event.url_params
+    return (event.ip, event.user_agent, event.page_url, event.referrer, event.email,
+            *(params.get(key) for key in UTM_KEYS))
 
 
 def observed(event: Event) -> Context:
@@ -204,23 +222,37 @@ class IdentityBook:
         self._flusher: asyncio.Task[None] | None = None
         # Recently seen contexts (a returning visitor's events come in bursts): key -> (context, when cached).
         self._recent: OrderedDict[str, tuple[Context, float]] = OrderedDict()
+        # The last event of each visitor (tenant, userId, anonymousId): its keys, the contexts it met, what it
+        # carried and what it was given. A visitor's next event with the same context is stitched without hashing
+        # or reading, as long as those contexts are still the ones this process knows.
+        self._seen: dict[tuple[str, str | None, str | None], _Seen] = {}
         self._wanted: list[tuple[list[str], asyncio.Future[list[bytes | None]]]] = []  # recalls of this turn
         self._recalling: set[asyncio.Task[None]] = set()
 
     async def stitch(self, tenant: str, event: Event, *, now: float, remember: bool = True) -> dict[str, Any]:
         """Fill the event from what is remembered for its ids, and remember what it teaches. Returns what was
         filled (stored with the event, so that delivery renders the same bodies)."""
+        visitor = (tenant, event.user_id, event.anonymous_id)
+        signature = _signature(event)
+        seen = self._seen.get(visitor)
+        if seen is not None and seen.signature == signature and all(
+                self._known(key, now) is context for key, context in zip(seen.keys, seen.contexts, strict=True)):
+            # The same visitor, the same context, nothing learned since: the same fill, nothing to write.
+            if seen.filled:
+                apply(event, seen.filled)
+            return seen.filled
         keys = self._keys(tenant, event.user_id, event.anonymous_id)
         if not keys:
             return {}
-        records = [self._known(key, now) for key in keys]
-        if None in records:
+        known = [self._known(key, now) for key in keys]
+        records: list[Context | None] = [None if context is NOTHING else context for context in known]
+        if None in known:
             async with asyncio.timeout(self.timeout):  # TimeoutError: the caller answers 503
                 stored = await self._recall(keys, now)
             for index, record in enumerate(stored):
-                if records[index] is None and (context := self._open(record)) is not None:
-                    records[index] = context
-                    self._cache(keys[index], context, now)
+                if known[index] is None:
+                    records[index] = self._open(record)
+                    self._cache(keys[index], records[index] or NOTHING, now)
         filled, updates = stitch(event, keys, records, now=now)
         if remember and updates:
             for key, context in updates:
@@ -228,6 +260,10 @@ class IdentityBook:
                 self._cache(key, context, now)
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.create_task(self._flush_later(), name="identity-flush")
+        if remember:
+            self._seen[visitor] = _Seen(keys, [self._known(key, now) for key in keys], signature, filled)
+            if len(self._seen) > CACHE_SIZE:
+                self._seen.pop(next(iter(self._seen)))
         return filled
 
     def _recall(self, keys: list[str], now: float) -> asyncio.Future[list[bytes | None]]:
@@ -261,8 +297,9 @@ class IdentityBook:
                 future.set_result([found[key] for key in group])
 
     def _known(self, key: str, now: float) -> Context | None:
-        """What this process wrote or read lately: read again from the store after `cache_seconds`, since other
-        replicas may have learned more, or `identities forget` deleted it."""
+        """What this process wrote or read lately (NOTHING: the store had no record), or None: ask the store.
+        Read again after `cache_seconds`, since other replicas may have learned more, or `identities forget`
+        deleted it."""
         pending = self._pending.get(key)
         if pending is not None:
             return pending[0]
@@ -310,6 +347,7 @@ class IdentityBook:
         for key in doomed:
             self._pending.pop(key, None)
             self._recent.pop(key, None)
+        self._seen.clear()
         return await self.store.forget(doomed)
 
     def _keys(self, tenant: str, user_id: str | None, anonymous_id: str | None) -> list[str]:

@@ -159,3 +159,41 @@ async def test_book_reads_nothing_from_records_sealed_under_another_secret(sqlit
     later = event({"type": "track", "event": "Order Completed", "anonymousId": "anon-9"})
     await reader.stitch("acme", later, now=time.time())
     assert later.ip is None
+
+
+class CountingStore:
+    """A real store that counts look-ups."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.recalls = store, 0
+
+    async def recall(self, keys: list[str], *, now: float) -> list[bytes | None]:
+        self.recalls += 1
+        return await self.store.recall(keys, now=now)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def test_a_visitors_repeat_is_stitched_from_memory_until_something_is_learned(sqlite_store: Store) -> None:
+    counting = CountingStore(sqlite_store)
+    book = IdentityBook(counting, Sealer(SECRET), SECRET, ttl_seconds=3600)  # type: ignore[arg-type]
+    now = time.time()
+    browsing = {"type": "track", "event": "Product Viewed", "userId": "u-7", "anonymousId": "a-7",
+                "context": BROWSER}
+    assert await book.stitch("acme", event(browsing), now=now) == {}
+    assert counting.recalls == 1
+    assert await book.stitch("acme", event(browsing), now=now) == {}  # the same context again: from memory
+    assert counting.recalls == 1
+    # An identify teaches the email: the next browsing event must get it, not the remembered answer.
+    await book.stitch("acme", event({"type": "identify", "userId": "u-7", "anonymousId": "a-7",
+                                     "traits": {"email": "u7@x.co"}}), now=now)
+    again = event(browsing)
+    assert await book.stitch("acme", again, now=now) == {"email": "u7@x.co"}
+    assert again.email == "u7@x.co" and again.stitched == ["email"]
+    # A server-side event of a user nobody has seen: looked up once, then known to be unknown for a while.
+    for _ in range(3):
+        stranger = purchase("nobody")
+        assert await book.stitch("acme", stranger, now=now) == {}
+    assert counting.recalls == 2
+    await book.close()
