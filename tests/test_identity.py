@@ -185,9 +185,9 @@ async def test_a_visitors_repeat_is_stitched_from_memory_until_something_is_lear
     assert counting.recalls == 1
     assert await book.stitch("acme", event(browsing), now=now) == {}  # the same context again: from memory
     assert counting.recalls == 1
-    # An identify teaches the email: the next browsing event must get it, not the remembered answer.
-    await book.stitch("acme", event({"type": "identify", "userId": "u-7", "anonymousId": "a-7",
-                                     "traits": {"email": "u7@x.co"}}), now=now)
+    # An identify from the backend (userId only) teaches the email: the next browsing event must get it, not the
+    # answer remembered for its visitor.
+    await book.stitch("acme", event({"type": "identify", "userId": "u-7", "traits": {"email": "u7@x.co"}}), now=now)
     again = event(browsing)
     assert await book.stitch("acme", again, now=now) == {"email": "u7@x.co"}
     assert again.email == "u7@x.co" and again.stitched == ["email"]
