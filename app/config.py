@@ -96,7 +96,9 @@ class Config:
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
             identity_ttl_days=_float(env, "SEGRELAY_IDENTITY_TTL_DAYS", 30.0, minimum=0.0001),
             max_identities=_int(env, "SEGRELAY_MAX_IDENTITIES", 1_000_000),
-            identity_cache_seconds=_float(env, "SEGRELAY_IDENTITY_CACHE_SECONDS", 5.0, minimum=0),
+            # The embedded store has one writer of identities (this server): it can trust what it knows longer.
+            identity_cache_seconds=_float(env, "SEGRELAY_IDENTITY_CACHE_SECONDS",
+                                          60.0 if store.startswith("sqlite:///") else 5.0, minimum=0),
         )
         if config.lease_seconds <= config.connect_timeout + config.read_timeout:
             raise ConfigError("SEGRELAY_LEASE_SECONDS must exceed SEGRELAY_CONNECT_TIMEOUT + SEGRELAY_READ_TIMEOUT, "

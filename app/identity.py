@@ -221,7 +221,9 @@ class IdentityBook:
         self._pending: dict[str, tuple[Context, float]] = {}  # key -> (context, expires at): sealed when written
         self._flusher: asyncio.Task[None] | None = None
         # Recently seen contexts (a returning visitor's events come in bursts): key -> (context, when cached).
-        self._recent: OrderedDict[str, tuple[Context, float]] = OrderedDict()
+        # key -> (context, when cached, the sealed record it was read from or written as: when the store still
+        # holds those very bytes, a re-read needs no decryption and the context stays the same object)
+        self._recent: OrderedDict[str, tuple[Context, float, bytes | None]] = OrderedDict()
         # The last event of each visitor (tenant, userId, anonymousId): its keys, the contexts it met, what it
         # carried and what it was given. A visitor's next event with the same context is stitched without hashing
         # or reading, as long as those contexts are still the ones this process knows.
@@ -251,8 +253,7 @@ class IdentityBook:
                 stored = await self._recall(keys, now)
             for index, record in enumerate(stored):
                 if known[index] is None:
-                    records[index] = self._open(record)
-                    self._cache(keys[index], records[index] or NOTHING, now)
+                    records[index] = self._reread(keys[index], record, now)
         filled, updates = stitch(event, keys, records, now=now)
         if remember and updates:
             for key, context in updates:
@@ -308,8 +309,18 @@ class IdentityBook:
             return recent[0]
         return None
 
-    def _cache(self, key: str, context: Context, now: float) -> None:
-        self._recent[key] = (context, now)
+    def _reread(self, key: str, record: bytes | None, now: float) -> Context | None:
+        """A record just read from the store: the cached context when the store holds the same bytes."""
+        previous = self._recent.get(key)
+        if previous is not None and record is not None and previous[2] == record:
+            self._cache(key, previous[0], now, record)
+            return previous[0]
+        context = self._open(record)
+        self._cache(key, context or NOTHING, now, record)
+        return context
+
+    def _cache(self, key: str, context: Context, now: float, sealed: bytes | None = None) -> None:
+        self._recent[key] = (context, now, sealed)
         self._recent.move_to_end(key)
         if len(self._recent) > CACHE_SIZE:
             self._recent.popitem(last=False)
@@ -330,13 +341,19 @@ class IdentityBook:
         batch, self._pending = self._pending, {}
         if not batch:
             return
+        identities = [Identity(key, self.sealer.seal(context.pack()), expires_at)
+                      for key, (context, expires_at) in batch.items()]
         try:
-            await self.store.remember([Identity(key, self.sealer.seal(context.pack()), expires_at)
-                                       for key, (context, expires_at) in batch.items()])
+            await self.store.remember(identities)
         except Exception:
             for key, value in batch.items():
                 self._pending.setdefault(key, value)
             log.warning("could not write remembered identities; kept for the next try", exc_info=True)
+            return
+        for identity in identities:
+            recent = self._recent.get(identity.key)
+            if recent is not None and recent[0] is batch[identity.key][0]:
+                self._recent[identity.key] = (recent[0], recent[1], identity.record)
 
     async def forget(self, tenant: str, *, user_id: str | None = None, anonymous_id: str | None = None) -> int:
         """Delete what is remembered for this id and for the ids linked to it."""
