@@ -283,7 +283,10 @@ class SQLiteStore:
 
     async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
         sql = f"SELECT key, record FROM identities WHERE key IN ({_marks(len(keys))}) AND expires_at > ?"  # noqa: S608
-        rows = self._reader().execute(sql, (*map(bytes.fromhex, keys), now)).fetchall()
+        try:
+            rows = self._reader().execute(sql, (*map(bytes.fromhex, keys), now)).fetchall()
+        except sqlite3.Error as exc:
+            raise _error(exc) from None
         found = {bytes(key).hex(): bytes(record) for key, record in rows}
         return [found.get(key) for key in keys]
 
