@@ -76,8 +76,8 @@ class SegmentEndpoint:
             kind = exc.call_type
             if exc.message_id:
                 extra["message_id"] = exc.message_id
-        except StoreUnavailableError:
-            log.warning("store unavailable", exc_info=True)
+        except StoreUnavailableError as exc:
+            log.warning("store unavailable", extra={"reason": str(exc)[:200]}, exc_info=True)
             status, content, retry_after = 503, {"message": "Storage is temporarily unavailable; retry later"}, 5
         except Exception:
             log.exception("unexpected error in /segment")

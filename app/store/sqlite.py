@@ -52,7 +52,6 @@ MAX_GROUP = 512  # operations per transaction for the HTTP process (accepts: one
 MAX_GROUP_UNDURABLE = 64  # for a delivery process: short transactions, so accepts never wait long for the lock
 LOCK_TIMEOUT = 30.0  # seconds a write waits for another process's lock before it fails (503)
 LOCK_POLL = 0.0005
-CHECKPOINT_SECONDS = 0.5
 HOUSEKEEPING_BATCH = 2000  # expired idempotency records deleted per call (the monitor calls it every second)
 
 SCHEMA = """
@@ -176,30 +175,6 @@ class _Writer:
         return results
 
 
-class _Checkpointer:
-    """Copies the WAL back into the database every CHECKPOINT_SECONDS, beside the writers (PASSIVE: it never
-    waits for, nor blocks, a writer; with several processes, whichever gets there first does it)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
-        try:
-            while not self._stop.wait(CHECKPOINT_SECONDS):
-                with contextlib.suppress(sqlite3.Error):  # busy: another process is at it
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class SQLiteStore:
     def __init__(self, path: str, *, durable: bool = True) -> None:
         self.path = Path(path)
@@ -207,11 +182,8 @@ class SQLiteStore:
         self.durable = durable
         _private_file(self.path)
         _private_file(self.identities_path)
-        self._writer = _Writer(_connect(self.path, durable=durable, prepare=self._prepare, checkpoints=False),
-                               name="sqlite-writer", max_group=MAX_GROUP if durable else MAX_GROUP_UNDURABLE)
-        # The WAL is copied back into the database by this thread, not by whichever commit happens to cross
-        # SQLite's threshold: that commit would otherwise hold every request of its group for the copy and fsync.
-        self._checkpoints = _Checkpointer(self.path)
+        self._writer = _Writer(_connect(self.path, durable=durable, prepare=self._prepare), name="sqlite-writer",
+                               max_group=MAX_GROUP if durable else MAX_GROUP_UNDURABLE)
         # Remembered identities live in a file of their own, committed without an fsync each time: their random
         # keys would otherwise double what every durable commit of the queue writes (and waits for), and a power
         # cut may only cost the last seconds of remembered context, never an event.
@@ -262,7 +234,6 @@ class SQLiteStore:
             self._readers.conn = None
         await self._writer.close()
         await self._identity_writer.close()
-        await asyncio.to_thread(self._checkpoints.stop)
 
     async def save_key(self, record: KeyRecord) -> None:
         def op(c: sqlite3.Connection) -> None:
@@ -490,14 +461,12 @@ class SQLiteStore:
 
 
 def _connect(path: Path, *, durable: bool, prepare: Callable[[sqlite3.Connection], object],
-             mmap: bool = True, checkpoints: bool = True) -> sqlite3.Connection:
+             mmap: bool = True) -> sqlite3.Connection:
     """A writer's connection: WAL, its synchronous level, big caches; `prepare` creates or migrates the schema
     while SQLite's own busy handler still waits for other processes."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_TIMEOUT)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-    if not checkpoints:
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # a _Checkpointer does it
     conn.execute("PRAGMA cache_size=-65536")  # 64 MB of pages per connection: index pages stay hot at depth
     if mmap:
         conn.execute("PRAGMA mmap_size=268435456")  # reads through a 256 MB map instead of read() calls
