@@ -83,6 +83,30 @@ def test_translate_prints_requests_with_secrets_redacted(tmp_path: Path) -> None
     assert not (tmp_path / "var").exists()  # translating needs no store and no secret
 
 
+def test_translate_stitches_across_a_file_of_events_and_says_what_it_filled(tmp_path: Path) -> None:
+    browser = {"type": "page", "messageId": "p1", "anonymousId": "a-1", "context": {
+        "ip": "203.0.113.7", "userAgent": "Mozilla/5.0", "page": {"url": "https://shop.example/cart"}}}
+    identify = {"type": "identify", "messageId": "i1", "anonymousId": "a-1", "userId": "u-1",
+                "traits": {"email": "jane@example.com"}}
+    order = {"type": "track", "event": "Order Completed", "messageId": "o1", "userId": "u-1",
+             "properties": {"order_id": "o-1", "total": 10, "currency": "EUR"}}
+    events = tmp_path / "events.json"
+    events.write_text(json.dumps([browser, identify, order]))
+    result = segrelay("translate", "--settings", json.dumps(ALL_VENDORS), str(events), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    page, linked, purchase = json.loads(result.stdout)
+    assert "stitched" not in page and "context.ip" in linked["stitched"]
+    assert purchase["stitched"] == ["context.ip", "context.userAgent", "context.page.url", "email", "anonymousId"]
+    pixel = next(r for r in purchase["send"] if r["vendor"] == "audiohook")
+    assert (pixel["body"]["ip_address"], pixel["body"]["visitor_id"]) == ("203.0.113.7", "a-1")
+    assert "jane@example.com" not in result.stdout
+    # JSON lines, with stitching turned off: the same order is on its own.
+    events.write_text("\n".join(json.dumps(e) for e in (browser, identify, order)))
+    off = segrelay("translate", "--settings", json.dumps({**ALL_VENDORS, "identityStitching": False}), str(events),
+                   cwd=tmp_path)
+    assert "stitched" not in json.loads(off.stdout)[2]
+
+
 def test_translate_reads_stdin_and_reports_skips_and_errors(tmp_path: Path) -> None:
     event = (FIXTURES / "segment" / "order_completed_server.json").read_text()
     result = segrelay("translate", "--settings", json.dumps(ALL_VENDORS), "-", cwd=tmp_path, stdin=event)
