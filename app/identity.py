@@ -50,6 +50,7 @@ MAX_LINKS = 8  # ids of the other kind remembered per record (for `forget`)
 REFRESH_SECONDS = 86_400.0  # an unchanged record is written again (its expiry pushed back) at most this often
 FLUSH_SECONDS = 0.25  # what events teach is written in batches this often
 CACHE_SIZE = 20_000  # contexts kept in memory per process (about 1 KB each)
+MAX_PENDING = 50_000  # unwritten contexts kept while the store refuses writes; the oldest go past it
 CACHE_SECONDS = 5.0  # ...and trusted this long before the store is asked again (SEGRELAY_IDENTITY_CACHE_SECONDS)
 
 
@@ -348,7 +349,11 @@ class IdentityBook:
         except Exception:
             for key, value in batch.items():
                 self._pending.setdefault(key, value)
-            log.warning("could not write remembered identities; kept for the next try", exc_info=True)
+            excess = len(self._pending) - MAX_PENDING
+            for key in list(self._pending)[:max(0, excess)]:  # bounded memory while the store is away
+                del self._pending[key]
+            log.warning("could not write remembered identities; kept for the next try",
+                        extra={"pending": len(self._pending), "dropped": max(0, excess)}, exc_info=True)
             return
         for identity in identities:
             recent = self._recent.get(identity.key)

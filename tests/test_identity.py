@@ -197,3 +197,29 @@ async def test_a_visitors_repeat_is_stitched_from_memory_until_something_is_lear
         assert await book.stitch("acme", stranger, now=now) == {}
     assert counting.recalls == 2
     await book.close()
+
+
+class RefusingStore(CountingStore):
+    """A real store whose writes fail, as while Redis is away."""
+
+    async def remember(self, identities: list[Any]) -> None:
+        raise ConnectionError("store away")
+
+
+async def test_unwritten_contexts_are_kept_for_the_next_try_and_bounded(
+        sqlite_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("app.identity.MAX_PENDING", 5)
+    book = IdentityBook(RefusingStore(sqlite_store), Sealer(SECRET), SECRET, ttl_seconds=3600)  # type: ignore[arg-type]
+    now = time.time()
+    for i in range(4):
+        await book.stitch("acme", page(f"anon-{i}"), now=now)
+    await book.flush()
+    assert len(book._pending) == 4  # kept for the next try
+    for i in range(4, 10):
+        await book.stitch("acme", page(f"anon-{i}"), now=now)
+    await book.flush()
+    assert len(book._pending) == 5  # the oldest went
+    book.store = sqlite_store  # the store is back
+    await book.close()
+    assert not book._pending
+    assert (await sqlite_store.counts()).identities == 5
