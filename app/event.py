@@ -57,6 +57,7 @@ _CAMPAIGN_TO_UTM = (
     ("term", "utm_term"),
     ("content", "utm_content"),
 )
+UTM_KEYS = tuple(utm for _, utm in _CAMPAIGN_TO_UTM)  # the campaign's url parameters
 _FOLD = re.compile(r"[^a-z0-9]")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 # ISO 4217 codes, from a maintained list (pycountry); XXX ("no currency") and XTS (testing) are not amounts' units.

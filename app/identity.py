@@ -30,7 +30,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 
 from app.crypto import Sealer, derive
-from app.event import Event, url_params
+from app.event import UTM_KEYS, Event, url_params
 from app.store import Identity, Store
 
 log = logging.getLogger("segrelay.identity")
@@ -45,7 +45,6 @@ FIELDS = {
     "anonymous_id": "anonymousId",  # a server-side event then names the browser's visitor, as the pixel saw it
 }
 CAMPAIGN = "context.campaign"
-UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
 MAX_LINKS = 8  # ids of the other kind remembered per record (for `forget`)
 REFRESH_SECONDS = 86_400.0  # an unchanged record is written again (its expiry pushed back) at most this often
 FLUSH_SECONDS = 0.25  # what events teach is written in batches this often

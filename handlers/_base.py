@@ -216,9 +216,6 @@ def missing_currency(event: Event, what: str) -> str | None:
     return f"{what} has an amount but no currency (set properties.currency, or the defaultCurrency setting)"
 
 
-UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
-
-
 def describe(event: Event) -> str:
     """'track "Order Completed"' or 'page' for messages."""
     return f'{event.type} "{event.event_name}"' if event.type == "track" else event.type

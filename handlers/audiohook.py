@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.event import Event, fold
+from app.event import UTM_KEYS, Event, fold
 from handlers._base import (
-    UTM_KEYS,
     Outcome,
     Postback,
     Route,
