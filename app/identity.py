@@ -70,9 +70,6 @@ class Context:
         raw = orjson.loads(data)
         return cls(dict(raw.get("v", {})), dict(raw.get("c", {})), float(raw.get("s", 0.0)), list(raw.get("l", [])))
 
-    def same_as(self, other: Context) -> bool:
-        return (self.values, self.campaign, self.links) == (other.values, other.campaign, other.links)
-
 
 NOTHING = Context()  # a look-up that found no record (cached like one that did)
 
@@ -153,7 +150,8 @@ def stitch(event: Event, keys: Sequence[str], records: Sequence[Context | None],
     """Fill the event from the records of its ids (userId's first), and say what to remember under each key.
 
     Each id's record becomes: the event's own context over that id's record over the linked id's, linked to
-    the other ids of the event. Unchanged records are not written again unless older than REFRESH_SECONDS.
+    the other ids of the event. A record that already holds all of that (`_covers`) is not written again unless
+    older than REFRESH_SECONDS.
     """
     own = observed(event)
     filled = fill(event, records)
@@ -169,8 +167,6 @@ def stitch(event: Event, keys: Sequence[str], records: Sequence[Context | None],
             continue  # a returning visitor with nothing new: the common case, decided without building a record
         links = [link for link in (previous.links if previous else []) if link not in keys]
         context = merged(own, previous, *others, seen=now, links=links + other_keys)
-        if previous is not None and context.same_as(previous) and now - previous.seen < REFRESH_SECONDS:
-            continue
         if context.values or context.campaign or context.links:
             updates.append((key, context))
     return filled, updates
@@ -220,9 +216,9 @@ class IdentityBook:
         self.keys = IdentityKeys(secret)
         self._pending: dict[str, tuple[Context, float]] = {}  # key -> (context, expires at): sealed when written
         self._flusher: asyncio.Task[None] | None = None
-        # Recently seen contexts (a returning visitor's events come in bursts): key -> (context, when cached).
-        # key -> (context, when cached, the sealed record it was read from or written as: when the store still
-        # holds those very bytes, a re-read needs no decryption and the context stays the same object)
+        # Recently read or written contexts (a returning visitor's events come in bursts): key -> (context, when
+        # cached, the sealed record it was read from or written as: when the store still holds those very bytes, a
+        # re-read needs no decryption and the context stays the same object)
         self._recent: OrderedDict[str, tuple[Context, float, bytes | None]] = OrderedDict()
         # The last event of each visitor (tenant, userId, anonymousId): its keys, the contexts it met, what it
         # carried and what it was given. A visitor's next event with the same context is stitched without hashing
