@@ -108,11 +108,12 @@ def absolute_url(url: str | None) -> tuple[str | None, str | None]:
         if parts.scheme and parts.netloc and parts.hostname:
             return url, None
         completed = "https:" + url if url.startswith("//") else "https://" + url
-        host = urlsplit(completed).hostname or ""
+        parts = urlsplit(completed)
+        host = parts.hostname or ""
     except ValueError:
         return None, f"page url {_shown(url)} is not a url: not used"
     plausible = host == "localhost" or "." in host.strip(".")
-    if plausible and urlsplit(completed).username is None and not any(c.isspace() for c in host):
+    if plausible and parts.username is None and not any(c.isspace() for c in host):
         return completed, f"page url {_shown(url)} has no scheme: https assumed"
     return None, f"page url {_shown(url)} has no host: not used"
 

@@ -77,6 +77,11 @@ class Backpressure:
         self.queued[ALL_TENANTS] = self.queued.get(ALL_TENANTS, 0) + size
 
 
+def store_too_slow() -> UnavailableError:
+    """The 503 for a store slower than SEGRELAY_ACCEPT_TIMEOUT_SECONDS."""
+    return UnavailableError("Storage is slow to answer; retry later", retry_after=5)
+
+
 class StoreDeadline:
     """A store call that takes longer than SEGRELAY_ACCEPT_TIMEOUT_SECONDS is a 503 (a class: cheaper per request
     than a generator-based context manager)."""
@@ -93,7 +98,7 @@ class StoreDeadline:
         try:
             await self._timeout.__aexit__(kind, exc, tb)
         except TimeoutError:
-            raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
+            raise store_too_slow() from None
 
 
 class Ingest:
@@ -138,10 +143,10 @@ class Ingest:
         dry_run = bool(settings.get("dryRun"))
         stitched: dict[str, Any] = {}
         if settings.get("identityStitching"):
-            try:
+            try:  # the book times its own look-ups (none at all for a visitor it knows): no timer here
                 stitched = await self.identities.stitch(key.tenant, event, now=now, remember=not dry_run)
             except TimeoutError:
-                raise UnavailableError("Storage is slow to answer; retry later", retry_after=5) from None
+                raise store_too_slow() from None
         if dry_run:
             return Answer(200, self._dry_run(translate(event, settings, vendors), event.stitched), kind)
         routing = route(event, settings, vendors)

@@ -45,10 +45,10 @@ def personal_text(value: str) -> bool:
     """
     if "@" in value and _EMAIL_INSIDE.search(value):
         return True
-    if not _PHONE.match(value.strip()):
-        return False
-    digits = sum(c.isdigit() for c in value)
     stripped = value.strip()
+    if not _PHONE.match(stripped):
+        return False
+    digits = sum(c.isdigit() for c in stripped)
     separated = any(c in stripped for c in " ().-/")
     return (stripped.startswith("+") and digits >= 7) or (digits >= 10 and separated)
 
