@@ -472,10 +472,13 @@ class RedisStore:
 
     async def counts(self) -> Counts:
         try:
-            raw = await self.client.hgetall(COUNTERS)
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(COUNTERS)
+                pipe.zcard(IDENTITIES)
+                raw, identities = await pipe.execute()
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
-        counts = Counts(identities=int(await self.client.zcard(IDENTITIES)))
+        counts = Counts(identities=int(identities))
         for name, value in raw.items():
             kind, _, key = _s(name).partition(":")
             {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = int(value)

@@ -281,12 +281,16 @@ class SQLiteStore:
             return bool(fresh)
         return await self._call(op)
 
-    async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
-        sql = f"SELECT key, record FROM identities WHERE key IN ({_marks(len(keys))}) AND expires_at > ?"  # noqa: S608
+    def _read_identities(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        """A read of the identities file on this thread's reader; a failure is a store error (503), never a 500."""
         try:
-            rows = self._reader().execute(sql, (*map(bytes.fromhex, keys), now)).fetchall()
+            return self._reader().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise _error(exc) from None
+
+    async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
+        sql = f"SELECT key, record FROM identities WHERE key IN ({_marks(len(keys))}) AND expires_at > ?"  # noqa: S608
+        rows = self._read_identities(sql, (*map(bytes.fromhex, keys), now))
         found = {bytes(key).hex(): bytes(record) for key, record in rows}
         return [found.get(key) for key in keys]
 
@@ -420,8 +424,8 @@ class SQLiteStore:
         for name, value in rows:
             kind, _, key = name.partition(":")
             {"pending": counts.pending, "dead": counts.dead, "bytes": counts.queued_bytes}[kind][key] = value
-        row = self._reader().execute("SELECT value FROM counters WHERE name = 'identities'").fetchone()
-        counts.identities = row[0] if row else 0
+        rows = self._read_identities("SELECT value FROM counters WHERE name = 'identities'", ())
+        counts.identities = rows[0][0] if rows else 0
         return counts
 
     async def oldest_due(self, *, now: float) -> dict[str, float]:
