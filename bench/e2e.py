@@ -35,8 +35,8 @@ from common import (
     basic,
     cpu_seconds,
     free_port,
+    serve_segrelay,
     settings_header,
-    start,
     stop,
     wrk,
 )
@@ -98,7 +98,6 @@ asyncio.run(main())
 
 
 def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: str) -> dict[str, Any]:
-    port = free_port()
     env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_MAX_QUEUE_MB": "100000",
            "SEGRELAY_TENANT_QUEUE_SHARE": "1", "SEGRELAY_MIN_FREE_DISK_MB": "0",
            **{f"SEGRELAY_{v.upper()}_URL": vendor_url for v in ("segmentstream", "tracify", "audiohook")}}
@@ -107,11 +106,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
     if args.prefill:
         prefill(env, tmp, args.prefill)
     httpx.post(vendor_url + "/_reset", timeout=10).raise_for_status()  # each run counts only its own postbacks
-    key = json.loads(subprocess.run([sys.executable, "-m", "app", "keys", "create", "--tenant", "bench", "--json"],
-                                    env={**os.environ, **env}, cwd=tmp, capture_output=True, text=True,
-                                    check=True).stdout)["key"]
-    proc = start([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)], env,
-                 f"http://127.0.0.1:{port}/readyz", tmp / "segrelay.log")
+    proc, url, key = serve_segrelay(tmp, env)
     try:
         headers = {"Authorization": basic(key), "X-Segment-Settings": settings_header(ALL_VENDORS),
                    "Content-Type": "application/json"}
@@ -119,7 +114,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         cpu_before = {p: cpu_seconds(p) for p in pids}
         before = 0
         started = time.time()
-        load = wrk(f"http://127.0.0.1:{port}", event_body(), headers, seconds=args.seconds,
+        load = wrk(url, event_body(), headers, seconds=args.seconds,
                    connections=args.connections)
         accepted = int(load["requests"] - load["non_2xx"])
         cpu_load = {p: cpu_seconds(p) - cpu_before[p] for p in pids}

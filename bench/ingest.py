@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +30,7 @@ from common import (
     cpu_seconds,
     free_port,
     print_table,
+    serve_segrelay,
     settings_header,
     start,
     stop,
@@ -51,23 +50,18 @@ def body(fixture: str = "order_completed.json", visitors: str = "unique") -> str
 
 
 def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: bool = True) -> dict[str, float]:
-    port = free_port()
     # Default log level: one JSON line per request, as in production.
     env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_DELIVERY": "off",
            "SEGRELAY_MAX_QUEUE_MB": "100000", "SEGRELAY_MIN_FREE_DISK_MB": "0"}
-    key_out = subprocess.run([sys.executable, "-m", "app", "keys", "create", "--tenant", "bench", "--json"],
-                             env={**os.environ, **env}, cwd=tmp, capture_output=True, text=True, check=True).stdout
-    key = json.loads(key_out)["key"]
-    proc = start([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)], env,
-                 f"http://127.0.0.1:{port}/readyz", tmp / "segrelay.log")
+    proc, url, key = serve_segrelay(tmp, env)
     try:
         settings = {**ALL_VENDORS, "identityStitching": stitching}
         headers = {"Authorization": basic(key), "X-Segment-Settings": settings_header(settings),
                    "Content-Type": "application/json"}
         event = body(args.fixture, args.visitors)
-        wrk(f"http://127.0.0.1:{port}", event, headers, seconds=2, connections=args.connections)  # warm-up
+        wrk(url, event, headers, seconds=2, connections=args.connections)  # warm-up
         before = cpu_seconds(proc.pid)
-        figures = wrk(f"http://127.0.0.1:{port}", event, headers, seconds=args.seconds, connections=args.connections)
+        figures = wrk(url, event, headers, seconds=args.seconds, connections=args.connections)
         requests = figures["rps"] * args.seconds
         figures["cpu_us"] = (cpu_seconds(proc.pid) - before) / max(requests, 1) * 1e6
         return figures
