@@ -205,6 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app import http_protocol
     from app.log import configure
+    from app.process import tune_garbage_collector
 
     config = Config.from_env()
     if args.delivery_processes is not None:
@@ -232,6 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.sqlite_path is not None:
         _first_key(config, port)
     configure(config.log_level)
+    tune_garbage_collector()
     app = create_app(config)
     service = app.state.service
 

@@ -49,6 +49,7 @@ class Config:
     delivery: bool = True
     redis_unsafe: bool = False
     delivery_processes: int = field(default_factory=lambda: default_delivery_processes())
+    delivery_nice: int = 10
     log_level: str = "info"
     identity_ttl_days: float = 30.0
     max_identities: int = 1_000_000
@@ -93,6 +94,7 @@ class Config:
             delivery=_bool(env, "SEGRELAY_DELIVERY", True),
             redis_unsafe=_bool(env, "SEGRELAY_REDIS_UNSAFE", False),
             delivery_processes=_int(env, "SEGRELAY_DELIVERY_PROCESSES", default_delivery_processes(), minimum=0),
+            delivery_nice=_int(env, "SEGRELAY_DELIVERY_NICE", 10, minimum=0),
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
             identity_ttl_days=_float(env, "SEGRELAY_IDENTITY_TTL_DAYS", 30.0, minimum=0.0001),
             max_identities=_int(env, "SEGRELAY_MAX_IDENTITIES", 1_000_000),
@@ -107,6 +109,8 @@ class Config:
             raise ConfigError("SEGRELAY_TENANT_QUEUE_SHARE must be a fraction of the queue, at most 1")
         if config.max_inflight_bytes < config.max_body_bytes:
             raise ConfigError("SEGRELAY_MAX_INFLIGHT_BYTES must be at least SEGRELAY_MAX_BODY_BYTES")
+        if config.delivery_nice > 19:
+            raise ConfigError("SEGRELAY_DELIVERY_NICE must be between 0 (the HTTP process's priority) and 19")
         if config.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("SEGRELAY_LOG_LEVEL must be debug, info, warning or error")
         return config

@@ -22,11 +22,12 @@ from tests.support import (  # noqa: E402
     VendorStub,
     _wait_http,
     basic,
+    child_pids,
     free_port,
     settings_header,
 )
 
-__all__ = ["ALL_VENDORS", "SECRET", "RedisServer", "VendorStub", "basic", "free_port", "settings_header"]
+__all__ = ["ALL_VENDORS", "SECRET", "RedisServer", "VendorStub", "basic", "child_pids", "free_port", "settings_header"]
 
 WRK_SCRIPT = """
 math.randomseed(os.time() * 1000 + math.floor(os.clock() * 1000000))  -- unique ids in every run

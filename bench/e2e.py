@@ -33,6 +33,7 @@ from common import (
     SECRET,
     RedisServer,
     basic,
+    child_pids,
     cpu_seconds,
     free_port,
     serve_segrelay,
@@ -50,13 +51,6 @@ def event_body() -> str:
     event["messageId"] = "__MESSAGE_ID__"
     event["properties"]["order_id"] = "__MESSAGE_ID__"
     return json.dumps(event)
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
 
 
 def standin(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -110,7 +104,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
     try:
         headers = {"Authorization": basic(key), "X-Segment-Settings": settings_header(ALL_VENDORS),
                    "Content-Type": "application/json"}
-        pids = [proc.pid, *children(proc.pid)]
+        pids = [proc.pid, *child_pids(proc.pid)]
         cpu_before = {p: cpu_seconds(p) for p in pids}
         before = 0
         started = time.time()

@@ -54,6 +54,14 @@ def settings_header(settings: dict[str, Any]) -> str:
     return base64.b64encode(json.dumps(settings).encode()).decode()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The process's children (Linux /proc): `segrelay serve`'s delivery processes."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def wait_until(check: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

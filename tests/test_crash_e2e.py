@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.support import Segrelay, VendorStub, basic, fixture, settings_header, wait_until
+from tests.support import Segrelay, VendorStub, basic, child_pids, fixture, settings_header, wait_until
 
 SS_ONLY = settings_header({"segmentstreamApiToken": "ss-token"})
 CONCURRENCY = 8
@@ -59,13 +59,6 @@ class Load:
                         self.accepted.add(message_id)
 
 
-def delivery_children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
 def delivered_message_ids(stub: VendorStub) -> Counter[str]:
     """hitId is derived from the messageId, so it names the message in each request the stub saw."""
     return Counter(json.loads(r["body"])["hitId"] for r in stub.requests("/segmentstream/track"))
@@ -109,7 +102,7 @@ def test_kill_9_under_load_loses_nothing(fresh_stub: VendorStub, make_server: ty
     load = Load(service, total=600).start()
     assert wait_until(lambda: len(load.accepted) >= 300, 60)
     assert service.proc is not None
-    children = delivery_children(service.proc.pid)
+    children = child_pids(service.proc.pid)
     assert len(children) == 1
     service.kill()
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 10)  # died with serve

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from app.version import VERSION
-from tests.support import ROOT, SECRET, RedisServer, Segrelay, basic, fixture, free_port, wait_until
+from tests.support import ROOT, SECRET, RedisServer, Segrelay, basic, child_pids, fixture, free_port, wait_until
 
 
 def segrelay(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -43,6 +43,25 @@ def test_reading_commands_never_create_a_store_where_none_is(tmp_path: Path, com
     assert f"no store at {(tmp_path / 'var' / 'segrelay.db').resolve()}" in result.stderr
     assert "SEGRELAY_STORE=sqlite:///" in result.stderr
     assert not (tmp_path / "var").exists()  # neither a database nor a secret was made
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+
+
+@pytest.mark.parametrize(("nice", "added"), [(None, 10), ("3", 3), ("0", 0)])
+def test_delivery_processes_yield_the_cpu_to_the_http_process(make_server: type[Segrelay], nice: str | None,
+                                                               added: int) -> None:
+    env = {"SEGRELAY_DELIVERY_PROCESSES": "2"} | ({"SEGRELAY_DELIVERY_NICE": nice} if nice else {})
+    service = make_server(env).start()
+    assert service.proc is not None
+    assert wait_until(lambda: service.logs().count('"msg":"delivery started"') == 2, 30)
+    children = child_pids(service.proc.pid)
+    assert len(children) == 2
+    ours = os.nice(0)
+    assert niceness(service.proc.pid) == ours
+    assert all(niceness(pid) == min(ours + added, 19) for pid in children)
+    service.terminate()
 
 
 def test_the_store_location_is_logged_and_named_by_keys_create(make_server: type[Segrelay]) -> None:

@@ -19,6 +19,7 @@ from app import metrics
 from app.config import Config
 from app.crypto import Sealer
 from app.delivery.worker import Deliverer
+from app.process import lower_priority, tune_garbage_collector
 from app.store import Store, check_durability, open_store
 from handlers import VENDORS
 
@@ -73,6 +74,8 @@ class DeliveryService:
 def run(config: Config, wake_fd: int | None) -> int:
     """`segrelay deliver`: deliver until SIGTERM/SIGINT, then drain; exits with the parent (Linux)."""
     _die_with_parent()
+    lower_priority(config.delivery_nice)
+    tune_garbage_collector()
     try:
         import uvloop
     except ImportError:
