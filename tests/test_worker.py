@@ -13,6 +13,7 @@ import pytest
 
 from app.config import Config
 from app.crypto import Sealer
+from app.delivery import worker
 from app.delivery.transport import AiohttpTransport, RequestRefused, SendFailed, VendorAnswer
 from app.delivery.worker import Deliverer
 from app.event import parse_event
@@ -228,3 +229,43 @@ async def test_a_stored_event_that_no_longer_builds_is_a_dead_letter_not_a_retry
     (letter,) = await store.dead_letters()
     assert "could not build this postback" in letter.last_body and "KeyError" in letter.last_body
     assert calls == [] and await pending(store) == 0
+
+
+async def test_a_tenant_alone_at_its_limit_is_not_leased_and_handed_back_while_another_is_found(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tenant at its in-flight limit with a backlog: the once-a-second look for other tenants' jobs happens only
+    when the store's counters show another tenant queued, so one tenant alone costs no lease-and-release churn."""
+    monkeypatch.setattr(worker, "READY_PER_TENANT", 0)  # each tenant's share of the ready list: READY_MIN jobs
+    monkeypatch.setattr(worker, "READY_MIN", 8)
+    sealer, hang, seen = Sealer(SECRET), asyncio.Event(), []
+    for n in range(60):
+        await accept_page(store, sealer, n, tenant="loud", token=f"loud-{n}")  # one request each
+
+    async def transport(vendor: str, request: OutgoingRequest) -> VendorAnswer:
+        seen.append(request.headers["tracify-token"])
+        if request.headers["tracify-token"].startswith("loud"):
+            await hang.wait()  # the loud tenant's endpoint hangs: it stays at its limit
+        return VendorAnswer(200, b'{"status": true}')
+
+    cfg = Config(secret=SECRET, vendor_concurrency=4, tenant_concurrency=1,
+                 vendor_urls={"segmentstream": "http://ss", "tracify": "http://tr", "audiohook": "http://ah"})
+    deliverer = Deliverer(cfg, store, sealer, transport=transport)
+    released: list[int] = []
+    release = store.release
+
+    async def counting_release(jobs: list[Job], *, due_at: float) -> None:
+        released.append(len(jobs))
+        await release(jobs, due_at=due_at)
+    store.release = counting_release  # type: ignore[method-assign]
+    deliverer.start()
+    await asyncio.sleep(2.5)
+    assert len(seen) == 3  # alone, the loud tenant may use every slot but one tenant's share
+    assert sum(released) == 0
+    await accept_page(store, sealer, 100, tenant="quiet", token="quiet")
+    deadline = time.monotonic() + 3
+    while "quiet" not in seen and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert "quiet" in seen  # the look for other tenants still finds a newcomer behind the backlog
+    assert sum(released) > 0  # ... by leasing past the loud tenant's jobs and handing them back
+    hang.set()
+    await deliverer.stop(drain_seconds=1)
