@@ -7,9 +7,9 @@ stack; everything else (health, readiness, metrics, JSON 404/405) is a Starlette
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -45,7 +45,7 @@ class BodyBudget:
 
 def request_id_of(headers: dict[bytes, bytes]) -> str:
     incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-    return incoming if SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    return incoming if SAFE_REQUEST_ID.match(incoming) else os.urandom(16).hex()
 
 
 class SegmentEndpoint:
@@ -68,7 +68,7 @@ class SegmentEndpoint:
             if answer.message_id:
                 extra["message_id"] = answer.message_id
         except ClientGone:
-            metrics.REQUESTS.labels(kind, "499").inc()  # nobody to answer, nothing taken on; not our fault
+            metrics.labelled(metrics.REQUESTS, kind, "499").inc()  # nobody to answer, nothing taken on
             log.info("client disconnected before the body arrived", extra={**extra, "status": 499})
             return
         except ContractError as exc:
@@ -93,7 +93,7 @@ class SegmentEndpoint:
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
         elapsed = time.perf_counter() - started
-        metrics.REQUESTS.labels(kind, str(status)).inc()
+        metrics.labelled(metrics.REQUESTS, kind, str(status)).inc()
         metrics.REQUEST_SECONDS.observe(elapsed)
         line: dict[str, Any] = {"method": "POST", "path": "/segment", "status": status, "call_type": kind,
                                 "request_id": rid, "duration_ms": round(elapsed * 1000, 2), **extra}

@@ -155,7 +155,7 @@ class Ingest:
         if event.stitched:
             answer["stitched"] = event.stitched
             for name in event.stitched:
-                metrics.STITCHED.labels(name).inc()
+                metrics.labelled(metrics.STITCHED, name).inc()
         if event.warnings:
             answer["warnings"] = event.warnings
         if not routing.vendors:
@@ -220,7 +220,7 @@ def _message_id(document: dict[str, Any]) -> str:
 def _count(routing: Routing) -> None:
     """Metrics for an event taken on (not for duplicates or dry runs)."""
     for vendor, queued in Counter(t.vendor for t in routing.targets).items():
-        metrics.POSTBACKS.labels(vendor, "queued").inc(queued)
+        metrics.labelled(metrics.POSTBACKS, vendor, "queued").inc(queued)
     for skip in routing.skips:
-        metrics.POSTBACKS.labels(skip.vendor, "skipped").inc()
-        metrics.SKIPS.labels(skip.vendor, skip.code).inc()
+        metrics.labelled(metrics.POSTBACKS, skip.vendor, "skipped").inc()
+        metrics.labelled(metrics.SKIPS, skip.vendor, skip.code).inc()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.metrics import MetricWrapperBase
 
 from app.version import VERSION
 
@@ -39,6 +41,21 @@ CIRCUIT_OPEN = Gauge("segrelay_circuit_open", "1 while the vendor's circuit brea
 BUILD_INFO = Gauge("segrelay_build_info", "1, labelled with the running version", ["version", "python"],
                    multiprocess_mode="max")
 BUILD_INFO.labels(VERSION, platform.python_version()).set(1)
+
+
+M = TypeVar("M", bound=MetricWrapperBase)
+_CHILDREN: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: M, *values: str) -> M:
+    """The metric's child for these label values, found once: prometheus_client's labels() takes a lock and
+    builds its key on every call, which the accept path would pay several times per event. Every label here has
+    a bounded set of values, so this stays small."""
+    key = (metric, values)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*values)
+    return child
 
 
 def exposition() -> bytes:

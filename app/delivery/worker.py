@@ -274,7 +274,7 @@ class Deliverer:
         except SendFailed as exc:
             connect_error = exc.connect
             succeeded, pause, body = False, None, str(exc)
-        metrics.VENDOR_SECONDS.labels(slug).observe(time.monotonic() - started)
+        metrics.labelled(metrics.VENDOR_SECONDS, slug).observe(time.monotonic() - started)
         verdict = classify(status, succeeded)
         now = self.clock()
         self.breakers[slug].record(now, ok=verdict is not Verdict.RETRY, connect_error=connect_error)
@@ -282,7 +282,7 @@ class Deliverer:
                  "message_ids": [job.message_id for job in jobs[:20]]}
         if verdict is Verdict.DELIVERED:
             await self.store.complete(jobs, status=status, now=now)
-            metrics.POSTBACKS.labels(slug, "delivered").inc(len(jobs))
+            metrics.labelled(metrics.POSTBACKS, slug, "delivered").inc(len(jobs))
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("delivered", extra={**extra, "outcome": "delivered"})
             return
@@ -300,7 +300,7 @@ class Deliverer:
             else:
                 delay = max(self.policy.backoff(attempts), pause or 0.0)
                 await self.store.retry(job, due_at=now + delay, status=status, body=body)
-                metrics.POSTBACKS.labels(slug, "retried").inc()
+                metrics.labelled(metrics.POSTBACKS, slug, "retried").inc()
                 log.info("retry scheduled", extra={**extra, "outcome": "retried", "delay_seconds": round(delay, 3)})
 
     async def _render(self, slug: str, jobs: list[Job]) -> tuple[list[Job], list[Postback]]:
@@ -338,4 +338,4 @@ class Deliverer:
         now = self.clock()
         for job in jobs:
             await self.store.bury(job, now=now, status=status, body=body)
-        metrics.POSTBACKS.labels(slug, "dead").inc(len(jobs))
+        metrics.labelled(metrics.POSTBACKS, slug, "dead").inc(len(jobs))
