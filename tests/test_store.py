@@ -41,6 +41,15 @@ async def test_keys_round_trip_and_revoke(store: Store) -> None:
     assert found is not None and found.revoked
 
 
+async def test_a_burst_of_concurrent_accepts_waits_for_connections_instead_of_failing(store: Store) -> None:
+    """More concurrent requests than the store has connections (Redis: a pool of 64 per process) queue for one."""
+    now = time.time()
+    results = await asyncio.gather(*(store.accept("acme", f"burst-{n}", b"payload", [job()], now=now, ttl=60)
+                                     for n in range(300)))
+    assert all(results)
+    assert await pending(store) == 300
+
+
 async def test_accept_is_idempotent_per_tenant_and_message(store: Store) -> None:
     now = time.time()
     assert await store.accept("acme", "m1", b"sealed", [job(), job("audiohook")], now=now, ttl=60)

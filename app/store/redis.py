@@ -54,6 +54,8 @@ GROUP = "workers"
 COUNTERS = P + "counters"
 IDENTITIES = P + "identities"
 HOUSEKEEPING_BATCH = 2000
+POOL_SIZE = 64  # connections per process; more concurrent calls wait for one (redis-py's own pool fails at 100)
+POOL_WAIT_SECONDS = 10.0  # a call waiting longer for a connection fails as unavailable (503)
 _ACCEPT = """
 local seen = redis.call('GET', KEYS[1])
 local now = tonumber(ARGV[1])
@@ -212,8 +214,10 @@ def _s(value: Any) -> str:
 
 class RedisStore:
     def __init__(self, url: str, *, consumer: str = "") -> None:
-        self.client = aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30,
-                                              socket_timeout=10, socket_connect_timeout=5)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_SECONDS, decode_responses=False,
+            health_check_interval=30, socket_timeout=10, socket_connect_timeout=5)
+        self.client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self.consumer = consumer or uuid.uuid4().hex[:12]
         self._accept = self.client.register_script(_ACCEPT)
         self._lease = self.client.register_script(_LEASE)
