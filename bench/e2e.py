@@ -73,9 +73,21 @@ def tally(url: str) -> dict[str, Any]:
     return result
 
 
+# Redis: move up to 10,000 entries of the Audiohook stream to its retry set, due at ARGV[1]; returns how many.
+PARK = """
+local entries = redis.call('XRANGE', 'segrelay:stream:audiohook', '-', '+', 'COUNT', 10000)
+for _, entry in ipairs(entries) do
+  redis.call('ZADD', 'segrelay:delayed:audiohook', ARGV[1], entry[2][2])
+  redis.call('XDEL', 'segrelay:stream:audiohook', entry[1])
+end
+return #entries
+"""
+
+
 def prefill(env: dict[str, str], tmp: Path, count: int) -> None:
-    """Queue `count` postbacks for a vendor that never answers in time (all due, all waiting)."""
+    """Queue `count` Audiohook postbacks due in a day: the backlog of a vendor outage, waiting for its retries."""
     code = f"""
+PARK = {PARK!r}
 import asyncio, time
 from app.store import NewJob, open_store
 async def main():
@@ -85,6 +97,9 @@ async def main():
     for start in range(0, {count}, 2000):
         await asyncio.gather(*(store.accept("prefill", f"p{{i}}", b"x" * 1200, jobs, now=now + 86400, ttl=604800)
                                for i in range(start, min(start + 2000, {count}))))
+    if hasattr(store, "client"):  # Redis queues every accepted job as due: park them as retries due tomorrow
+        while await store.client.eval(PARK, 0, now + 86400):
+            pass
     await store.close()
 asyncio.run(main())
 """
