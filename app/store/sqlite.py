@@ -5,9 +5,10 @@ operations) and commits them in one transaction: one fsync serves many concurren
 never blocks on the disk. A caller learns success only after COMMIT returns; if the group fails, each operation is
 redone in a transaction of its own, so only a failing one fails.
 
-The HTTP process and the delivery process of `segrelay serve` share the file: SQLite serialises their writers
+The HTTP process and the delivery processes of `segrelay serve` share the file: SQLite serialises their writers
 (the writer thread retries BEGIN every half millisecond rather than SQLite's busy handler, whose sleeps grow to
-100 ms and would show as long tails). The HTTP process commits with synchronous=FULL (an accepted event survives
+100 ms and would show as long tails), and the HTTP process goes first: while it waits for the lock it says so in a
+one-byte file beside the database (`<name>-priority`), and delivery processes do not begin meanwhile. The HTTP process commits with synchronous=FULL (an accepted event survives
 power loss); the delivery process may use NORMAL, since losing its last completions to a power cut only means
 sending them again.
 Ids are AUTOINCREMENT, never reused: a late answer for a job, or a cached event, can never meet a newer one.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import queue
 import sqlite3
@@ -52,6 +54,7 @@ MAX_GROUP = 512  # operations per transaction for the HTTP process (accepts: one
 MAX_GROUP_UNDURABLE = 64  # for a delivery process: short transactions, so accepts never wait long for the lock
 LOCK_TIMEOUT = 30.0  # seconds a write waits for another process's lock before it fails (503)
 LOCK_POLL = 0.0005
+GIVE_WAY_SECONDS = 0.05  # how long a delivery process lets the HTTP process go first, at most, per transaction
 HOUSEKEEPING_BATCH = 2000  # expired idempotency records deleted per call (the monitor calls it every second)
 
 SCHEMA = """
@@ -101,8 +104,10 @@ class _Stop:
 class _Writer:
     """One connection and the one thread that uses it: operations queue up and commit in groups."""
 
-    def __init__(self, conn: sqlite3.Connection, *, name: str, max_group: int) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, name: str, max_group: int,
+                 priority: WriterPriority | None = None, urgent: bool = False) -> None:
         self.conn, self.max_group = conn, max_group
+        self.priority, self.urgent = priority, urgent
         self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -151,7 +156,7 @@ class _Writer:
         out after COMMIT returns. A failed COMMIT (a full disk, an I/O error) fails every operation in it.
         """
         try:
-            _begin(conn)
+            self._begin(conn)
             values = [fn(conn) for fn, _ in group]
             conn.execute("COMMIT")
             self.commits += 1
@@ -163,7 +168,7 @@ class _Writer:
         results: list[tuple[Any, Any, StoreError | None]] = []
         for fn, fut in group:
             try:
-                _begin(conn)
+                self._begin(conn)
                 value = fn(conn)
                 conn.execute("COMMIT")
                 self.commits += 1
@@ -175,6 +180,51 @@ class _Writer:
         return results
 
 
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE. An urgent writer (the HTTP process's) says it is waiting while it waits; the others give
+        way to it before they begin (see WriterPriority)."""
+        priority = self.priority
+        if priority is None:
+            _begin(conn)
+        elif self.urgent:
+            try:
+                _begin(conn, on_wait=lambda: priority.want(True))
+            finally:
+                priority.want(False)
+        else:
+            give_way_until = time.monotonic() + GIVE_WAY_SECONDS
+            while priority.wanted() and time.monotonic() < give_way_until:
+                time.sleep(LOCK_POLL)
+            _begin(conn)
+
+
+class WriterPriority:
+    """One byte in a file beside the database, shared by every process that writes to it: set while the HTTP
+    process, whose callers wait for their 202, waits for SQLite's write lock. The delivery processes do not begin
+    a transaction while it is set (for at most GIVE_WAY_SECONDS, so a flag left by a crash only slows them).
+
+    Without it, a delivery process that commits and begins again at once wins the lock over a writer polling for
+    it every LOCK_POLL, again and again: accepts waited up to 50-110 ms for the lock while delivery ran, and p99
+    accept latency was 35-60 ms instead of about 20 ms."""
+
+    def __init__(self, path: Path) -> None:
+        _private_file(path)
+        with path.open("r+b") as handle:
+            if handle.seek(0, os.SEEK_END) < 1:
+                handle.write(b"\0")
+                handle.flush()
+            self._map = mmap.mmap(handle.fileno(), 1)
+
+    def want(self, waiting: bool) -> None:
+        self._map[0] = 1 if waiting else 0
+
+    def wanted(self) -> bool:
+        return self._map[0] == 1
+
+    def close(self) -> None:
+        self._map.close()
+
+
 class SQLiteStore:
     def __init__(self, path: str, *, durable: bool = True) -> None:
         self.path = Path(path)
@@ -182,8 +232,12 @@ class SQLiteStore:
         self.durable = durable
         _private_file(self.path)
         _private_file(self.identities_path)
+        self.priority = WriterPriority(self.path.with_name(f"{self.path.name}-priority"))
+        if durable:
+            self.priority.want(False)  # a flag left by a crashed HTTP process
         self._writer = _Writer(_connect(self.path, durable=durable, prepare=self._prepare), name="sqlite-writer",
-                               max_group=MAX_GROUP if durable else MAX_GROUP_UNDURABLE)
+                               max_group=MAX_GROUP if durable else MAX_GROUP_UNDURABLE, priority=self.priority,
+                               urgent=durable)
         # Remembered identities live in a file of their own, committed without an fsync each time: their random
         # keys would otherwise double what every durable commit of the queue writes (and waits for), and a power
         # cut may only cost the last seconds of remembered context, never an event.
@@ -234,6 +288,7 @@ class SQLiteStore:
             self._readers.conn = None
         await self._writer.close()
         await self._identity_writer.close()
+        self.priority.close()
 
     async def save_key(self, record: KeyRecord) -> None:
         def op(c: sqlite3.Connection) -> None:
@@ -520,8 +575,9 @@ def _private_file(path: Path) -> None:
             path.chmod(0o600)
 
 
-def _begin(conn: sqlite3.Connection) -> None:
-    """BEGIN IMMEDIATE, waiting for another process's write lock in short, even steps (up to LOCK_TIMEOUT)."""
+def _begin(conn: sqlite3.Connection, on_wait: Callable[[], object] | None = None) -> None:
+    """BEGIN IMMEDIATE, waiting for another process's write lock in short, even steps (up to LOCK_TIMEOUT);
+    `on_wait` is called once when it has to wait."""
     deadline = 0.0
     while True:
         try:
@@ -531,6 +587,8 @@ def _begin(conn: sqlite3.Connection) -> None:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
             now = time.monotonic()
+            if not deadline and on_wait is not None:
+                on_wait()
             deadline = deadline or now + LOCK_TIMEOUT
             if now >= deadline:
                 raise
