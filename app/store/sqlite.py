@@ -8,9 +8,9 @@ redone in a transaction of its own, so only a failing one fails.
 The HTTP process and the delivery processes of `segrelay serve` share the file: SQLite serialises their writers
 (the writer thread retries BEGIN every half millisecond rather than SQLite's busy handler, whose sleeps grow to
 100 ms and would show as long tails), and the HTTP process goes first: while it waits for the lock it says so in a
-one-byte file beside the database (`<name>-priority`), and delivery processes do not begin meanwhile. The HTTP process commits with synchronous=FULL (an accepted event survives
-power loss); the delivery process may use NORMAL, since losing its last completions to a power cut only means
-sending them again.
+one-byte file beside the database (`<name>-priority`), and delivery processes do not begin meanwhile.
+The HTTP process commits with synchronous=FULL (an accepted event survives power loss); the delivery processes may
+use NORMAL, since losing their last completions to a power cut only means sending them again.
 Ids are AUTOINCREMENT, never reused: a late answer for a job, or a cached event, can never meet a newer one.
 Every query is served by an index: due jobs per vendor, leased jobs, dead letters, expired idempotency records;
 an event counts the jobs it has left and goes with the last; counts come from the `counters` table, kept in the
