@@ -20,11 +20,12 @@ from app.config import Config
 from app.crypto import Sealer
 from app.delivery.worker import Deliverer
 from app.process import lower_priority, tune_garbage_collector
-from app.store import Store, check_durability, open_store
+from app.store import Store, StoreUnavailableError, check_durability, open_store
 from handlers import VENDORS
 
 log = logging.getLogger("segrelay.delivery")
 HOUSEKEEPING_SECONDS = 1.0
+STORE_RETRY_SECONDS = 1.0
 
 
 class DeliveryService:
@@ -85,11 +86,13 @@ def run(config: Config, wake_fd: int | None) -> int:
 
 async def _main(config: Config, wake_fd: int | None) -> int:
     service = DeliveryService(config)
-    await check_durability(service.store, allow_unsafe=config.redis_unsafe)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if not await _store_checked(service, config, stop):
+        await service.store.close()
+        return 0
     if wake_fd is not None:
         os.set_blocking(wake_fd, False)
 
@@ -106,6 +109,21 @@ async def _main(config: Config, wake_fd: int | None) -> int:
     await stop.wait()
     await service.stop()
     return 0
+
+
+async def _store_checked(service: DeliveryService, config: Config, stop: asyncio.Event) -> bool:
+    """The store's durability checked (a store set to lose events stops us: StoreError). An unreachable store is
+    asked again every STORE_RETRY_SECONDS rather than ending the process, so that a store that is down when delivery
+    starts (or restarts) is waited for, not crash-looped on. False: asked to stop meanwhile."""
+    while not stop.is_set():
+        try:
+            await check_durability(service.store, allow_unsafe=config.redis_unsafe)
+            return True
+        except StoreUnavailableError as exc:
+            log.warning("store unreachable; delivery waits for it", extra={"reason": str(exc)[:200]})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), STORE_RETRY_SECONDS)
+    return False
 
 
 def _die_with_parent() -> None:
