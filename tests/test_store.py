@@ -104,6 +104,19 @@ async def test_release_does_not_count_an_attempt(store: Store) -> None:
     assert again.attempts == 0
 
 
+async def test_releasing_many_jobs_hands_back_each_one_at_its_due_time(store: Store) -> None:
+    now = time.time()
+    for n in range(5):
+        await store.accept("acme", f"m{n}", b"sealed", [job()], now=now, ttl=60)
+    leased = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    assert len(leased) == 5
+    await store.release(leased, due_at=now + 5)
+    assert await store.lease("tracify", now=now + 1, limit=10, lease_seconds=30) == []
+    again = await store.lease("tracify", now=now + 6, limit=10, lease_seconds=30)
+    assert sorted(j.message_id for j in again) == [f"m{n}" for n in range(5)]
+    assert all(j.attempts == 0 for j in again)
+
+
 async def test_bury_list_and_replay_dead_letters(store: Store) -> None:
     now = time.time()
     await store.accept("acme", "m1", b"sealed", [job(), job("audiohook")], now=now, ttl=60)

@@ -269,3 +269,40 @@ async def test_a_tenant_alone_at_its_limit_is_not_leased_and_handed_back_while_a
     assert sum(released) > 0  # ... by leasing past the loud tenant's jobs and handing them back
     hang.set()
     await deliverer.stop(drain_seconds=1)
+
+
+async def test_looks_that_find_only_jobs_not_yet_due_slow_down_until_a_tenant_comes(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another tenant's postbacks waiting for their retry time show in the counters but cannot be leased: the looks
+    past the blocked tenant's backlog back off (each finds nothing) and return to once a second for a newcomer."""
+    monkeypatch.setattr(worker, "READY_PER_TENANT", 0)
+    monkeypatch.setattr(worker, "READY_MIN", 8)
+    sealer, hang, seen = Sealer(SECRET), asyncio.Event(), []
+    await accept_page(store, sealer, 500, tenant="waiting", token="waiting")
+    parked = await store.lease("tracify", now=time.time(), limit=5, lease_seconds=60)
+    await store.release(parked, due_at=time.time() + 3600)  # a retry due in an hour
+    for n in range(60):
+        await accept_page(store, sealer, n, tenant="loud", token=f"loud-{n}")
+
+    async def transport(vendor: str, request: OutgoingRequest) -> VendorAnswer:
+        seen.append(request.headers["tracify-token"])
+        if request.headers["tracify-token"].startswith("loud"):
+            await hang.wait()
+        return VendorAnswer(200, b'{"status": true}')
+
+    cfg = Config(secret=SECRET, vendor_concurrency=4, tenant_concurrency=1,
+                 vendor_urls={"segmentstream": "http://ss", "tracify": "http://tr", "audiohook": "http://ah"})
+    deliverer = Deliverer(cfg, store, sealer, transport=transport)
+    deliverer.start()
+    await asyncio.sleep(3.5)
+    assert deliverer._probes["tracify"].every >= 4  # 1 s, then 2, then 4: each look found none due
+    found_at = time.monotonic()
+    await accept_page(store, sealer, 100, tenant="quiet", token="quiet")
+    deadline = time.monotonic() + 3
+    while "quiet" not in seen and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert "quiet" in seen  # a new tenant in the counters brings the looks back to once a second
+    assert time.monotonic() - found_at < 2.5  # not after the 4 s the slowed looks would have waited
+    assert "waiting" not in seen
+    hang.set()
+    await deliverer.stop(drain_seconds=1)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 
@@ -34,7 +35,17 @@ READY_MIN, READY_MAX = 32, 1000  # jobs leased ahead per vendor, waiting in memo
 READY_PER_TENANT = 4  # a tenant's share of that list: this many times its concurrency (times the batch size)
 TENANT_BACKOFF = 1.0  # a job past its tenant's share is due again this much later
 PROBE_SECONDS = 1.0  # how often a vendor blocked on one tenant's limit looks for other tenants' jobs
+PROBE_MAX_SECONDS = 8.0  # ... at the slowest, after looks that found none (their jobs not due yet)
 PROBE_SIZE = 256  # jobs (times the batch size) such a look leases
+
+
+@dataclass(slots=True)
+class _Probe:
+    """A vendor's looks past its blocked tenants' backlog: when it last looked, how often, which others it saw."""
+
+    at: float = 0.0
+    every: float = PROBE_SECONDS
+    others: frozenset[str] = frozenset()
 
 
 class Deliverer:
@@ -53,9 +64,9 @@ class Deliverer:
         self._wake = {v.slug: asyncio.Event() for v in VENDORS}
         self._inflight: dict[str, set[asyncio.Task[None]]] = {v.slug: set() for v in VENDORS}
         self._ready: dict[str, list[tuple[float, Job]]] = {v.slug: [] for v in VENDORS}
-        self._probed_at: dict[str, float] = defaultdict(float)
+        self._probes = {v.slug: _Probe() for v in VENDORS}
         self._counted_at = 0.0  # when _tenants_queued was read from the store's counters
-        self._tenants_queued: set[str] = set()
+        self._tenants_queued: frozenset[str] = frozenset()
         self._tenant_inflight: Counter[tuple[str, str]] = Counter()
         self._dispatchers: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -122,18 +133,30 @@ class Deliverer:
         batch_size = vendor.batch.max_size if vendor.batch else 1
         share = max(READY_PER_TENANT * self.config.tenant_concurrency * batch_size, READY_MIN)
         dispatchable = self._dispatchable(slug)
+        probing = False
         wanted = min(2 * free * batch_size, READY_MAX - len(ready), share) - dispatchable
         if ready and dispatchable == 0:
             # Every ready job waits for its tenant while slots are free. Leasing more of the same would only churn;
-            # once a second, look past that tenant's backlog for other tenants' jobs (its own go back for a moment).
-            wanted = 0
-            if now - self._probed_at[slug] >= PROBE_SECONDS:
-                self._probed_at[slug] = now
-                if await self._others_waiting({job.tenant for _, job in ready}, now):
+            # at most once a second, when the counters show other tenants queued, look past the backlog for their
+            # jobs (the blocked tenant's own go back for a moment).
+            wanted, probing = 0, True
+            blocked = {job.tenant for _, job in ready}
+            probe = self._probes[slug]
+            if now - probe.at >= PROBE_SECONDS:
+                others = await self._others_queued(blocked, now)
+                if others != probe.others:  # a tenant came or went: look at the normal pace again
+                    probe.others, probe.every = others, PROBE_SECONDS
+                if others and now - probe.at >= probe.every:
+                    probe.at = now
                     wanted = min(PROBE_SIZE * batch_size, READY_MAX - len(ready))
         if wanted > 0:
             leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds)
             ready.extend((now, job) for job in leased)
+            if probing:
+                # A look that found only the blocked tenants' jobs (the others' are not due: retries waiting for
+                # their time, say) is repeated less and less often, up to PROBE_MAX_SECONDS apart.
+                found = any(job.tenant not in blocked for job in leased)
+                probe.every = PROBE_SECONDS if found else min(probe.every * 2, PROBE_MAX_SECONDS)
             excess = self._beyond_tenant_share(slug, share)
             if excess:
                 # One tenant's backlog must not fill the list. With other tenants waiting, its excess goes back to
@@ -159,16 +182,16 @@ class Deliverer:
         if not requests:  # every ready job waits for its tenant: until a request ends
             await self._idle(slug, IDLE_POLL)
 
-    async def _others_waiting(self, tenants: set[str], now: float) -> bool:
-        """Whether a tenant other than these has postbacks queued, from the store's byte counters (read at most
-        once per PROBE_SECONDS for all vendors). With one tenant alone in the queue a probe would only lease its
-        own jobs and hand them back: about a fifth of Redis's work in a one-tenant benchmark."""
+    async def _others_queued(self, tenants: set[str], now: float) -> frozenset[str]:
+        """Tenants other than these with postbacks queued, from the store's byte counters (read at most once per
+        PROBE_SECONDS for all vendors). With one tenant alone in the queue a probe would only lease its own jobs
+        and hand them back: about a fifth of Redis's work in a one-tenant benchmark."""
         if now - self._counted_at >= PROBE_SECONDS:
             counts = await self.store.counts()
             self._counted_at = now
-            self._tenants_queued = {tenant for tenant, size in counts.queued_bytes.items()
-                                    if tenant != ALL_TENANTS and size > 0}
-        return bool(self._tenants_queued - tenants)
+            self._tenants_queued = frozenset(tenant for tenant, size in counts.queued_bytes.items()
+                                             if tenant != ALL_TENANTS and size > 0)
+        return self._tenants_queued - tenants
 
     def _tenant_limit(self, tenants: int) -> int:
         """Requests in flight per (vendor, tenant). A tenant alone may use every slot but one tenant's share,

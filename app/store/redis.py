@@ -359,7 +359,7 @@ class RedisStore:
         await self._complete(keys=[], args=args)
 
     async def _move_to(self, job: Job, zset: str, score: float, fields: dict[str, Any], *, bury: bool = False,
-                       state: str = "", status: int | None = None, body: str = "") -> None:
+                       state: str = "", status: int | None = None, body: str = "", client: Any = None) -> None:
         """Ack the job's stream entry and park its id in `zset`, unless the job is gone (completed
         elsewhere after its lease expired): atomic, so a late answer never resurrects a delivered job."""
         args: list[Any] = [GROUP, job.receipt, score, job.id, "1" if bury else "0", state, _status(status), body,
@@ -367,7 +367,7 @@ class RedisStore:
         for name, value in fields.items():
             args += [name, value]
         await self._move(keys=[f"{P}job:{job.id}", f"{P}{zset}:{job.vendor}", f"{P}stream:{job.vendor}"],
-                         args=args)
+                         args=args, client=client)
 
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None:
         await self._move_to(job, "delayed", due_at,
@@ -375,8 +375,11 @@ class RedisStore:
                             state="retrying", status=status, body=body)
 
     async def release(self, jobs: Sequence[Job], *, due_at: float) -> None:
-        for job in jobs:
-            await self._move_to(job, "delayed", due_at, {})
+        """Each job back to its vendor's retry set, in one round trip (one script call per job, pipelined)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                await self._move_to(job, "delayed", due_at, {}, client=pipe)
+            await pipe.execute()
 
     async def bury(self, job: Job, *, now: float, status: int | None, body: str) -> None:
         await self._move_to(job, "dead", now, {"attempts": job.attempts + 1, "last_status": _status(status),
