@@ -234,8 +234,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _first_key(config, port)
     configure(config.log_level)
     tune_garbage_collector()
-    if os.environ.get("XSWITCH"):
-        sys.setswitchinterval(float(os.environ["XSWITCH"]))
     app = create_app(config)
     service = app.state.service
 
