@@ -139,7 +139,7 @@ class Deliverer:
             # Every ready job waits for its tenant while slots are free. Leasing more of the same would only churn;
             # at most once a second, when the counters show other tenants queued, look past the backlog for their
             # jobs (the blocked tenant's own go back for a moment).
-            wanted, probing = 0, True
+            wanted = 0
             blocked = {job.tenant for _, job in ready}
             probe = self._probes[slug]
             if now - probe.at >= PROBE_SECONDS:
@@ -147,7 +147,7 @@ class Deliverer:
                 if others != probe.others:  # a tenant came or went: look at the normal pace again
                     probe.others, probe.every = others, PROBE_SECONDS
                 if others and now - probe.at >= probe.every:
-                    probe.at = now
+                    probe.at, probing = now, True
                     wanted = min(PROBE_SIZE * batch_size, READY_MAX - len(ready))
         if wanted > 0:
             leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds)

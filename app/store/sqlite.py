@@ -179,7 +179,6 @@ class _Writer:
                 results.append((fut, value, None))
         return results
 
-
     def _begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE. An urgent writer (the HTTP process's) says it is waiting while it waits; the others give
         way to it before they begin (see WriterPriority)."""
