@@ -9,10 +9,12 @@ import base64
 import contextlib
 import dataclasses
 import gc
+import logging
 import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -21,12 +23,12 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from cryptography.exceptions import InvalidTag
 
-from app.config import DEFAULT_STORE, Config, ConfigError, vendor_urls
+from app.config import DEFAULT_STORE, Config, ConfigError, default_identity_cache_seconds, vendor_urls
 from app.crypto import KeyHasher, Sealer
 from app.errors import ContractError
 from app.event import parse_event
@@ -71,11 +73,29 @@ def _parser() -> argparse.ArgumentParser:
                        help="delivery processes started beside the HTTP process (default "
                             "SEGRELAY_DELIVERY_PROCESSES or one per core, up to 4; 0 delivers inside the HTTP "
                             "process)")
+    serve.add_argument("--http-processes", type=int, default=None, metavar="N",
+                       help="HTTP processes answering on the port, this one included (default "
+                            "SEGRELAY_HTTP_PROCESSES or one per core, up to 4)")
     serve.set_defaults(run=cmd_serve)
+
+    serve_http = sub.add_parser("serve-http", help="one more HTTP process of serve on serve's port (serve starts "
+                                                   "these itself)")
+    serve_http.add_argument("--host", required=True, help="the address serve listens on")
+    serve_http.add_argument("--port", type=int, required=True, help="its port (shared with SO_REUSEPORT)")
+    serve_http.add_argument("--slot", type=int, required=True, help="this process's slot at SQLite's write lock")
+    serve_http.add_argument("--health-fd", type=int, required=True, help="the shared health flag (memfd)")
+    serve_http.add_argument("--wake-fd", type=int, default=None, help="the delivery processes' wake-up pipe")
+    serve_http.add_argument("--wake-count", type=int, default=0, help="how many delivery processes it wakes")
+    serve_http.add_argument("--http-processes", type=int, required=True, help="how many HTTP processes serve runs")
+    serve_http.add_argument("--parent-pid", type=int, default=None, help="serve's pid: this process dies with it")
+    serve_http.add_argument("--ssl-certfile", default=None, metavar="FILE", help="certificate chain (PEM)")
+    serve_http.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="its private key (PEM)")
+    serve_http.set_defaults(run=cmd_serve_http)
 
     deliver = sub.add_parser("deliver", help="run only the delivery side on the configured store (serve starts "
                                              "it for you; run it yourself to deliver from a shared Redis)")
     deliver.add_argument("--wake-fd", type=int, default=None, help=argparse.SUPPRESS)
+    deliver.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     deliver.set_defaults(run=cmd_deliver)
 
     keys = sub.add_parser("keys", help="issue, list and revoke the API keys customers paste into Segment")
@@ -201,20 +221,17 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from app import http_protocol
-    from app.log import configure
-    from app.process import tune_garbage_collector
 
     config = Config.from_env()
     if args.delivery_processes is not None:
         if args.delivery_processes < 0:
             raise ConfigError("--delivery-processes must be 0 or more")
         config = dataclasses.replace(config, delivery_processes=args.delivery_processes)
-    if config.delivery and config.delivery_processes > 0:
+    if args.http_processes is not None:
+        config = _with_http_processes(config, args.http_processes)
+    if (config.delivery and config.delivery_processes > 0) or config.http_processes > 1:
         # Several processes count into one set of metrics: prometheus_client's multiprocess mode, which must be
-        # chosen before prometheus_client is first imported (app.server imports it).
+        # chosen before prometheus_client is first imported (app.server imports it). The children inherit it.
         metrics_dir = tempfile.mkdtemp(prefix="segrelay-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         atexit.register(shutil.rmtree, metrics_dir, True)
@@ -232,16 +249,82 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port or int(os.environ.get("SEGRELAY_PORT", "8080"))
     if config.sqlite_path is not None:
         _first_key(config, port)
-    configure(config.log_level)
-    tune_garbage_collector()
     app = create_app(config)
-    service = app.state.service
+    tls = (certfile, keyfile) if certfile and keyfile else None
+    server = _http_server(config, app, host=host, port=port, tls=tls)
+    sock = listening_socket(host, port, shared=config.http_processes > 1)
+    app.service.address, app.service.tls = (host, sock.getsockname()[1]), tls
+    logging.getLogger("segrelay").info("listening", extra={"address": f"{'https' if tls else 'http'}://{host}:{sock.getsockname()[1]}",
+                                 "http_processes": config.http_processes})
+    server.run(sockets=[sock])
+    return 0 if app.service.stopped_cleanly else 1
+
+
+def cmd_serve_http(args: argparse.Namespace) -> int:
+    from app.process import die_with_parent
+    from app.server import create_app
+    from app.supervisor import WorkerLink
+
+    die_with_parent(args.parent_pid)
+    config = _with_http_processes(Config.from_env(), args.http_processes)
+    link = WorkerLink(slot=args.slot, health_fd=args.health_fd, wake_fd=args.wake_fd, wake_count=args.wake_count)
+    app = create_app(config, link)
+    tls = (args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile and args.ssl_keyfile else None
+    server = _http_server(config, app, host=args.host, port=args.port, tls=tls)
+    server.run(sockets=[listening_socket(args.host, args.port, shared=True)])
+    return 0 if app.service.stopped_cleanly else 1
+
+
+def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
+    """The HTTP port. Shared by several HTTP processes, each binds its own socket with SO_REUSEPORT and the kernel
+    spreads new connections evenly over them (one socket accepted by all of them gave most connections to one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _with_http_processes(config: Config, count: int) -> Config:
+    """The configuration with --http-processes applied (the identity cache's default depends on it)."""
+    if not 1 <= count <= 64:
+        raise ConfigError("--http-processes must be between 1 and 64")
+    config = dataclasses.replace(config, http_processes=count)
+    if not os.environ.get("SEGRELAY_IDENTITY_CACHE_SECONDS"):
+        config = dataclasses.replace(config, identity_cache_seconds=default_identity_cache_seconds(
+            config.store, count))
+    return config
+
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from app.server import Segrelay
+
+
+def _http_server(config: Config, app: Segrelay, *, host: str, port: int,
+                 tls: tuple[str, str] | None) -> uvicorn.Server:
+    """uvicorn as every HTTP process of serve runs it: its protocol's limits, JSON logs, the collector tuned, and
+    SIGTERM answered by a drain (readiness false and 503 at once, the listener closed after the shutdown delay)."""
+    import uvicorn
+
+    from app import http_protocol
+    from app.log import configure
+    from app.process import tune_garbage_collector
+
+    configure(config.log_level)
+    service = app.service
 
     class Server(uvicorn.Server):
-        """SIGTERM: readiness false and 503 at once, listener closed after the shutdown delay."""
-
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             service.ingest.draining = True
+            service.terminate_http_children()
             if config.shutdown_delay_seconds > 0 and not self.should_exit:
                 threading.Timer(config.shutdown_delay_seconds, self._exit, (sig, frame)).start()
             else:
@@ -255,18 +338,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Everything loaded so far lives as long as the process: keep it out of the collector's way, and collect
     # young objects less often (a request allocates thousands of short-lived dicts, none of them cyclic).
     gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    tune_garbage_collector()
     http_protocol.LIMITS.update(max_connections=config.max_connections,
                                 request_read_seconds=config.request_read_seconds)
     _raise_file_limit()
     server = Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                    timeout_graceful_shutdown=5, server_header=False,
                                    timeout_keep_alive=config.keepalive_seconds,
-                                   ssl_certfile=certfile, ssl_keyfile=keyfile,
+                                   ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
                                    h11_max_incomplete_event_size=64 * 1024,
                                    loop="auto", http=http_protocol.GuardedHttpToolsProtocol, lifespan="on"))
-    server.run()
-    return 0 if service.stopped_cleanly else 1
+    return server
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -304,7 +386,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
 
     config = Config.from_env()
     configure(config.log_level)
-    return runner.run(config, args.wake_fd)
+    return runner.run(config, args.wake_fd, args.parent_pid)
 
 
 def _raise_file_limit() -> None:

@@ -50,6 +50,7 @@ class Config:
     redis_unsafe: bool = False
     delivery_processes: int = field(default_factory=lambda: default_delivery_processes())
     delivery_nice: int = 10
+    http_processes: int = field(default_factory=lambda: default_http_processes())
     log_level: str = "info"
     identity_ttl_days: float = 30.0
     max_identities: int = 1_000_000
@@ -64,6 +65,7 @@ class Config:
         store = env.get("SEGRELAY_STORE", DEFAULT_STORE)
         if not store.startswith(("sqlite:///", "redis://", "rediss://")):
             raise ConfigError("SEGRELAY_STORE must start with sqlite:///, redis:// or rediss://")
+        http_processes = _int(env, "SEGRELAY_HTTP_PROCESSES", default_http_processes(), minimum=1)
         config = cls(
             store=store,
             secret=load_secret(env, store),
@@ -95,12 +97,12 @@ class Config:
             redis_unsafe=_bool(env, "SEGRELAY_REDIS_UNSAFE", False),
             delivery_processes=_int(env, "SEGRELAY_DELIVERY_PROCESSES", default_delivery_processes(), minimum=0),
             delivery_nice=_int(env, "SEGRELAY_DELIVERY_NICE", 10, minimum=0),
+            http_processes=http_processes,
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
             identity_ttl_days=_float(env, "SEGRELAY_IDENTITY_TTL_DAYS", 30.0, minimum=0.0001),
             max_identities=_int(env, "SEGRELAY_MAX_IDENTITIES", 1_000_000),
-            # The embedded store has one writer of identities (this server): it can trust what it knows longer.
             identity_cache_seconds=_float(env, "SEGRELAY_IDENTITY_CACHE_SECONDS",
-                                          60.0 if store.startswith("sqlite:///") else 5.0, minimum=0),
+                                          default_identity_cache_seconds(store, http_processes), minimum=0),
         )
         if config.lease_seconds <= config.connect_timeout + config.read_timeout:
             raise ConfigError("SEGRELAY_LEASE_SECONDS must exceed SEGRELAY_CONNECT_TIMEOUT + SEGRELAY_READ_TIMEOUT, "
@@ -109,6 +111,8 @@ class Config:
             raise ConfigError("SEGRELAY_TENANT_QUEUE_SHARE must be a fraction of the queue, at most 1")
         if config.max_inflight_bytes < config.max_body_bytes:
             raise ConfigError("SEGRELAY_MAX_INFLIGHT_BYTES must be at least SEGRELAY_MAX_BODY_BYTES")
+        if config.http_processes > 64:
+            raise ConfigError("SEGRELAY_HTTP_PROCESSES must be between 1 and 64")
         if config.delivery_nice > 19:
             raise ConfigError("SEGRELAY_DELIVERY_NICE must be between 0 (the HTTP process's priority) and 19")
         if config.log_level not in ("debug", "info", "warning", "error"):
@@ -118,6 +122,17 @@ class Config:
     @property
     def sqlite_path(self) -> Path | None:
         return Path(self.store.removeprefix("sqlite:///")) if self.store.startswith("sqlite:///") else None
+
+
+def default_http_processes() -> int:
+    """One HTTP process per core, up to 4: answering Segment is CPU-bound, and one Python process uses one core."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def default_identity_cache_seconds(store: str, http_processes: int) -> float:
+    """How long an HTTP process trusts what it knows of a visitor: a minute when it is the only one writing
+    identities (one HTTP process on the embedded store), 5 s when others may have learned more meanwhile."""
+    return 60.0 if store.startswith("sqlite:///") and http_processes == 1 else 5.0
 
 
 def default_delivery_processes() -> int:

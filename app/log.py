@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 import time
 import traceback
@@ -27,6 +28,7 @@ class JsonFormatter(logging.Formatter):
         if rid := request_id.get():
             entry["request_id"] = rid
         entry.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
+        entry["pid"] = _PROCESS["pid"]
         if record.exc_info and record.exc_info[0] is not None:
             entry["error"] = record.exc_info[0].__name__
             # Frames only: an exception's message may quote request data (emails, IPs).
@@ -36,6 +38,7 @@ class JsonFormatter(logging.Formatter):
 
 
 _ACCESS = logging.getLogger("segrelay.access")
+_PROCESS = {"pid": os.getpid()}  # which of serve's processes wrote a line (set again by configure)
 
 
 def access(fields: dict[str, Any]) -> None:
@@ -48,7 +51,8 @@ def access(fields: dict[str, Any]) -> None:
         return
     now = time.time()
     entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
-             "level": "info", "logger": "segrelay.access", "msg": "request", **fields}
+             "level": "info", "logger": "segrelay.access", "msg": "request", **fields,
+             "pid": _PROCESS["pid"]}
     stream = sys.stdout
     stream.flush()  # anything the logging module has buffered goes first
     stream.buffer.write(orjson.dumps(entry, default=str) + b"\n")
@@ -56,6 +60,7 @@ def access(fields: dict[str, Any]) -> None:
 
 
 def configure(level: str = "info") -> None:
+    _PROCESS["pid"] = os.getpid()
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

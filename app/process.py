@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
+import signal
 
 log = logging.getLogger("segrelay")
 YOUNG_GENERATION_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
@@ -36,3 +38,16 @@ def lower_priority(nice: int) -> None:
             os.nice(nice)
         except OSError as exc:
             log.warning("could not lower the delivery process's priority", extra={"error": str(exc)})
+
+
+def die_with_parent(parent: int | None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a kill -9 of `serve` takes its children with it).
+
+    A parent that died before this call (while this child was still importing) would never send the signal: with the
+    parent's pid given, a child that finds itself orphaned already ends itself the same way."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -29,7 +29,7 @@ from app.endpoint import BodyBudget, SegmentEndpoint, request_id_of
 from app.ingest import Backpressure, Ingest
 from app.log import request_id
 from app.store import ALL_TENANTS, Store, check_durability, open_store
-from app.supervisor import DeliveryProcesses
+from app.supervisor import DeliveryProcesses, HttpProcesses, SharedFlag, Waker, WorkerLink
 from handlers import VENDORS
 
 log = logging.getLogger("segrelay.server")
@@ -78,21 +78,32 @@ class RequestContext:
 
 
 class Service:
-    """Everything the HTTP process holds: store, ingest, backpressure, and delivery in one of three shapes.
+    """Everything an HTTP process holds: store, ingest, backpressure and, in the primary, the other processes.
 
-    Delivery runs in `config.delivery_processes` child processes (by default one per core), inside this process (0), or
-    not at all (`SEGRELAY_DELIVERY=false`: another deployment delivers from the shared store).
+    The primary (`segrelay serve`) delivers in `config.delivery_processes` child processes (by default one per
+    core), inside itself (0), or not at all (`SEGRELAY_DELIVERY=false`: another deployment delivers from the shared
+    store), and starts `config.http_processes - 1` more HTTP processes on its port (`address`, set before it
+    starts). Those run this same class with a `link` to the primary: they accept and wake the delivery
+    processes, and leave recovery, delivery and supervision to the primary.
     """
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.store: Store = open_store(config.store, consumer=uuid.uuid4().hex[:12])
+    def __init__(self, config: Config, link: WorkerLink | None = None) -> None:
+        self.config, self.link = config, link
+        self.store: Store = open_store(config.store, consumer=uuid.uuid4().hex[:12],
+                                       slot=link.slot if link else 0)
         self.sealer = Sealer(config.secret)
         self.backpressure = Backpressure(config)
         self.inline: DeliveryService | None = None
         self.children: DeliveryProcesses | None = None
+        self.http: HttpProcesses | None = None
+        self.address: tuple[str, int] | None = None  # the host and port the HTTP children share (set by serve)
+        self.tls: tuple[str, str] | None = None  # their certificate and key files
+        self.health = SharedFlag(link.health_fd if link else None)
         notify: Callable[[str], None] = _nobody
-        if config.delivery and config.delivery_processes == 0:
+        if link is not None:
+            if link.wake_fd is not None:
+                notify = Waker(link.wake_fd, link.wake_count).notify
+        elif config.delivery and config.delivery_processes == 0:
             self.inline = DeliveryService(config, self.store)
             notify = self.inline.deliverer.notify
         elif config.delivery:
@@ -105,10 +116,15 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped_cleanly = False
 
+    @property
+    def primary(self) -> bool:
+        return self.link is None
+
     async def start(self) -> None:
-        log.info("store", extra={"store": _shown_store(self.config)})
+        if self.primary:
+            log.info("store", extra={"store": _shown_store(self.config)})
         await check_durability(self.store, allow_unsafe=self.config.redis_unsafe)
-        if self.config.delivery:
+        if self.primary and self.config.delivery:
             # Before any delivery process runs: leases of a crashed predecessor become due now.
             recovered = await self.store.recover_leases(now=time.time())
             if recovered:
@@ -118,25 +134,42 @@ class Service:
             await self.inline.start(recover=False)
         if self.children is not None:
             self.children.start()
+        if self.primary and self.config.http_processes > 1 and self.address is not None:
+            self.http = HttpProcesses(self.config.http_processes - 1, self.config.drain_seconds + 10,
+                                      address=self.address, health=self.health, delivery=self.children,
+                                      tls=self.tls)
+            self.http.start()
         self._tasks.append(asyncio.create_task(self._monitor(), name="monitor"))
 
     @property
-    def delivery_healthy(self) -> bool:
-        return self.children is None or self.children.healthy
+    def group_healthy(self) -> bool:
+        """Every process of the group is running: the primary's own view, or the one it shares with its children."""
+        if not self.primary:
+            return self.health.get()
+        return ((self.children is None or self.children.healthy)
+                and (self.http is None or self.http.healthy))
+
+    def terminate_http_children(self) -> None:
+        """Pass a SIGTERM on to the other HTTP processes at once, so that they all start draining together."""
+        if self.http is not None:
+            self.http.terminate()
 
     async def stop(self) -> None:
         self.ingest.draining = True
         log.info("draining: no new events are accepted")
+        clean = True
+        if self.http is not None:
+            clean = await self.http.stop()
         if self.inline is not None:
             await self.inline.stop()
-        clean = True
         if self.children is not None:
-            clean = await self.children.stop()
+            clean = await self.children.stop() and clean
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.ingest.identities.close()
         await self.store.close()
+        self.health.close()
         self.stopped_cleanly = clean
         log.info("stopped", extra={"clean": clean})
 
@@ -148,7 +181,9 @@ class Service:
             metrics.DEAD_LETTERS.labels(vendor.slug).set(counts.dead.get(vendor.slug, 0))
         metrics.QUEUE_BYTES.set(counts.queued_bytes.get(ALL_TENANTS, 0))
         metrics.QUEUE_LIMIT_BYTES.set(self.backpressure.max_bytes)
-        if self.config.delivery:  # the replicas that deliver watch their queue's head
+        if self.primary:
+            self.health.set(self.group_healthy)
+        if self.primary and self.config.delivery:  # the replicas that deliver watch their queue's head
             for slug, age in (await self.store.oldest_due(now=time.time())).items():
                 metrics.OLDEST_DUE.labels(slug).set(age)
 
@@ -188,8 +223,8 @@ class Segrelay:
             await self.rest(scope, receive, send)
 
 
-def create_app(config: Config) -> Segrelay:
-    service = Service(config)
+def create_app(config: Config, link: WorkerLink | None = None) -> Segrelay:
+    service = Service(config, link)
     endpoint = SegmentEndpoint(service.ingest, config.max_body_bytes, BodyBudget(config.max_inflight_bytes))
 
     async def segment(request: Request) -> Response:  # only reached by a method other than POST: 405
@@ -201,8 +236,8 @@ def create_app(config: Config) -> Segrelay:
     async def readyz(request: Request) -> Response:
         if service.ingest.draining:
             return error(503, "draining: shutting down")
-        if not service.delivery_healthy:
-            return error(503, "a delivery process is restarting")
+        if not service.group_healthy:
+            return error(503, "a delivery or HTTP process is restarting")
         try:
             await asyncio.wait_for(service.store.ping(), timeout=2.0)
         except Exception:

@@ -23,11 +23,19 @@ from tests.support import (  # noqa: E402
     _wait_http,
     basic,
     child_pids,
+    command,
     free_port,
     settings_header,
 )
 
 __all__ = ["ALL_VENDORS", "SECRET", "RedisServer", "VendorStub", "basic", "child_pids", "free_port", "settings_header"]
+
+
+def http_and_delivery_pids(pid: int) -> tuple[list[int], list[int]]:
+    """`segrelay serve`'s HTTP processes (itself and its serve-http children) and its delivery processes."""
+    children = child_pids(pid)
+    return ([pid, *(c for c in children if command(c)[3] == "serve-http")],
+            [c for c in children if command(c)[3] == "deliver"])
 
 WRK_SCRIPT = """
 math.randomseed(os.time() * 1000 + math.floor(os.clock() * 1000000))  -- unique ids in every run

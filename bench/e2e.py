@@ -33,9 +33,9 @@ from common import (
     SECRET,
     RedisServer,
     basic,
-    child_pids,
     cpu_seconds,
     free_port,
+    http_and_delivery_pids,
     serve_segrelay,
     settings_header,
     stop,
@@ -116,6 +116,8 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
            **{f"SEGRELAY_{v.upper()}_URL": vendor_url for v in ("segmentstream", "tracify", "audiohook")}}
     if args.delivery_processes is not None:
         env["SEGRELAY_DELIVERY_PROCESSES"] = str(args.delivery_processes)
+    if args.http_processes is not None:
+        env["SEGRELAY_HTTP_PROCESSES"] = str(args.http_processes)
     if args.prefill:
         prefill(env, tmp, args.prefill)
     httpx.post(vendor_url + "/_reset", timeout=10).raise_for_status()  # each run counts only its own postbacks
@@ -123,7 +125,8 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
     try:
         headers = {"Authorization": basic(key), "X-Segment-Settings": settings_header(ALL_VENDORS),
                    "Content-Type": "application/json"}
-        pids = [proc.pid, *child_pids(proc.pid)]
+        http_pids, delivery_pids = http_and_delivery_pids(proc.pid)
+        pids = http_pids + delivery_pids
         cpu_before = {p: cpu_seconds(p) for p in pids}
         before = 0
         started = time.time()
@@ -150,9 +153,9 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
             "non_2xx": load["non_2xx"], "load_s": args.seconds, "last_delivery_after_s": round(drained, 2),
             "sustained_events_per_s": round(accepted / drained, 1), "lost": max(0, expected - distinct),
             "duplicates": sent - distinct,
-            "http_cpu_us_per_event": round(cpu_load[proc.pid] / max(accepted, 1) * 1e6, 1),
-            "delivery_cpu_us_per_event": round(sum(v for p, v in cpu_all.items() if p != proc.pid)
-                                               / max(accepted, 1) * 1e6, 1),
+            "http_processes": len(http_pids),
+            "http_cpu_us_per_event": round(sum(cpu_load[p] for p in http_pids) / max(accepted, 1) * 1e6, 1),
+            "delivery_cpu_us_per_event": round(sum(cpu_all[p] for p in delivery_pids) / max(accepted, 1) * 1e6, 1),
         }
     finally:
         stop(proc)
@@ -166,6 +169,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=0, help="postbacks queued before the load")
     parser.add_argument("--delivery-processes", type=int, default=None,
                         help="SEGRELAY_DELIVERY_PROCESSES for serve (default: serve's own default)")
+    parser.add_argument("--http-processes", type=int, default=None,
+                        help="SEGRELAY_HTTP_PROCESSES for serve (default: serve's own default)")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as raw_tmp:

@@ -1,16 +1,17 @@
 """Ingest benchmark: POST /segment through the full durable accept path vs a bare Starlette app.
 
-Both run under the same uvicorn (one process, same loop and HTTP implementation), receive the same body and
-headers from wrk on loopback, and are measured in the same run. segrelay runs with SEGRELAY_DELIVERY=off so
+Both run under the same uvicorn (same loop and HTTP implementation), receive the same body and headers from wrk on
+loopback, and are measured in the same run: bare Starlette in one process, segrelay as `segrelay serve` ships (one
+HTTP process per core; `--http-processes N` to choose). segrelay runs with SEGRELAY_DELIVERY=off so
 the figure is the accept path alone: auth, settings, normalisation, routing for three vendors (four
 postbacks), identity stitching, encryption, durable group commit. Every request is a new message; with
 `--visitors unique` each also comes from a new visitor (unique userId and anonymousId: for stitching the costly case,
 every look-up misses the store and both ids are written), with `--visitors returning` from a pool of 2,000
 visitors whose events come again and again. `--stitching both` measures the setting on and off side by side;
-server CPU per request from /proc.
+server CPU per request from /proc, summed over segrelay's HTTP processes.
 
     python bench/ingest.py [--store sqlite|redis|both] [--stitching on|off|both] [--visitors unique|returning]
-                           [--rounds N] [--seconds 10] [--connections 32] [--fixture F]
+                           [--rounds N] [--seconds 10] [--connections 32] [--fixture F] [--http-processes N]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from common import (
     basic,
     cpu_seconds,
     free_port,
+    http_and_delivery_pids,
     print_table,
     serve_segrelay,
     settings_header,
@@ -53,6 +55,8 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
     # Default log level: one JSON line per request, as in production.
     env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_DELIVERY": "off",
            "SEGRELAY_MAX_QUEUE_MB": "100000", "SEGRELAY_MIN_FREE_DISK_MB": "0"}
+    if args.http_processes is not None:
+        env["SEGRELAY_HTTP_PROCESSES"] = str(args.http_processes)
     proc, url, key = serve_segrelay(tmp, env)
     try:
         settings = {**ALL_VENDORS, "identityStitching": stitching}
@@ -60,10 +64,12 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
                    "Content-Type": "application/json"}
         event = body(args.fixture, args.visitors)
         wrk(url, event, headers, seconds=2, connections=args.connections)  # warm-up
-        before = cpu_seconds(proc.pid)
+        pids = http_and_delivery_pids(proc.pid)[0]
+        before = sum(cpu_seconds(p) for p in pids)
         figures = wrk(url, event, headers, seconds=args.seconds, connections=args.connections)
         requests = figures["rps"] * args.seconds
-        figures["cpu_us"] = (cpu_seconds(proc.pid) - before) / max(requests, 1) * 1e6
+        figures["cpu_us"] = (sum(cpu_seconds(p) for p in pids) - before) / max(requests, 1) * 1e6
+        figures["processes"] = len(pids)
         return figures
     finally:
         stop(proc)
@@ -94,6 +100,8 @@ def main() -> None:
     parser.add_argument("--store", choices=["sqlite", "redis", "both"], default="both")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--http-processes", type=int, default=None,
+                        help="SEGRELAY_HTTP_PROCESSES for serve (default: serve's own default)")
     parser.add_argument("--fixture", default="order_completed.json", help="event from tests/fixtures/segment")
     parser.add_argument("--stitching", choices=["on", "off", "both"], default="both",
                         help="the identityStitching setting of the requests (both: one run each)")

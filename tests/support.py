@@ -54,8 +54,13 @@ def settings_header(settings: dict[str, Any]) -> str:
     return base64.b64encode(json.dumps(settings).encode()).decode()
 
 
+def command(pid: int) -> list[str]:
+    """A process's command line (Linux /proc): [python, -m, app, <command>, ...] for segrelay's processes."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
 def child_pids(pid: int) -> list[int]:
-    """The process's children (Linux /proc): `segrelay serve`'s delivery processes."""
+    """The process's children (Linux /proc): `segrelay serve`'s delivery and HTTP processes."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         found += [int(c) for c in (task / "children").read_text().split()]

@@ -68,6 +68,26 @@ def test_configuration_errors_are_reported_not_raised(tmp_path: Path) -> None:
     assert result.returncode == 2 and "SEGRELAY_DELIVERY_NICE must be between 0" in result.stderr
     result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_MAX_QUEUE": "1000"})
     assert result.returncode == 2 and "set SEGRELAY_MAX_QUEUE_MB instead" in result.stderr
+    for processes in ("0", "65"):
+        result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_HTTP_PROCESSES": processes})
+        assert result.returncode == 2 and "SEGRELAY_HTTP_PROCESSES must be" in result.stderr
+    result = segrelay("serve", "--http-processes", "0", cwd=tmp_path, env={"SEGRELAY_SECRET": SECRET})
+    assert result.returncode == 2 and "--http-processes must be between 1 and 64" in result.stderr
+
+
+def test_http_processes_and_the_identity_cache_they_allow() -> None:
+    """One HTTP process on SQLite is the only writer of identities and trusts what it knows for a minute; with
+    several (or on Redis), another may have learned more meanwhile: 5 s. An explicit setting always wins."""
+    from app.config import Config, default_http_processes
+
+    base = {"SEGRELAY_SECRET": SECRET, "SEGRELAY_STORE": "sqlite:///x.db"}
+    assert Config.from_env(base).http_processes == default_http_processes() == min(os.cpu_count() or 1, 4)
+    assert Config.from_env({**base, "SEGRELAY_HTTP_PROCESSES": "1"}).identity_cache_seconds == 60
+    assert Config.from_env({**base, "SEGRELAY_HTTP_PROCESSES": "3"}).identity_cache_seconds == 5
+    assert Config.from_env({**base, "SEGRELAY_HTTP_PROCESSES": "3",
+                            "SEGRELAY_IDENTITY_CACHE_SECONDS": "30"}).identity_cache_seconds == 30
+    redis = {**base, "SEGRELAY_STORE": "redis://127.0.0.1:6379/0", "SEGRELAY_HTTP_PROCESSES": "1"}
+    assert Config.from_env(redis).identity_cache_seconds == 5
 
 
 def test_translate_prints_requests_with_secrets_redacted(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.support import Segrelay, VendorStub, basic, child_pids, fixture, settings_header, wait_until
+from tests.support import Segrelay, VendorStub, basic, child_pids, command, fixture, settings_header, wait_until
 
 SS_ONLY = settings_header({"segmentstreamApiToken": "ss-token"})
 CONCURRENCY = 8
@@ -96,14 +96,15 @@ def report(name: str, load: Load, seen: Counter[str], extra: dict[str, Any]) -> 
 def test_kill_9_under_load_loses_nothing(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
     fresh_stub.script("/segmentstream", [], default={"status": 204, "delay": 0.2})
     vendor_slots = 16
-    # Concurrency limits hold per delivery process: one, so the in-flight bound below is exact.
+    # Concurrency limits hold per delivery process: one, so the in-flight bound below is exact. Two HTTP
+    # processes: the one killed and the one it started, which must die with it.
     service = make_server({"SEGRELAY_VENDOR_CONCURRENCY": str(vendor_slots), "SEGRELAY_DELIVERY_PROCESSES": "1",
-                           "SEGRELAY_TENANT_CONCURRENCY": str(vendor_slots)}).start()
+                           "SEGRELAY_TENANT_CONCURRENCY": str(vendor_slots), "SEGRELAY_HTTP_PROCESSES": "2"}).start()
     load = Load(service, total=600).start()
     assert wait_until(lambda: len(load.accepted) >= 300, 60)
     assert service.proc is not None
     children = child_pids(service.proc.pid)
-    assert len(children) == 1
+    assert sorted(command(pid)[3] for pid in children) == ["deliver", "serve-http"]
     service.kill()
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 10)  # died with serve
     load.join()

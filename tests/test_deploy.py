@@ -139,6 +139,7 @@ def test_the_configmap_is_a_configuration_segrelay_accepts() -> None:
     data = yaml.safe_load((ROOT / "k8s" / "base" / "configmap.yaml").read_text())["data"]
     config = Config.from_env({**data, "SEGRELAY_SECRET": "k" * 32, "SEGRELAY_STORE": "redis://redis:6379/0"})
     assert config.delivery_processes == int(data["SEGRELAY_DELIVERY_PROCESSES"])
+    assert config.http_processes == int(data["SEGRELAY_HTTP_PROCESSES"])
     code = "\n".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
     assert all(name in code for name in data), "the ConfigMap sets a variable segrelay does not read"
 

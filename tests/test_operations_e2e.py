@@ -19,7 +19,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from app.version import VERSION
-from tests.support import ROOT, SECRET, RedisServer, Segrelay, basic, child_pids, fixture, free_port, wait_until
+from tests.support import (
+    ROOT,
+    SECRET,
+    RedisServer,
+    Segrelay,
+    basic,
+    child_pids,
+    command,
+    fixture,
+    free_port,
+    wait_until,
+)
 
 
 def segrelay(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -52,15 +63,19 @@ def niceness(pid: int) -> int:
 @pytest.mark.parametrize(("nice", "added"), [(None, 10), ("3", 3), ("0", 0)])
 def test_delivery_processes_yield_the_cpu_to_the_http_process(make_server: type[Segrelay], nice: str | None,
                                                                added: int) -> None:
-    env = {"SEGRELAY_DELIVERY_PROCESSES": "2"} | ({"SEGRELAY_DELIVERY_NICE": nice} if nice else {})
+    env = ({"SEGRELAY_DELIVERY_PROCESSES": "2", "SEGRELAY_HTTP_PROCESSES": "2"}
+           | ({"SEGRELAY_DELIVERY_NICE": nice} if nice else {}))
     service = make_server(env).start()
     assert service.proc is not None
     assert wait_until(lambda: service.logs().count('"msg":"delivery started"') == 2, 30)
     children = child_pids(service.proc.pid)
-    assert len(children) == 2
+    delivery = [pid for pid in children if command(pid)[3] == "deliver"]
+    http = [pid for pid in children if command(pid)[3] == "serve-http"]
+    assert len(delivery) == 2 and len(http) == 1
     ours = os.nice(0)
     assert niceness(service.proc.pid) == ours
-    assert all(niceness(pid) == min(ours + added, 19) for pid in children)
+    assert niceness(http[0]) == ours  # answering Segment keeps its priority in every HTTP process
+    assert all(niceness(pid) == min(ours + added, 19) for pid in delivery)
     service.terminate()
 
 

@@ -1,4 +1,5 @@
-"""SQLite's write lock: the HTTP process (durable writer) says when it waits, delivery processes give way to it."""
+"""SQLite's write lock: HTTP processes (durable writers) say when they wait; delivery processes give way to them and
+HTTP processes take turns."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.store.sqlite import GIVE_WAY_SECONDS, SQLiteStore
+from app.store import StoreError
+from app.store.sqlite import GIVE_WAY_SECONDS, PRIORITY_SLOTS, TURN_SECONDS, SQLiteStore
 
 
 @pytest.fixture
@@ -58,3 +60,44 @@ async def test_a_flag_left_behind_only_delays_delivery_briefly(stores: tuple[SQL
     reopened = SQLiteStore(str(http.path))  # a new HTTP process clears it
     assert not delivery.priority.wanted()
     await reopened.close()
+
+
+async def test_http_processes_take_turns_at_the_write_lock(tmp_path: Path) -> None:
+    """With several HTTP processes (serve's SEGRELAY_HTTP_PROCESSES), one that has just committed lets another that
+    waits go first, rather than beginning again at once (without turns one starved the other: p99 118 ms)."""
+    first = SQLiteStore(str(tmp_path / "store.db"), slot=0)
+    second = SQLiteStore(str(tmp_path / "store.db"), slot=1)
+    try:
+        assert not first.priority.others_waiting()
+        first.priority.want(True)
+        assert not first.priority.others_waiting()  # its own flag is not someone else's turn
+        assert second.priority.others_waiting()
+        first.priority.want(False)
+        second.priority.want(True)  # the second waits for the lock
+        assert first.priority.others_waiting() and first.priority.wanted()
+        ping = asyncio.create_task(first.ping())
+        await asyncio.sleep(TURN_SECONDS / 3)
+        assert not ping.done()  # the first lets it go first
+        second.priority.want(False)
+        await asyncio.wait_for(ping, 5)
+        second.priority.want(True)  # left behind by a crash: only a short delay
+        await asyncio.wait_for(first.ping(), 5)
+    finally:
+        await second.close()
+        await first.close()
+
+
+def test_a_slot_outside_the_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="slot 64 is out of range"):
+        SQLiteStore(str(tmp_path / "store.db"), slot=PRIORITY_SLOTS)
+
+
+async def test_the_one_byte_file_of_an_earlier_version_grows_to_every_slot(tmp_path: Path) -> None:
+    (tmp_path / "store.db-priority").write_bytes(b"\1")  # 0.4.0's file, its flag left up by a crash
+    store = SQLiteStore(str(tmp_path / "store.db"), slot=3)
+    try:
+        assert (tmp_path / "store.db-priority").stat().st_size == PRIORITY_SLOTS
+        assert store.priority.others_waiting()  # slot 0's old flag still counts (a delivery gives way briefly)
+        await asyncio.wait_for(store.ping(), 5)
+    finally:
+        await store.close()

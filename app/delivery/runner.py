@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -19,7 +18,7 @@ from app import metrics
 from app.config import Config
 from app.crypto import Sealer
 from app.delivery.worker import Deliverer
-from app.process import lower_priority, tune_garbage_collector
+from app.process import die_with_parent, lower_priority, tune_garbage_collector
 from app.store import Store, StoreUnavailableError, check_durability, open_store
 from handlers import VENDORS
 
@@ -72,9 +71,9 @@ class DeliveryService:
                 log.exception("housekeeping error")
 
 
-def run(config: Config, wake_fd: int | None) -> int:
+def run(config: Config, wake_fd: int | None, parent: int | None = None) -> int:
     """`segrelay deliver`: deliver until SIGTERM/SIGINT, then drain; exits with the parent (Linux)."""
-    _die_with_parent()
+    die_with_parent(parent)
     lower_priority(config.delivery_nice)
     tune_garbage_collector()
     try:
@@ -105,7 +104,7 @@ async def _main(config: Config, wake_fd: int | None) -> int:
             service.deliverer.wake_all()
         loop.add_reader(wake_fd, woken)
     await service.start(recover=False)  # the supervisor recovered leases before starting us
-    log.info("delivery started", extra={"pid": os.getpid()})
+    log.info("delivery started")
     await stop.wait()
     await service.stop()
     return 0
@@ -124,11 +123,3 @@ async def _store_checked(service: DeliveryService, config: Config, stop: asyncio
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), STORE_RETRY_SECONDS)
     return False
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a kill -9 of `serve` takes delivery with it)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)

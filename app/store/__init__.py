@@ -238,12 +238,13 @@ async def check_durability(store: Store, *, allow_unsafe: bool) -> None:
     raise StoreError(message)
 
 
-def open_store(url: str, *, consumer: str = "", durable: bool = True) -> Store:
-    """durable=False lets SQLite skip the fsync of this connection's commits (delivery's own bookkeeping)."""
+def open_store(url: str, *, consumer: str = "", durable: bool = True, slot: int = 0) -> Store:
+    """durable=False lets SQLite skip the fsync of this connection's commits (delivery's own bookkeeping); `slot`
+    numbers the HTTP processes that share one SQLite file (their turns at its write lock)."""
     if url.startswith("sqlite:///"):
         from app.store.sqlite import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite:///"), durable=durable)
+        return SQLiteStore(url.removeprefix("sqlite:///"), durable=durable, slot=slot)
     from app.store.redis import RedisStore
 
     return RedisStore(url, consumer=consumer)

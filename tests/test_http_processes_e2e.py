@@ -1,0 +1,83 @@
+"""`segrelay serve` with several HTTP processes (SEGRELAY_HTTP_PROCESSES): one port, connections spread over them,
+every event they accept delivered, one readiness for the group, a dead one restarted, SIGTERM drains them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from typing import Any
+
+import httpx
+
+from tests.support import Segrelay, VendorStub, child_pids, command, fixture, wait_until
+from tests.test_crash_e2e import delivered_message_ids, hit_ids
+
+SS_ONLY = {"segmentstreamApiToken": "ss-token"}
+
+
+def lines(service: Segrelay) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in service.logs().splitlines() if line.startswith("{")]
+
+
+def http_children(service: Segrelay) -> list[int]:
+    assert service.proc is not None
+    return [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "serve-http"]
+
+
+def started_http_processes(service: Segrelay) -> set[int]:
+    """Processes that have logged uvicorn's start-up as complete: they accept on the port."""
+    return {line["pid"] for line in lines(service) if line["msg"] == "Application startup complete."}
+
+
+def test_connections_are_spread_over_the_http_processes_and_every_event_is_delivered(
+        fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    service = make_server({"SEGRELAY_HTTP_PROCESSES": "2", "SEGRELAY_DELIVERY_PROCESSES": "1"}).start()
+    assert service.proc is not None
+    assert wait_until(lambda: len(started_http_processes(service)) == 2, 20)
+    assert len(http_children(service)) == 1
+    sent = {f"spread-{uuid.uuid4()}" for _ in range(40)}
+    for message_id in sent:  # each on a new connection: the kernel picks a process for each
+        answer = service.post({**fixture("order_completed.json"), "messageId": message_id}, SS_ONLY)
+        assert answer.status_code == 202, answer.text
+    answered_by = {line["pid"] for line in lines(service)
+                   if line["logger"] == "segrelay.access" and line.get("message_id") in sent}
+    assert answered_by == {service.proc.pid, *http_children(service)}
+
+    wanted = hit_ids(sent)  # SegmentStream's hitId is derived from the messageId
+    assert wait_until(lambda: wanted <= set(delivered_message_ids(fresh_stub)), 30)  # the child's events too
+
+    assert service.terminate() == 0
+    stopped = [line for line in lines(service) if line["msg"] == "stopped"]
+    assert {line["pid"] for line in stopped if line["clean"]} >= answered_by  # every HTTP process drained
+
+
+def test_readiness_is_the_groups_and_a_dead_http_process_is_replaced(make_server: type[Segrelay]) -> None:
+    service = make_server({"SEGRELAY_HTTP_PROCESSES": "2", "SEGRELAY_DELIVERY_PROCESSES": "1"}).start()
+    assert service.proc is not None
+    assert wait_until(lambda: len(started_http_processes(service)) == 2, 20)
+    [child] = http_children(service)
+    [delivery] = [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "deliver"]
+
+    # A delivery process dies: the HTTP child, which does not supervise it, says so too (the shared flag).
+    os.kill(delivery, signal.SIGKILL)
+
+    def child_said_not_ready() -> bool:
+        httpx.get(service.url + "/readyz", timeout=5)  # a new connection each time, to either process
+        return any(line["pid"] == child and line.get("path") == "/readyz" and line.get("status") == 503
+                   for line in lines(service))
+    assert wait_until(child_said_not_ready, 20, interval=0.02)
+    assert wait_until(lambda: httpx.get(service.url + "/readyz", timeout=5).status_code == 200, 20)
+
+    # The HTTP child dies: readiness is false until another has taken its place.
+    os.kill(child, signal.SIGKILL)
+    answers = []
+    assert wait_until(lambda: answers.append(httpx.get(service.url + "/readyz", timeout=5)) or
+                      answers[-1].status_code == 503, 10, interval=0.02)
+    assert answers[-1].json() == {"message": "a delivery or HTTP process is restarting"}
+    assert wait_until(lambda: len(http_children(service)) == 1 and http_children(service) != [child], 20)
+    assert wait_until(lambda: len(started_http_processes(service)) == 3, 20)  # the replacement accepts
+    assert wait_until(lambda: httpx.get(service.url + "/readyz", timeout=5).status_code == 200, 20)
+    assert "http process exited; starting another" in service.logs()
+    assert service.terminate() == 0
