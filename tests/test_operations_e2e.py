@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -132,12 +133,17 @@ def test_https_end_to_end_with_a_certificate_the_test_makes(tmp_path: Path) -> N
     cert, key = self_signed(tmp_path)
     port = free_port()
     env = {**os.environ, "SEGRELAY_STORE": f"sqlite:///{tmp_path / 'store.db'}", "SEGRELAY_SECRET": SECRET,
-           "SEGRELAY_SSL_CERTFILE": str(cert), "SEGRELAY_SSL_KEYFILE": str(key)}
+           "SEGRELAY_SSL_CERTFILE": str(cert), "SEGRELAY_SSL_KEYFILE": str(key), "SEGRELAY_HTTP_PROCESSES": "2"}
     api_key = subprocess.run([sys.executable, "-m", "app", "keys", "create", "--tenant", "t", "--json"], env=env,
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     trust = ssl.create_default_context(cafile=str(cert))
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     try:
         def ready() -> bool:
             try:
@@ -145,10 +151,15 @@ def test_https_end_to_end_with_a_certificate_the_test_makes(tmp_path: Path) -> N
             except httpx.HTTPError:
                 return False
         assert wait_until(ready, 20)
-        event = {**fixture("identify.json"), "messageId": "tls-1"}
-        response = httpx.post(f"https://127.0.0.1:{port}/segment", json=event, verify=trust,
-                              headers={"Authorization": basic(json.loads(api_key)["key"])})
-        assert response.status_code == 200 and response.json()["message"] == "accepted"
+        # Both HTTP processes serve HTTPS: the one serve runs in and the one it started (given the same files).
+        assert wait_until(lambda: len({line["pid"] for line in lines()
+                                       if line["msg"] == "Application startup complete."}) == 2, 20)
+        for n in range(20):  # each on a new connection: the kernel spreads them over both
+            event = {**fixture("identify.json"), "messageId": f"tls-{n}"}
+            response = httpx.post(f"https://127.0.0.1:{port}/segment", json=event, verify=trust,
+                                  headers={"Authorization": basic(json.loads(api_key)["key"])})
+            assert response.status_code == 200 and response.json()["message"] == "accepted"
+        assert len({line["pid"] for line in lines() if line["logger"] == "segrelay.access"}) == 2
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=3)  # plain HTTP is not served
         with pytest.raises(httpx.ConnectError):
