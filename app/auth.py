@@ -38,21 +38,27 @@ class Authenticator:
     def __init__(self, store: Store, hasher: KeyHasher, ttl: float = 5.0, timeout: float = 3.0) -> None:
         self._store, self._hasher, self._ttl, self._timeout = store, hasher, ttl, timeout
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        # Authorization headers that matched their key's record lately: the same header again within `ttl` is the
+        # same key, so neither its base64 nor its HMAC is computed again (kept in memory only, like the key itself).
+        self._verified: dict[str, tuple[float, KeyRecord]] = {}
 
     async def authenticate(self, header: str | None, now: float | None = None) -> KeyRecord:
+        now = time.time() if now is None else now
+        verified = self._verified.get(header) if header else None
+        if verified is not None and verified[0] > now:
+            return _usable(verified[1], now)
         key = api_key_from_header(header)
         key_id = key_id_of(key)
         if key_id is None:
             raise UnauthorizedError("Unknown API key")
-        now = time.time() if now is None else now
         record = await self._lookup(key_id, now)
         if record is None or not self._hasher.matches(key, record.digest):
             raise UnauthorizedError("Unknown API key")
-        if record.revoked:
-            raise UnauthorizedError("API key revoked")
-        if record.expires_at is not None and record.expires_at <= now:
-            raise UnauthorizedError("API key expired")
-        return record
+        if self._ttl > 0 and header:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[header] = (self._cache[key_id][0], record)  # trusted as long as the record is
+        return _usable(record, now)
 
     async def _lookup(self, key_id: str, now: float) -> KeyRecord | None:
         cached = self._cache.get(key_id)
@@ -66,3 +72,11 @@ class Authenticator:
             self._cache.clear()
         self._cache[key_id] = (now + self._ttl, record)
         return record
+
+
+def _usable(record: KeyRecord, now: float) -> KeyRecord:
+    if record.revoked:
+        raise UnauthorizedError("API key revoked")
+    if record.expires_at is not None and record.expires_at <= now:
+        raise UnauthorizedError("API key expired")
+    return record

@@ -27,6 +27,7 @@ from app.settings import from_header, settings_json
 from app.store import ALL_TENANTS, Counts, NewJob, Store
 from app.stored import pack_event
 from app.translate import Routing, Translation, active_vendors, route, summary, translate
+from handlers import Vendor
 
 log = logging.getLogger("segrelay.ingest")
 
@@ -111,6 +112,8 @@ class Ingest:
         self.authenticator, self.backpressure, self.notify = authenticator, backpressure, notify
         self.draining = False
         self._settings_saved: dict[str, str | None] = {}  # key id -> the settings header last saved for it
+        # (settings header, the key's vendors) -> the vendors they enable: the same for every event of a destination
+        self._vendors: dict[tuple[str | None, tuple[str, ...]], list[Vendor]] = {}
         self._saving: set[asyncio.Task[None]] = set()
 
     def check_open(self) -> None:
@@ -139,7 +142,12 @@ class Ingest:
         settings = from_header(settings_header)
         now = time.time()
         event = parse_event(document, body, datetime.fromtimestamp(now, UTC), settings.get("defaultCurrency"))
-        vendors = active_vendors(settings, key.vendors)
+        vendors = self._vendors.get((settings_header, key.vendors))
+        if vendors is None:  # first from this destination, or settings that fail (400/403 each time, not kept)
+            vendors = active_vendors(settings, key.vendors)
+            if len(self._vendors) > 1024:
+                self._vendors.clear()
+            self._vendors[(settings_header, key.vendors)] = vendors
         dry_run = bool(settings.get("dryRun"))
         stitched: dict[str, Any] = {}
         if settings.get("identityStitching"):

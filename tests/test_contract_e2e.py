@@ -246,6 +246,11 @@ def test_key_limited_to_vendors_gets_403_naming_the_other_vendor(server: Segrela
     every = assert_json(server.post(fresh(TRACK), ALL_VENDORS, key=key), 403)
     assert every["message"] == ("This API key is not allowed to send to SegmentStream (segmentstream) and Audiohook "
                                 "(audiohook); remove their settings or ask for a key that includes them")
+    # The same answers again (the vendors a destination's settings enable are remembered per settings and key)
+    assert_json(server.post(fresh(TRACK), settings, key=key), 403, "Audiohook (audiohook)")
+    assert_json(server.post(fresh(TRACK), allowed, key=key), 200)
+    assert_json(server.post(fresh(TRACK), allowed, key=server.create_key("--vendors", "audiohook")), 403,
+                "Tracify (tracify)")
 
 
 def test_skip_reasons_fit_the_event(server: Segrelay) -> None:
