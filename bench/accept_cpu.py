@@ -105,8 +105,11 @@ def main() -> None:
     shown, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115 (log lines are written, to nowhere)
     with tempfile.TemporaryDirectory() as tmp:
         if args.store == "redis":
-            with RedisServer(Path(tmp)) as redis:
+            redis = RedisServer(Path(tmp))
+            try:
                 figures = asyncio.run(run(args, redis.url))
+            finally:
+                redis.stop()
         else:
             figures = asyncio.run(run(args, f"sqlite:///{tmp}/segrelay.db"))
     sys.stdout = shown
