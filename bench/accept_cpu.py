@@ -3,11 +3,13 @@
 Builds the app as `segrelay serve` does (its store, its key check, its log line to a discarded stream), runs its
 start-up, then calls POST /segment `--n` times with `--concurrency` requests in flight and prints the CPU per event:
 all threads (the process), the event loop's thread alone, and the rest (SQLite's writer thread). With `--profile`
-it writes a cProfile of the loop to the named file (read it with `python -m pstats`). No socket is opened: this is
+it writes a cProfile of the loop to the named file (read it with `python -m pstats`); with `--stages` it times the
+accept path's main steps with the event loop's thread CPU clock (meaningful at `--concurrency 1`, where nothing
+else runs while a step awaits) and prints their CPU per event. No socket is opened: this is
 the cost of segrelay's own code, the figure to compare a change against; the HTTP benchmarks add uvicorn's.
 
     python bench/accept_cpu.py [--store sqlite|redis] [--n 20000] [--concurrency 32] [--stitching on|off]
-                               [--visitors unique|returning] [--profile FILE]
+                               [--visitors unique|returning] [--profile FILE] [--stages]
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ async def run(args: argparse.Namespace, store: str) -> dict[str, float]:
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
 
     await loop(0, 2000)  # warm-up: caches, the first commits
+    stages = timed_stages() if args.stages else {}
     profiler = cProfile.Profile() if args.profile else None
     cpu, thread, wall = time.process_time(), time.thread_time(), time.perf_counter()
     if profiler:
@@ -89,8 +92,65 @@ async def run(args: argparse.Namespace, store: str) -> dict[str, float]:
     await service.stop()
     if set(statuses) != {202}:
         raise SystemExit(f"unexpected answers: {statuses}")
+    for name, spent in sorted(stages.items(), key=lambda item: -item[1]):
+        print(f"  {name:<34}{spent / args.n * 1e6:8.1f} us per event", file=sys.__stdout__)
     return {"events/s": args.n / wall, "cpu_us": cpu / args.n * 1e6, "loop_us": thread / args.n * 1e6,
             "other_us": (cpu - thread) / args.n * 1e6}
+
+
+STAGES = [  # (module, attribute, label): the accept path's steps, as app.ingest and app.endpoint call them
+    ("app.ingest", "parse_event", "parse the event"),
+    ("app.ingest", "active_vendors", "vendors the settings enable"),
+    ("app.ingest", "route", "route"),
+    ("app.ingest", "summary", "answer rows"),
+    ("app.ingest", "pack_event", "pack the stored record"),
+    ("app.ingest", "_count", "metrics of the event"),
+    ("app.endpoint", "access", "the request line"),
+]
+ASYNC_STAGES = [  # (module, class, method, label)
+    ("app.auth", "Authenticator", "authenticate", "the key check"),
+    ("app.identity", "IdentityBook", "stitch", "identity stitching"),
+    ("app.crypto", "Sealer", "seal", "seal (AES-GCM)"),
+    ("app.store.sqlite", "SQLiteStore", "accept", "store the event (awaits the commit)"),
+    ("app.store.redis", "RedisStore", "accept", "store the event (awaits the commit)"),
+]
+
+
+def timed_stages() -> dict[str, float]:
+    """Wrap each step so that its thread CPU time adds up under its label; returns the running totals."""
+    import functools
+    import importlib
+    import inspect
+
+    spent: dict[str, float] = {}
+
+    def timed(fn: Any, label: str) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def wrapped_async(*a: Any, **k: Any) -> Any:
+                started = time.thread_time()
+                try:
+                    return await fn(*a, **k)
+                finally:
+                    spent[label] = spent.get(label, 0.0) + time.thread_time() - started
+            return wrapped_async
+
+        @functools.wraps(fn)
+        def wrapped(*a: Any, **k: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.thread_time() - started
+        return wrapped
+
+    for module, name, label in STAGES:
+        target = importlib.import_module(module)
+        setattr(target, name, timed(getattr(target, name), label))
+    for module, cls, name, label in ASYNC_STAGES:
+        owner = getattr(importlib.import_module(module), cls)
+        setattr(owner, name, timed(getattr(owner, name), label))
+    return spent
 
 
 def main() -> None:
@@ -101,6 +161,7 @@ def main() -> None:
     parser.add_argument("--stitching", choices=["on", "off"], default="on")
     parser.add_argument("--visitors", choices=["unique", "returning"], default="returning")
     parser.add_argument("--profile", metavar="FILE")
+    parser.add_argument("--stages", action="store_true", help="CPU per event of each step of the accept path")
     args = parser.parse_args()
     shown, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115 (log lines are written, to nowhere)
     with tempfile.TemporaryDirectory() as tmp:
