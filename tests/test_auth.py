@@ -34,14 +34,21 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await opened.close()
 
 
+async def issue(store: Store, hasher: KeyHasher, tenant: str = "acme", expires_at: float | None = None) -> str:
+    """A key saved in the store (its record's id is the key's); a counting hasher starts counting after it."""
+    key, record = new_key(hasher, tenant, NOW, expires_at, ())
+    await store.save_key(record)
+    if isinstance(hasher, CountingHasher):
+        hasher.digests = 0
+    return key
+
+
 async def test_a_header_verified_once_is_not_hashed_again_until_the_record_is_read_again(store: Store) -> None:
     hasher = CountingHasher(SECRET.encode())
-    key, record = new_key(hasher, "acme", NOW, None, ())
-    await store.save_key(record)
-    hasher.digests = 0
+    key = await issue(store, hasher)
     auth = Authenticator(store, hasher, ttl=5.0)
     for offset in (0.0, 1.0, 4.9):
-        assert (await auth.authenticate(basic(key), now=NOW + offset)).key_id == record.key_id
+        assert (await auth.authenticate(basic(key), now=NOW + offset)).tenant == "acme"
     assert hasher.digests == 1
     await auth.authenticate(basic(key), now=NOW + 5.1)  # the record was read again: so is the key checked
     assert hasher.digests == 2
@@ -49,8 +56,7 @@ async def test_a_header_verified_once_is_not_hashed_again_until_the_record_is_re
 
 async def test_a_forged_key_with_a_known_id_is_refused_even_after_the_real_one(store: Store) -> None:
     hasher = KeyHasher(SECRET.encode())
-    key, record = new_key(hasher, "acme", NOW, None, ())
-    await store.save_key(record)
+    key = await issue(store, hasher)
     auth = Authenticator(store, hasher, ttl=5.0)
     await auth.authenticate(basic(key), now=NOW)
     forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
@@ -60,16 +66,14 @@ async def test_a_forged_key_with_a_known_id_is_refused_even_after_the_real_one(s
 
 async def test_revocation_and_expiry_reach_a_verified_header_within_the_cache_time(store: Store) -> None:
     hasher = KeyHasher(SECRET.encode())
-    key, record = new_key(hasher, "acme", NOW, NOW + 100, ())
-    await store.save_key(record)
+    key = await issue(store, hasher, expires_at=NOW + 100)
     auth = Authenticator(store, hasher, ttl=5.0)
-    await auth.authenticate(basic(key), now=NOW)
+    record = await auth.authenticate(basic(key), now=NOW)
     await store.revoke_key(record.key_id)
     await auth.authenticate(basic(key), now=NOW + 1)  # within the cache time: as documented
     with pytest.raises(UnauthorizedError, match="API key revoked"):
         await auth.authenticate(basic(key), now=NOW + 6)
-    other, second = new_key(hasher, "beta", NOW, NOW + 3, ())
-    await store.save_key(second)
+    other = await issue(store, hasher, "beta", expires_at=NOW + 3)
     await auth.authenticate(basic(other), now=NOW)
     with pytest.raises(UnauthorizedError, match="API key expired"):
         await auth.authenticate(basic(other), now=NOW + 3.5)  # expiry is checked on every request
@@ -77,9 +81,7 @@ async def test_revocation_and_expiry_reach_a_verified_header_within_the_cache_ti
 
 async def test_with_no_cache_every_request_is_checked(store: Store) -> None:
     hasher = CountingHasher(SECRET.encode())
-    key, record = new_key(hasher, "acme", NOW, None, ())
-    await store.save_key(record)
-    hasher.digests = 0
+    key = await issue(store, hasher)
     auth = Authenticator(store, hasher, ttl=0.0)
     for _ in range(3):
         await auth.authenticate(basic(key), now=NOW)
