@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 log = logging.getLogger("segrelay.supervisor")
@@ -50,11 +51,15 @@ class Waker:
 
 
 class SharedFlag:
-    """One byte of anonymous shared memory that children inherit as a file descriptor (Linux memfd)."""
+    """One byte of shared memory that children inherit as a file descriptor: an anonymous memfd on Linux (no file
+    system needed: the root file system may be read-only), an unlinked temporary file elsewhere."""
 
     def __init__(self, fd: int | None = None) -> None:
         if fd is None:
-            fd = os.memfd_create("segrelay-health", 0)
+            if hasattr(os, "memfd_create"):
+                fd = os.memfd_create("segrelay-health", 0)
+            else:  # pragma: no cover - not Linux
+                fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115
             os.ftruncate(fd, 1)
         self.fd = fd
         self._map = mmap.mmap(fd, 1)
