@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"segrelay {VERSION}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the HTTP service (POST /segment) and its delivery workers")
+    serve = sub.add_parser("serve", help="run the HTTP service (POST /segment) on every core, and its delivery "
+                                         "workers")
     serve.add_argument("--host", default=None, help="bind address (default SEGRELAY_HOST or 0.0.0.0)")
     serve.add_argument("--port", type=int, default=None, help="port (default SEGRELAY_PORT or 8080)")
     serve.add_argument("--ssl-certfile", default=None, metavar="FILE",
@@ -266,6 +267,13 @@ def cmd_serve_http(args: argparse.Namespace) -> int:
     from app.supervisor import WorkerLink
 
     die_with_parent(args.parent_pid)
+    for name, fd in (("--health-fd", args.health_fd), ("--wake-fd", args.wake_fd)):
+        try:
+            if fd is not None:
+                os.fstat(fd)
+        except OSError:
+            raise ConfigError(f"{name} {fd} is not an open file descriptor: serve-http is started by serve, which "
+                              f"passes it") from None
     config = _with_http_processes(Config.from_env(), args.http_processes)
     link = WorkerLink(slot=args.slot, health_fd=args.health_fd, wake_fd=args.wake_fd, wake_count=args.wake_count)
     app = create_app(config, link)

@@ -73,6 +73,9 @@ def test_configuration_errors_are_reported_not_raised(tmp_path: Path) -> None:
         assert result.returncode == 2 and "SEGRELAY_HTTP_PROCESSES must be" in result.stderr
     result = segrelay("serve", "--http-processes", "0", cwd=tmp_path, env={"SEGRELAY_SECRET": SECRET})
     assert result.returncode == 2 and "--http-processes must be between 1 and 64" in result.stderr
+    result = segrelay("serve-http", "--host", "127.0.0.1", "--port", "1", "--slot", "1", "--health-fd", "999",
+                      "--http-processes", "2", cwd=tmp_path, env={"SEGRELAY_SECRET": SECRET})
+    assert result.returncode == 2 and "serve-http is started by serve" in result.stderr
 
 
 def test_http_processes_and_the_identity_cache_they_allow() -> None:
