@@ -81,3 +81,19 @@ def test_readiness_is_the_groups_and_a_dead_http_process_is_replaced(make_server
     assert wait_until(lambda: httpx.get(service.url + "/readyz", timeout=5).status_code == 200, 20)
     assert "http process exited; starting another" in service.logs()
     assert service.terminate() == 0
+
+
+def test_with_delivery_inside_the_primary_the_childs_events_are_delivered_too(fresh_stub: VendorStub,
+                                                                             make_server: type[Segrelay]) -> None:
+    """SEGRELAY_DELIVERY_PROCESSES=0: nothing wakes the primary's delivery for what a child accepted, so it is found
+    by the delivery's own look at the queue (every half second at most)."""
+    service = make_server({"SEGRELAY_HTTP_PROCESSES": "2", "SEGRELAY_DELIVERY_PROCESSES": "0"}).start()
+    assert wait_until(lambda: len(started_http_processes(service)) == 2, 20)
+    sent = {f"inline-{uuid.uuid4()}" for _ in range(30)}
+    for message_id in sent:
+        answer = service.post({**fixture("order_completed.json"), "messageId": message_id}, SS_ONLY)
+        assert answer.status_code == 202, answer.text
+    assert len({line["pid"] for line in lines(service)
+                if line["logger"] == "segrelay.access" and line.get("message_id") in sent}) == 2
+    assert wait_until(lambda: hit_ids(sent) <= set(delivered_message_ids(fresh_stub)), 20)
+    assert service.terminate() == 0
