@@ -126,9 +126,12 @@ class Segrelay:
         self.tmp, self.name = tmp, name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # One HTTP process unless a test asks for more: bounds such as SEGRELAY_MAX_CONNECTIONS and
+        # SEGRELAY_MAX_INFLIGHT_BYTES, and what a process has cached or remembered, are per HTTP process, and which
+        # process a new connection reaches is the kernel's choice (tests/test_http_processes_e2e.py covers several).
         self.env = {**os.environ, "SEGRELAY_STORE": f"sqlite:///{tmp / 'store.db'}", "SEGRELAY_SECRET": SECRET,
                     "SEGRELAY_RETRY_BASE_SECONDS": "0.2", "SEGRELAY_RETRY_MAX_SECONDS": "1",
-                    "SEGRELAY_KEY_CACHE_SECONDS": "0", **(env or {})}
+                    "SEGRELAY_KEY_CACHE_SECONDS": "0", "SEGRELAY_HTTP_PROCESSES": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.key = ""
 
