@@ -222,7 +222,6 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-
     config = Config.from_env()
     if args.delivery_processes is not None:
         if args.delivery_processes < 0:
@@ -254,9 +253,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls = (certfile, keyfile) if certfile and keyfile else None
     server = _http_server(config, app, host=host, port=port, tls=tls)
     sock = listening_socket(host, port, shared=config.http_processes > 1)
-    app.service.address, app.service.tls = (host, sock.getsockname()[1]), tls
-    logging.getLogger("segrelay").info("listening", extra={"address": f"{'https' if tls else 'http'}://{host}:{sock.getsockname()[1]}",
-                                 "http_processes": config.http_processes})
+    bound = sock.getsockname()[1]
+    app.service.address, app.service.tls = (host, bound), tls
+    logging.getLogger("segrelay").info("listening", extra={"address": f"{'https' if tls else 'http'}://{host}:{bound}",
+                                                           "http_processes": config.http_processes})
     server.run(sockets=[sock])
     return 0 if app.service.stopped_cleanly else 1
 

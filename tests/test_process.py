@@ -9,7 +9,7 @@ import sys
 
 from tests.support import ROOT
 
-CHILD = "import sys, time; from app.process import die_with_parent; die_with_parent({parent}); print('alive', flush=True)"
+CHILD = "from app.process import die_with_parent; die_with_parent({parent}); print('alive', flush=True)"
 
 
 def run_child(parent: str) -> subprocess.CompletedProcess[str]:
