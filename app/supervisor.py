@@ -164,8 +164,7 @@ class DeliveryProcesses(_Children):
         super().__init__(count, stop_timeout)
         self._reader, self._writer = os.pipe()
         os.set_blocking(self._writer, False)
-        self.waker = Waker(self._writer, count)
-        self.notify = self.waker.notify
+        self.notify = Waker(self._writer, count).notify
 
     @property
     def wake_fd(self) -> int:

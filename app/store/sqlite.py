@@ -183,23 +183,19 @@ class _Writer:
         return results
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE. An urgent writer (the HTTP process's) says it is waiting while it waits; the others give
-        way to it before they begin (see WriterPriority)."""
+        """BEGIN IMMEDIATE. An urgent writer (an HTTP process's) lets another waiting one have its turn, then says it
+        is waiting while it waits; the others give way to them before they begin (see WriterPriority)."""
         priority = self.priority
         if priority is None:
             _begin(conn)
         elif self.urgent:
-            turn_until = time.monotonic() + TURN_SECONDS
-            while priority.others_waiting() and time.monotonic() < turn_until:
-                time.sleep(LOCK_POLL)
+            _give_way(priority.others_waiting, TURN_SECONDS)
             try:
                 _begin(conn, on_wait=lambda: priority.want(True))
             finally:
                 priority.want(False)
         else:
-            give_way_until = time.monotonic() + GIVE_WAY_SECONDS
-            while priority.wanted() and time.monotonic() < give_way_until:
-                time.sleep(LOCK_POLL)
+            _give_way(priority.wanted, GIVE_WAY_SECONDS)
             _begin(conn)
 
 
@@ -589,6 +585,13 @@ def _private_file(path: Path) -> None:
     with contextlib.suppress(OSError):  # not ours to change (a mounted volume): best effort
         if path.stat().st_mode & 0o077:
             path.chmod(0o600)
+
+
+def _give_way(waiting: Callable[[], bool], seconds: float) -> None:
+    """Wait while another writer says it is waiting for the lock, `seconds` at most (a flag left by a crash)."""
+    until = time.monotonic() + seconds
+    while waiting() and time.monotonic() < until:
+        time.sleep(LOCK_POLL)
 
 
 def _begin(conn: sqlite3.Connection, on_wait: Callable[[], object] | None = None) -> None:
