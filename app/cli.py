@@ -97,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                                              "it for you; run it yourself to deliver from a shared Redis)")
     deliver.add_argument("--wake-fd", type=int, default=None, help=argparse.SUPPRESS)
     deliver.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    deliver.add_argument("--slot", type=int, default=None, help=argparse.SUPPRESS)
     deliver.set_defaults(run=cmd_deliver)
 
     keys = sub.add_parser("keys", help="issue, list and revoke the API keys customers paste into Segment")
@@ -224,8 +225,8 @@ def _when(ts: float | None) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = Config.from_env()
     if args.delivery_processes is not None:
-        if args.delivery_processes < 0:
-            raise ConfigError("--delivery-processes must be 0 or more")
+        if not 0 <= args.delivery_processes <= 64:
+            raise ConfigError("--delivery-processes must be between 0 and 64")
         config = dataclasses.replace(config, delivery_processes=args.delivery_processes)
     if args.http_processes is not None:
         config = _with_http_processes(config, args.http_processes)
@@ -394,7 +395,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
 
     config = Config.from_env()
     configure(config.log_level)
-    return runner.run(config, args.wake_fd, args.parent_pid)
+    return runner.run(config, args.wake_fd, args.parent_pid, args.slot)
 
 
 def _raise_file_limit() -> None:

@@ -113,6 +113,8 @@ class Config:
             raise ConfigError("SEGRELAY_MAX_INFLIGHT_BYTES must be at least SEGRELAY_MAX_BODY_BYTES")
         if config.http_processes > 64:
             raise ConfigError("SEGRELAY_HTTP_PROCESSES must be between 1 and 64")
+        if config.delivery_processes > 64:
+            raise ConfigError("SEGRELAY_DELIVERY_PROCESSES must be between 0 and 64")
         if config.delivery_nice > 19:
             raise ConfigError("SEGRELAY_DELIVERY_NICE must be between 0 (the HTTP process's priority) and 19")
         if config.log_level not in ("debug", "info", "warning", "error"):

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from app.store.sqlite import PRIORITY_SLOTS
+
 log = logging.getLogger("segrelay.supervisor")
 RESTART_DELAY = 1.0
 
@@ -172,7 +174,7 @@ class DeliveryProcesses(_Children):
         return self._writer
 
     def _command(self, index: int) -> tuple[list[str], tuple[int, ...]]:
-        return ["deliver", "--wake-fd", str(self._reader)], (self._reader,)
+        return ["deliver", "--wake-fd", str(self._reader), "--slot", str(PRIORITY_SLOTS + index)], (self._reader,)
 
     async def stop(self) -> bool:
         clean = await super().stop()

@@ -71,6 +71,10 @@ def test_configuration_errors_are_reported_not_raised(tmp_path: Path) -> None:
     for processes in ("0", "65"):
         result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_HTTP_PROCESSES": processes})
         assert result.returncode == 2 and "SEGRELAY_HTTP_PROCESSES must be" in result.stderr
+    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_DELIVERY_PROCESSES": "65"})
+    assert result.returncode == 2 and "SEGRELAY_DELIVERY_PROCESSES must be between 0 and 64" in result.stderr
+    result = segrelay("serve", "--delivery-processes", "65", cwd=tmp_path, env={"SEGRELAY_SECRET": SECRET})
+    assert result.returncode == 2 and "--delivery-processes must be between 0 and 64" in result.stderr
     result = segrelay("serve", "--http-processes", "0", cwd=tmp_path, env={"SEGRELAY_SECRET": SECRET})
     assert result.returncode == 2 and "--http-processes must be between 1 and 64" in result.stderr
     result = segrelay("serve-http", "--host", "127.0.0.1", "--port", "1", "--slot", "1", "--health-fd", "999",

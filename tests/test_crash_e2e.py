@@ -113,7 +113,9 @@ def test_kill_9_under_load_loses_nothing(fresh_stub: VendorStub, make_server: ty
     settle(service, fresh_stub, load)
     figures = report("kill -9", load, delivered_message_ids(fresh_stub), {"in_flight_limit": vendor_slots})
     assert figures["lost"] == 0
-    assert figures["duplicate_sends"] <= vendor_slots  # only what was on the wire when the process died
+    # Only what was on the wire when the process died, and answered postbacks whose completion was not yet written
+    # (at most as many again: app/delivery/completions.py).
+    assert figures["duplicate_sends"] <= 2 * vendor_slots
     service.terminate()
 
 

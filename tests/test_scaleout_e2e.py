@@ -68,7 +68,7 @@ def test_kill_9_of_one_replica_loses_nothing(fresh_stub: VendorStub, make_server
     settle(b, fresh_stub, load)
     figures = report("redis kill -9 of one replica", load, delivered_message_ids(fresh_stub), {"in_flight_limit": 8})
     assert figures["lost"] == 0
-    assert figures["duplicate_sends"] <= 8
+    assert figures["duplicate_sends"] <= 2 * 8  # on the wire, or answered but not yet recorded (at most as many)
 
 
 def test_kill_9_of_redis_itself_loses_nothing_accepted(fresh_stub: VendorStub, make_server: type[Segrelay],

@@ -28,12 +28,12 @@ STORE_RETRY_SECONDS = 1.0
 
 
 class DeliveryService:
-    def __init__(self, config: Config, store: Store | None = None) -> None:
+    def __init__(self, config: Config, store: Store | None = None, *, slot: int | None = None) -> None:
         self.config = config
         # A delivery process's own writes need no fsync: losing its last completions to a power cut only means
         # sending them again (at least once); an accepted event is made durable by the HTTP process.
         self.store = store or open_store(config.store, consumer=f"{os.getpid()}-{os.urandom(3).hex()}",
-                                         durable=False)
+                                         durable=False, slot=slot)
         self._owns_store = store is None
         self.deliverer = Deliverer(config, self.store, Sealer(config.secret))
         self._tasks: list[asyncio.Task[None]] = []
@@ -71,7 +71,7 @@ class DeliveryService:
                 log.exception("housekeeping error")
 
 
-def run(config: Config, wake_fd: int | None, parent: int | None = None) -> int:
+def run(config: Config, wake_fd: int | None, parent: int | None = None, slot: int | None = None) -> int:
     """`segrelay deliver`: deliver until SIGTERM/SIGINT, then drain; exits with the parent (Linux)."""
     die_with_parent(parent)
     lower_priority(config.delivery_nice)
@@ -79,12 +79,12 @@ def run(config: Config, wake_fd: int | None, parent: int | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_main(config, wake_fd))
-    return uvloop.run(_main(config, wake_fd))
+        return asyncio.run(_main(config, wake_fd, slot))
+    return uvloop.run(_main(config, wake_fd, slot))
 
 
-async def _main(config: Config, wake_fd: int | None) -> int:
-    service = DeliveryService(config)
+async def _main(config: Config, wake_fd: int | None, slot: int | None) -> int:
+    service = DeliveryService(config, slot=slot)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,6 +22,7 @@ from app import metrics
 from app.config import Config
 from app.crypto import Sealer
 from app.delivery.breaker import CircuitBreaker
+from app.delivery.completions import Completions
 from app.delivery.policy import RetryPolicy, Verdict, classify, retry_after
 from app.delivery.transport import MAX_BODY_KEPT, AiohttpTransport, RequestRefused, SendFailed, Transport
 from app.outgoing import render
@@ -59,6 +60,7 @@ class Deliverer:
                                                read_timeout=config.read_timeout) if transport is None else None
         self.transport: Transport = transport or self._own_transport  # type: ignore[assignment]
         self.renderer = Renderer(sealer)
+        self.completions = Completions(store, clock, limit=config.vendor_concurrency)
         self.breakers = {v.slug: CircuitBreaker() for v in VENDORS}
         self.paused_until: dict[str, float] = defaultdict(float)  # Retry-After, per vendor host
         self._wake = {v.slug: asyncio.Event() for v in VENDORS}
@@ -75,6 +77,7 @@ class Deliverer:
 
     def start(self) -> None:
         self._dispatchers = [asyncio.create_task(self._dispatch(v), name=f"dispatch-{v.slug}") for v in VENDORS]
+        self.completions.start()
 
     def notify(self, vendor: str) -> None:
         self._wake[vendor].set()
@@ -98,6 +101,7 @@ class Deliverer:
             await asyncio.gather(*pending, return_exceptions=True)
             log.info("in-flight sends ended", extra={"finished": len(inflight) - len(pending),
                                                       "handed_back": len(pending)})
+        await self.completions.stop()
         if waiting:
             log.info("handed back postbacks leased ahead", extra={"postbacks": len(waiting)})
         if self._own_transport is not None:
@@ -118,20 +122,25 @@ class Deliverer:
                 await asyncio.sleep(1.0)
 
     async def _dispatch_once(self, vendor: Vendor) -> None:
-        """Top up the vendor's ready list from the store, then start every request a free slot allows.
+        """Start every request a free slot allows from the vendor's ready list, top the list up from the store, then
+        start what the new jobs allow.
 
         Jobs are leased a few slots' worth ahead and wait in memory for a slot of their tenant; one that waits
         longer than a third of its lease is handed back, so a lease never runs out while its job merely waits.
+        Starting what is ready before leasing keeps the slots busy while the store answers (leasing first left
+        every slot idle for as long as SQLite's write lock was held by another process).
         """
         slug, now = vendor.slug, self.clock()
         pause = max(self.breakers[slug].open_until, self.paused_until[slug])
         free = self.config.vendor_concurrency - len(self._inflight[slug])
-        ready = self._ready[slug]
         if pause > now or free <= 0:
             await self._idle(slug, min(pause - now, IDLE_POLL) if pause > now else IDLE_POLL)
             return
+        self._start_ready(vendor)
+        ready = self._ready[slug]
         batch_size = vendor.batch.max_size if vendor.batch else 1
-        share = max(READY_PER_TENANT * self.config.tenant_concurrency * batch_size, READY_MIN)
+        tenants = len({job.tenant for _, job in ready}) or 1
+        share = max(READY_PER_TENANT * self._tenant_limit(tenants) * batch_size, READY_MIN)
         dispatchable = self._dispatchable(slug)
         probing = False
         wanted = min(2 * free * batch_size, READY_MAX - len(ready), share) - dispatchable
@@ -163,24 +172,33 @@ class Deliverer:
                 # the store behind theirs; alone, it goes back as due as it was.
                 alone = len({job.tenant for _, job in self._ready[slug]}) <= 1
                 await self.store.release(excess, due_at=now if alone else now + TENANT_BACKOFF)
+        started = self._start_ready(vendor)
         ready = self._ready[slug]
-        if not ready:
-            await self._idle(slug, IDLE_POLL)
-            return
-        requests, waiting = self._plan(vendor, [job for _, job in ready], free)
         stale_before = now - self.config.lease_seconds / 3
-        leased_at = {id(job): at for at, job in ready}
-        stale = [job for job in waiting if leased_at[id(job)] < stale_before]
-        self._ready[slug] = [(leased_at[id(job)], job) for job in waiting if leased_at[id(job)] >= stale_before]
+        stale = [job for at, job in ready if at < stale_before]
         if stale:
+            self._ready[slug] = [(at, job) for at, job in ready if at >= stale_before]
             await self.store.release(stale, due_at=now)
+        if not started:  # nothing ready, or every ready job waits for its tenant: until a request ends
+            await self._idle(slug, IDLE_POLL)
+
+    def _start_ready(self, vendor: Vendor) -> int:
+        """Start the requests that the vendor's free slots and each tenant's limit allow from its ready list."""
+        slug = vendor.slug
+        ready = self._ready[slug]
+        free = self.config.vendor_concurrency - len(self._inflight[slug])
+        if not ready or free <= 0:
+            return 0
+        requests, waiting = self._plan(vendor, [job for _, job in ready], free)
+        if requests:
+            leased_at = {id(job): at for at, job in ready}
+            self._ready[slug] = [(leased_at[id(job)], job) for job in waiting]
         for group in requests:
             self._tenant_inflight[(slug, group[0].tenant)] += 1
             task = asyncio.create_task(self._deliver(vendor, group))
             self._inflight[slug].add(task)
             task.add_done_callback(self._inflight[slug].discard)
-        if not requests:  # every ready job waits for its tenant: until a request ends
-            await self._idle(slug, IDLE_POLL)
+        return len(requests)
 
     async def _others_queued(self, tenants: set[str], now: float) -> frozenset[str]:
         """Tenants other than these with postbacks queued, from the store's byte counters (read at most once per
@@ -304,7 +322,7 @@ class Deliverer:
         extra = {"vendor": slug, "status": status, "postbacks": len(jobs), "attempt": jobs[0].attempts + 1,
                  "message_ids": [job.message_id for job in jobs[:20]]}
         if verdict is Verdict.DELIVERED:
-            await self.store.complete(jobs, status=status, now=now)
+            await self.completions.add(jobs, status)
             metrics.labelled(metrics.POSTBACKS, slug, "delivered").inc(len(jobs))
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("delivered", extra={**extra, "outcome": "delivered"})

@@ -238,9 +238,9 @@ async def check_durability(store: Store, *, allow_unsafe: bool) -> None:
     raise StoreError(message)
 
 
-def open_store(url: str, *, consumer: str = "", durable: bool = True, slot: int = 0) -> Store:
+def open_store(url: str, *, consumer: str = "", durable: bool = True, slot: int | None = None) -> Store:
     """durable=False lets SQLite skip the fsync of this connection's commits (delivery's own bookkeeping); `slot`
-    numbers the HTTP processes that share one SQLite file (their turns at its write lock)."""
+    numbers the processes that share one SQLite file (their turns at its write lock; app/store/sqlite.py)."""
     if url.startswith("sqlite:///"):
         from app.store.sqlite import SQLiteStore
 

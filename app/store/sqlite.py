@@ -58,6 +58,7 @@ LOCK_POLL = 0.0005
 GIVE_WAY_SECONDS = 0.05  # how long a delivery process lets the HTTP processes go first, at most, per transaction
 TURN_SECONDS = 0.02  # how long an HTTP process lets another waiting HTTP process have its turn, at most
 PRIORITY_SLOTS = 64  # HTTP processes that can share one database file (each says it waits in its own byte)
+DELIVERY_SLOTS = 64  # ... and delivery processes, in the bytes after those
 HOUSEKEEPING_BATCH = 2000  # expired idempotency records deleted per call (the monitor calls it every second)
 
 SCHEMA = """
@@ -183,70 +184,79 @@ class _Writer:
         return results
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE. An urgent writer (an HTTP process's) lets another waiting one have its turn, then says it
-        is waiting while it waits; the others give way to them before they begin (see WriterPriority)."""
+        """BEGIN IMMEDIATE. A delivery writer first gives way to the HTTP processes; any writer lets another waiting
+        one of its kind have its turn, then says it is waiting while it waits (see WriterPriority)."""
         priority = self.priority
         if priority is None:
             _begin(conn)
-        elif self.urgent:
-            _give_way(priority.others_waiting, TURN_SECONDS)
-            try:
-                _begin(conn, on_wait=lambda: priority.want(True))
-            finally:
-                priority.want(False)
-        else:
+            return
+        if not self.urgent:
             _give_way(priority.wanted, GIVE_WAY_SECONDS)
-            _begin(conn)
+        _give_way(priority.others_waiting, TURN_SECONDS)
+        try:
+            _begin(conn, on_wait=lambda: priority.want(True))
+        finally:
+            priority.want(False)
 
 
 class WriterPriority:
-    """A small file beside the database, shared by every process that writes to it: each HTTP process has a byte
-    (its slot), set while it waits for SQLite's write lock, since its callers wait for their 202. The delivery
-    processes do not begin a transaction while any is set (for at most GIVE_WAY_SECONDS, so a flag left by a crash
-    only slows them), and an HTTP process that has just committed lets a waiting one go next (TURN_SECONDS at most).
+    """A small file beside the database, shared by every process that writes to it: each process has a byte (its
+    slot: HTTP processes in the first PRIORITY_SLOTS, delivery processes in the DELIVERY_SLOTS after them), set while
+    it waits for SQLite's write lock. The delivery processes do not begin a transaction while an HTTP process waits,
+    since its callers wait for their 202 (for at most GIVE_WAY_SECONDS, so a flag left by a crash only slows them),
+    and a process that has just committed lets a waiting one of its kind go next (TURN_SECONDS at most).
 
     Without it, a writer that commits and begins again at once wins the lock over one polling for it every
     LOCK_POLL, again and again: accepts waited up to 50-110 ms for the lock while delivery ran, and p99 accept
-    latency was 35-60 ms instead of about 20 ms; two HTTP processes without turns had a p99 of 118 ms."""
+    latency was 35-60 ms instead of about 20 ms; two HTTP processes without turns had a p99 of 118 ms; two delivery
+    processes without turns waited 10-35 % of the time for each other, up to 190 ms at once, and their dispatchers
+    with them (`bench/e2e.py`)."""
 
     def __init__(self, path: Path, slot: int = 0) -> None:
-        if not 0 <= slot < PRIORITY_SLOTS:
-            raise StoreError(f"sqlite: writer slot {slot} is out of range (0-{PRIORITY_SLOTS - 1})")
+        if not 0 <= slot < PRIORITY_SLOTS + DELIVERY_SLOTS:
+            raise StoreError(f"sqlite: writer slot {slot} is out of range (0-{PRIORITY_SLOTS + DELIVERY_SLOTS - 1})")
         self.slot = slot
+        size = PRIORITY_SLOTS + DELIVERY_SLOTS
+        # The slots of this process's kind: HTTP processes take turns among themselves, and so do delivery processes.
+        self._group = (0, PRIORITY_SLOTS) if slot < PRIORITY_SLOTS else (PRIORITY_SLOTS, size)
         _private_file(path)
         with path.open("r+b") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            if size < PRIORITY_SLOTS:
-                handle.write(b"\0" * (PRIORITY_SLOTS - size))
+            found = handle.seek(0, os.SEEK_END)
+            if found < size:
+                handle.write(b"\0" * (size - found))
                 handle.flush()
-            self._map = mmap.mmap(handle.fileno(), PRIORITY_SLOTS)
+            self._map = mmap.mmap(handle.fileno(), size)
 
     def want(self, waiting: bool) -> None:
         self._map[self.slot] = 1 if waiting else 0
 
     def wanted(self) -> bool:
         """Some HTTP process waits for the lock."""
-        return self._map.find(b"\1") >= 0
+        return self._map.find(b"\1", 0, PRIORITY_SLOTS) >= 0
 
     def others_waiting(self) -> bool:
-        """An HTTP process other than this one waits for the lock."""
-        first = self._map.find(b"\1")
-        return first >= 0 and (first != self.slot or self._map.find(b"\1", first + 1) >= 0)
+        """A process of this one's kind (HTTP or delivery), other than this one, waits for the lock."""
+        start, end = self._group
+        first = self._map.find(b"\1", start, end)
+        return first >= 0 and (first != self.slot or self._map.find(b"\1", first + 1, end) >= 0)
 
     def close(self) -> None:
         self._map.close()
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, durable: bool = True, slot: int = 0) -> None:
+    def __init__(self, path: str, *, durable: bool = True, slot: int | None = None) -> None:
+        """`slot`: this process's byte in the priority file; by default 0 for a durable store (the HTTP side), and
+        one of the delivery slots picked by process id for an undurable one (serve gives its children theirs)."""
+        if slot is None:
+            slot = 0 if durable else PRIORITY_SLOTS + os.getpid() % DELIVERY_SLOTS
         self.path = Path(path)
         self.identities_path = self.path.with_name(f"{self.path.stem}-identities{self.path.suffix or '.db'}")
         self.durable = durable
         _private_file(self.path)
         _private_file(self.identities_path)
         self.priority = WriterPriority(self.path.with_name(f"{self.path.name}-priority"), slot)
-        if durable:
-            self.priority.want(False)  # a flag left by a crashed HTTP process in this slot
+        self.priority.want(False)  # a flag left in this slot by a crashed process
         self._writer = _Writer(_connect(self.path, durable=durable, prepare=self._prepare), name="sqlite-writer",
                                max_group=MAX_GROUP if durable else MAX_GROUP_UNDURABLE, priority=self.priority,
                                urgent=durable)
