@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
+from functools import lru_cache
 from typing import Any
 
 from app.event import fold, is_email
@@ -33,6 +34,7 @@ _EMAIL_INSIDE = re.compile(r"[^@\s]+@[^@\s]+\.[a-z]{2,}", re.IGNORECASE)
 _PHONE = re.compile(r"^\+?[\d\s().\-/]{7,24}$")
 
 
+@lru_cache(maxsize=4096)  # a customer's property names repeat from event to event; bounded for any others
 def personal_key(key: str) -> bool:
     folded_key = fold(key)
     return folded_key in _PERSONAL_KEYS or any(part in folded_key for part in _PERSONAL_PARTS)

@@ -98,8 +98,9 @@ async def test_retry_after_pauses_the_vendor_and_delays_the_job(store: SQLiteSto
     await accept_page(store, sealer, 0)
     deliverer = Deliverer(config(), store, sealer, transport=answering(429, retry_after="30"))
 
-    async def retried() -> bool:
-        return (await store.stats(now=time.time())).vendors["tracify"].pending == 1
+    async def retried() -> bool:  # the answer seen, and the job back in the queue (not leased)
+        stats = (await store.stats(now=time.time())).vendors["tracify"]
+        return deliverer.paused_until["tracify"] > 0 and stats.pending == 1 and stats.leased == 0
     started = time.time()
     await run_until(deliverer, retried)
     assert deliverer.paused_until["tracify"] >= started + 30

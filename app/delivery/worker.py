@@ -71,6 +71,8 @@ class Deliverer:
         self._tenants_queued: frozenset[str] = frozenset()
         self._tenant_inflight: Counter[tuple[str, str]] = Counter()
         self._dispatchers: list[asyncio.Task[None]] = []
+        self._top_ups: dict[str, asyncio.Task[None]] = {}  # per vendor: the lease that tops its ready list up
+        self._top_up_after: dict[str, float] = defaultdict(float)  # after a failed top-up, the next not before
         self._stopping = False
 
     # Life cycle -------------------------------------------------------------------------------------------
@@ -86,7 +88,7 @@ class Deliverer:
         """Stop leasing, let in-flight sends finish for up to drain_seconds, hand the rest back."""
         self._stopping = True
         self.wake_all()
-        await asyncio.gather(*self._dispatchers, return_exceptions=True)
+        await asyncio.gather(*self._dispatchers, *self._top_ups.values(), return_exceptions=True)
         waiting = [job for ready in self._ready.values() for _, job in ready]
         if waiting:  # leased ahead, never sent: due again at once, attempts unchanged
             with contextlib.suppress(Exception):
@@ -122,28 +124,53 @@ class Deliverer:
                 await asyncio.sleep(1.0)
 
     async def _dispatch_once(self, vendor: Vendor) -> None:
-        """Start every request a free slot allows from the vendor's ready list, top the list up from the store, then
-        start what the new jobs allow.
+        """Start every request a free slot allows from the vendor's ready list, and have it topped up from the store.
 
         Jobs are leased a few slots' worth ahead and wait in memory for a slot of their tenant; one that waits
         longer than a third of its lease is handed back, so a lease never runs out while its job merely waits.
-        Starting what is ready before leasing keeps the slots busy while the store answers (leasing first left
-        every slot idle for as long as SQLite's write lock was held by another process).
+        The lease runs in a task of its own (one per vendor at a time), so requests that end meanwhile are replaced
+        at once: a dispatcher that waited for its lease left its slots idle for as long as the store took to
+        answer (SQLite's write lock held by another process, say).
         """
         slug, now = vendor.slug, self.clock()
         pause = max(self.breakers[slug].open_until, self.paused_until[slug])
-        free = self.config.vendor_concurrency - len(self._inflight[slug])
-        if pause > now or free <= 0:
+        if pause > now or self.config.vendor_concurrency - len(self._inflight[slug]) <= 0:
             await self._idle(slug, min(pause - now, IDLE_POLL) if pause > now else IDLE_POLL)
             return
-        self._start_ready(vendor)
+        started = self._start_ready(vendor)
+        top_up = self._top_ups.get(slug)
+        if (top_up is None or top_up.done()) and now >= self._top_up_after[slug]:
+            self._top_ups[slug] = asyncio.create_task(self._top_up(vendor), name=f"top-up-{slug}")
+        ready = self._ready[slug]
+        stale_before = now - self.config.lease_seconds / 3
+        stale = [job for at, job in ready if at < stale_before]
+        if stale:
+            self._ready[slug] = [(at, job) for at, job in ready if at >= stale_before]
+            await self.store.release(stale, due_at=now)
+        if not started:  # nothing ready, or every ready job waits for its tenant: until a request or a lease ends
+            await self._idle(slug, IDLE_POLL)
+
+    async def _top_up(self, vendor: Vendor) -> None:
+        """Lease what the vendor's free slots will want next (or, when every ready job waits for its tenant, look
+        past them for other tenants' jobs), then wake the dispatcher."""
+        slug = vendor.slug
+        try:
+            if await self._lease_more(vendor):
+                self._wake[slug].set()
+        except Exception:
+            log.exception("dispatcher error", extra={"vendor": slug})
+            self._top_up_after[slug] = self.clock() + 1.0
+            self._wake[slug].set()
+
+    async def _lease_more(self, vendor: Vendor) -> bool:
+        slug, now = vendor.slug, self.clock()
         ready = self._ready[slug]
         batch_size = vendor.batch.max_size if vendor.batch else 1
         tenants = len({job.tenant for _, job in ready}) or 1
         share = max(READY_PER_TENANT * self._tenant_limit(tenants) * batch_size, READY_MIN)
         dispatchable = self._dispatchable(slug)
         probing = False
-        wanted = min(2 * free * batch_size, READY_MAX - len(ready), share) - dispatchable
+        wanted = min(READY_MAX - len(ready), share) - dispatchable  # the list kept at the tenants' share
         if ready and dispatchable == 0:
             # Every ready job waits for its tenant while slots are free. Leasing more of the same would only churn;
             # at most once a second, when the counters show other tenants queued, look past the backlog for their
@@ -158,29 +185,22 @@ class Deliverer:
                 if others and now - probe.at >= probe.every:
                     probe.at, probing = now, True
                     wanted = min(PROBE_SIZE * batch_size, READY_MAX - len(ready))
-        if wanted > 0:
-            leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds)
-            ready.extend((now, job) for job in leased)
-            if probing:
-                # A look that found only the blocked tenants' jobs (the others' are not due: retries waiting for
-                # their time, say) is repeated less and less often, up to PROBE_MAX_SECONDS apart.
-                found = any(job.tenant not in blocked for job in leased)
-                probe.every = PROBE_SECONDS if found else min(probe.every * 2, PROBE_MAX_SECONDS)
-            excess = self._beyond_tenant_share(slug, share)
-            if excess:
-                # One tenant's backlog must not fill the list. With other tenants waiting, its excess goes back to
-                # the store behind theirs; alone, it goes back as due as it was.
-                alone = len({job.tenant for _, job in self._ready[slug]}) <= 1
-                await self.store.release(excess, due_at=now if alone else now + TENANT_BACKOFF)
-        started = self._start_ready(vendor)
-        ready = self._ready[slug]
-        stale_before = now - self.config.lease_seconds / 3
-        stale = [job for at, job in ready if at < stale_before]
-        if stale:
-            self._ready[slug] = [(at, job) for at, job in ready if at >= stale_before]
-            await self.store.release(stale, due_at=now)
-        if not started:  # nothing ready, or every ready job waits for its tenant: until a request ends
-            await self._idle(slug, IDLE_POLL)
+        if wanted <= 0 or self._stopping:
+            return False
+        leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds)
+        self._ready[slug].extend((now, job) for job in leased)
+        if probing:
+            # A look that found only the blocked tenants' jobs (the others' are not due: retries waiting for their
+            # time, say) is repeated less and less often, up to PROBE_MAX_SECONDS apart.
+            found = any(job.tenant not in blocked for job in leased)
+            probe.every = PROBE_SECONDS if found else min(probe.every * 2, PROBE_MAX_SECONDS)
+        excess = self._beyond_tenant_share(slug, share)
+        if excess:
+            # One tenant's backlog must not fill the list. With other tenants waiting, its excess goes back to the
+            # store behind theirs; alone, it goes back as due as it was.
+            alone = len({job.tenant for _, job in self._ready[slug]}) <= 1
+            await self.store.release(excess, due_at=now if alone else now + TENANT_BACKOFF)
+        return bool(leased)
 
     def _start_ready(self, vendor: Vendor) -> int:
         """Start the requests that the vendor's free slots and each tenant's limit allow from its ready list."""
