@@ -6,7 +6,6 @@ import asyncio
 import logging
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -227,8 +226,11 @@ def _message_id(document: dict[str, Any]) -> str:
 
 def _count(routing: Routing) -> None:
     """Metrics for an event taken on (not for duplicates or dry runs)."""
-    for vendor, queued in Counter(t.vendor for t in routing.targets).items():
-        metrics.labelled(metrics.POSTBACKS, vendor, "queued").inc(queued)
+    queued: dict[str, int] = {}  # a plain dict: collections.Counter costs several µs to build per event
+    for target in routing.targets:
+        queued[target.vendor] = queued.get(target.vendor, 0) + 1
+    for vendor, count in queued.items():
+        metrics.labelled(metrics.POSTBACKS, vendor, "queued").inc(count)
     for skip in routing.skips:
         metrics.labelled(metrics.POSTBACKS, skip.vendor, "skipped").inc()
         metrics.labelled(metrics.SKIPS, skip.vendor, skip.code).inc()
