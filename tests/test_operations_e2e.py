@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from app.store.sqlite import PRIORITY_SLOTS
 from app.version import VERSION
 from tests.support import (
     ROOT,
@@ -73,6 +74,9 @@ def test_delivery_processes_yield_the_cpu_to_the_http_process(make_server: type[
     delivery = [pid for pid in children if command(pid)[3] == "deliver"]
     http = [pid for pid in children if command(pid)[3] == "serve-http"]
     assert len(delivery) == 2 and len(http) == 1
+    # Each delivery process has its own byte at SQLite's write lock, after the HTTP processes' (their turns).
+    slots = sorted(int(args[args.index("--slot") + 1]) for args in map(command, delivery))
+    assert slots == [PRIORITY_SLOTS, PRIORITY_SLOTS + 1]
     ours = os.nice(0)
     assert niceness(service.proc.pid) == ours
     assert niceness(http[0]) == ours  # answering Segment keeps its priority in every HTTP process
