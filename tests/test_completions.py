@@ -48,8 +48,10 @@ async def test_jobs_answered_meanwhile_share_one_write_per_status() -> None:
     store.gate.clear()  # the first write waits: what is answered meanwhile goes in the next one
     done = completions_on(store)
     done.start()
-    await done.add([job(1)], 200)
+    first = job(1)
+    await done.add([first], 200)
     await asyncio.sleep(0.01)
+    assert done.holds(first)  # being written
     for n in range(2, 6):
         await done.add([job(n)], 200 if n != 5 else 204)
     store.gate.set()
@@ -90,9 +92,12 @@ async def test_a_full_list_makes_the_next_finished_request_wait_for_the_store() 
     await done.add([job(1)], 200)
     await asyncio.sleep(0.01)  # job 1 is being written, and the store does not answer
     await done.add([job(2), job(3)], 200)
-    waiting = asyncio.create_task(done.add([job(4)], 200))
+    fourth = job(4)
+    waiting = asyncio.create_task(done.add([fourth], 200))
     await asyncio.sleep(0.05)
     assert not waiting.done()  # the list is full: the request that finished waits for the store
+    # What a shutdown that cancels this request must not hand back: it is answered, and will be recorded.
+    assert done.holds(fourth) and not done.holds(job(4))
     store.gate.set()
     await asyncio.wait_for(waiting, 5)
     await done.stop()

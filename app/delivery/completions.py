@@ -31,6 +31,7 @@ class Completions:
     def __init__(self, store: Store, clock: Callable[[], float], limit: int) -> None:
         self.store, self.clock, self.limit = store, clock, limit
         self._pending: list[tuple[Job, int | None]] = []
+        self._writing: list[tuple[Job, int | None]] = []  # the batch being written now
         self._wake = asyncio.Event()
         self._written = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -50,6 +51,10 @@ class Completions:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def holds(self, job: Job) -> bool:
+        """The job is waiting here (or being written) to be recorded as delivered."""
+        return any(held is job for held, _ in (*self._writing, *self._pending))
+
     async def stop(self) -> None:
         """Write what is left (one last try if the store fails; those jobs are sent again after their lease)."""
         self._stopping = True
@@ -66,9 +71,11 @@ class Completions:
                 self._wake.clear()
                 continue
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            self._writing = batch
             try:
                 unwritten = await self._write(batch)
             finally:
+                self._writing = []
                 self._written.set()
             if not unwritten:
                 continue

@@ -294,9 +294,11 @@ class Deliverer:
         try:
             await self._attempt(vendor, jobs)
         except asyncio.CancelledError:
-            # Shutdown while sending: hand the jobs back without counting an attempt.
+            # Shutdown while sending: hand the jobs back without counting an attempt (not those already answered
+            # and waiting to be recorded as delivered).
+            unanswered = [job for job in jobs if not self.completions.holds(job)]
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.release(jobs, due_at=self.clock()))
+                await asyncio.shield(self.store.release(unanswered, due_at=self.clock()))
             raise
         except Exception:
             # Most likely the store failed to record the outcome. Hand the jobs back if it can; if not, their
