@@ -59,6 +59,7 @@ GIVE_WAY_SECONDS = 0.05  # how long a delivery process lets the HTTP processes g
 TURN_SECONDS = 0.02  # how long an HTTP process lets another waiting HTTP process have its turn, at most
 PRIORITY_SLOTS = 64  # HTTP processes that can share one database file (each says it waits in its own byte)
 DELIVERY_SLOTS = 64  # ... and delivery processes, in the bytes after those
+CHUNK = 500  # rows per statement where lease and complete name many rows at once
 HOUSEKEEPING_BATCH = 2000  # expired idempotency records deleted per call (the monitor calls it every second)
 
 SCHEMA = """
@@ -383,23 +384,36 @@ class SQLiteStore:
             return gone
         return await self._identity_writer.call(op)
 
+    # Lease and complete touch their rows a statement per chunk, not per row: fewer SQLite steps while the write lock
+    # is held (the writer thread gives up the GIL at every step, and the HTTP processes wait for the lock).
+
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
         def op(c: sqlite3.Connection) -> list[Job]:
             rows = c.execute(_JOB_SELECT + " WHERE j.vendor = ? AND j.dead = 0 AND j.due_at <= ?"
                              " ORDER BY j.due_at LIMIT ?", (vendor, now, limit)).fetchall()
-            c.executemany("UPDATE jobs SET leased = 1, due_at = ? WHERE id = ?",
-                          [(now + lease_seconds, r[0]) for r in rows])
+            for ids in _chunks([r[0] for r in rows]):
+                c.execute(f"UPDATE jobs SET leased = 1, due_at = ? WHERE id IN ({_marks(len(ids))})",  # noqa: S608
+                          (now + lease_seconds, *ids))
             return [_job(r) for r in rows]
         return await self._call(op)
 
     async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:
         def op(c: sqlite3.Connection) -> None:
-            done = [j for j in jobs if c.execute("DELETE FROM jobs WHERE id = ?", (int(j.id),)).rowcount]
-            c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, 'delivered', ?, '', ?, ?)",
-                          [(j.message_id, j.tenant, j.vendor, j.target, status, j.attempts + 1, now) for j in done])
-            events = [(int(j.event_id),) for j in done]
-            c.executemany("UPDATE events SET jobs_left = jobs_left - 1 WHERE id = ?", events)
-            c.executemany("DELETE FROM events WHERE id = ? AND jobs_left <= 0", set(events))
+            by_id = {int(j.id): j for j in jobs}
+            done: list[Job] = []  # those still queued (a job whose lease ran out may have been completed elsewhere)
+            for ids in _chunks(list(by_id)):
+                done += [by_id[row[0]] for row in c.execute(
+                    f"DELETE FROM jobs WHERE id IN ({_marks(len(ids))}) RETURNING id", ids)]  # noqa: S608
+            for chunk in _chunks(done, CHUNK // 8):
+                c.execute("INSERT OR REPLACE INTO outcomes VALUES "  # noqa: S608
+                          + ", ".join(["(?, ?, ?, ?, 'delivered', ?, '', ?, ?)"] * len(chunk)),
+                          [v for j in chunk for v in (j.message_id, j.tenant, j.vendor, j.target, status,
+                                                      j.attempts + 1, now)])
+            per_event = Counter(int(j.event_id) for j in done)
+            c.executemany("UPDATE events SET jobs_left = jobs_left - ? WHERE id = ?",
+                          [(count, event) for event, count in per_event.items()])
+            for ids in _chunks(list(per_event)):
+                c.execute(f"DELETE FROM events WHERE id IN ({_marks(len(ids))}) AND jobs_left <= 0", ids)  # noqa: S608
             c.executemany(_BUMP, _leaving(done))
         await self._call(op)
 
@@ -554,6 +568,13 @@ def _connect(path: Path, *, durable: bool, prepare: Callable[[sqlite3.Connection
     prepare(conn)
     conn.execute("PRAGMA busy_timeout=0")  # from here on, _begin() waits for the lock
     return conn
+
+
+def _chunks(items: Sequence[T], size: int = 0) -> Iterable[Sequence[T]]:
+    """The items in slices of at most `size` (CHUNK by default): parameters per statement stay well under SQLite's
+    limit."""
+    size = size or CHUNK
+    return (items[start:start + size] for start in range(0, len(items), size))
 
 
 def _marks(count: int) -> str:
