@@ -337,8 +337,13 @@ class SQLiteStore:
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
                      ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
         size = len(payload)
-        bumps = [(f"pending:{v}", n) for v, n in Counter(j.vendor for j in jobs).items()]
-        bumps += [(f"bytes:{tenant}", size * len(jobs)), (f"bytes:{ALL_TENANTS}", size * len(jobs))]
+        pending: dict[str, int] = {}
+        for job in jobs:
+            pending[f"pending:{job.vendor}"] = pending.get(f"pending:{job.vendor}", 0) + 1
+        bumps = [*pending.items(), (f"bytes:{tenant}", size * len(jobs)), (f"bytes:{ALL_TENANTS}", size * len(jobs))]
+        # One statement per table: the writer thread gives up the GIL at every SQLite step, while others wait for
+        # the write lock.
+        job_rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs))
 
         def op(c: sqlite3.Connection) -> bool:
             # Inserted, or replaced an expired record: new. An unexpired record: a duplicate (no row changed).
@@ -349,11 +354,11 @@ class SQLiteStore:
             if fresh and jobs:
                 event_id = c.execute("INSERT INTO events (tenant, message_id, payload, jobs_left) VALUES (?, ?, ?, ?)",
                                      (tenant, message_id, payload, len(jobs))).lastrowid
-                c.executemany("INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size,"
-                              " created_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                              [(event_id, j.vendor, j.target, tenant, j.event_name, j.batch_key, size, now, now)
-                               for j in jobs])
-                c.executemany(_BUMP, bumps)
+                c.execute("INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size,"  # noqa: S608
+                          " created_at, due_at) VALUES " + job_rows,
+                          [v for j in jobs for v in (event_id, j.vendor, j.target, tenant, j.event_name, j.batch_key,
+                                                     size, now, now)])
+                _bump(c, bumps)
                 c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, '', 'skipped', NULL, ?, 0, ?)",
                               [(message_id, tenant, vendor, reason, now) for vendor, reason in skips])
             return bool(fresh)
@@ -414,7 +419,7 @@ class SQLiteStore:
                           [(count, event) for event, count in per_event.items()])
             for ids in _chunks(list(per_event)):
                 c.execute(f"DELETE FROM events WHERE id IN ({_marks(len(ids))}) AND jobs_left <= 0", ids)  # noqa: S608
-            c.executemany(_BUMP, _leaving(done))
+            _bump(c, _leaving(done))
         await self._call(op)
 
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None:
@@ -568,6 +573,14 @@ def _connect(path: Path, *, durable: bool, prepare: Callable[[sqlite3.Connection
     prepare(conn)
     conn.execute("PRAGMA busy_timeout=0")  # from here on, _begin() waits for the lock
     return conn
+
+
+def _bump(c: sqlite3.Connection, bumps: Sequence[tuple[str, int]]) -> None:
+    """Counter changes in one statement."""
+    if bumps:
+        c.execute("INSERT INTO counters VALUES " + ", ".join(["(?, ?)"] * len(bumps))  # noqa: S608
+                  + " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                  [v for bump in bumps for v in bump])
 
 
 def _chunks(items: Sequence[T], size: int = 0) -> Iterable[Sequence[T]]:
