@@ -341,6 +341,11 @@ class IdentityBook:
                       for key, (context, expires_at) in batch.items()]
         try:
             await self.store.remember(identities)
+        except asyncio.CancelledError:
+            # close() stopped the timer's flush while it wrote: the batch goes back, and close() writes it.
+            for key, value in batch.items():
+                self._pending.setdefault(key, value)
+            raise
         except Exception:
             for key, value in batch.items():
                 self._pending.setdefault(key, value)
