@@ -341,14 +341,11 @@ class IdentityBook:
                       for key, (context, expires_at) in batch.items()]
         try:
             await self.store.remember(identities)
-        except asyncio.CancelledError:
-            # close() stopped the timer's flush while it wrote: the batch goes back, and close() writes it.
-            for key, value in batch.items():
+        except BaseException as exc:
+            for key, value in batch.items():  # back for the next try
                 self._pending.setdefault(key, value)
-            raise
-        except Exception:
-            for key, value in batch.items():
-                self._pending.setdefault(key, value)
+            if not isinstance(exc, Exception):  # close() cancelled the timer's write: close() writes it
+                raise
             excess = len(self._pending) - MAX_PENDING
             for key in list(self._pending)[:max(0, excess)]:  # bounded memory while the store is away
                 del self._pending[key]

@@ -134,7 +134,7 @@ class Deliverer:
         """
         slug, now = vendor.slug, self.clock()
         pause = max(self.breakers[slug].open_until, self.paused_until[slug])
-        if pause > now or self.config.vendor_concurrency - len(self._inflight[slug]) <= 0:
+        if pause > now or self._free(slug) <= 0:
             await self._idle(slug, min(pause - now, IDLE_POLL) if pause > now else IDLE_POLL)
             return
         started = self._start_ready(vendor)
@@ -151,8 +151,8 @@ class Deliverer:
             await self._idle(slug, IDLE_POLL)
 
     async def _top_up(self, vendor: Vendor) -> None:
-        """Lease what the vendor's free slots will want next (or, when every ready job waits for its tenant, look
-        past them for other tenants' jobs), then wake the dispatcher."""
+        """Lease enough to keep the vendor's ready list at its tenants' share (or, when every ready job waits for its
+        tenant, look past them for other tenants' jobs), then wake the dispatcher."""
         slug = vendor.slug
         try:
             if await self._lease_more(vendor):
@@ -202,11 +202,14 @@ class Deliverer:
             await self.store.release(excess, due_at=now if alone else now + TENANT_BACKOFF)
         return bool(leased)
 
+    def _free(self, slug: str) -> int:
+        """The vendor's connection slots not in use."""
+        return self.config.vendor_concurrency - len(self._inflight[slug])
+
     def _start_ready(self, vendor: Vendor) -> int:
         """Start the requests that the vendor's free slots and each tenant's limit allow from its ready list."""
         slug = vendor.slug
-        ready = self._ready[slug]
-        free = self.config.vendor_concurrency - len(self._inflight[slug])
+        ready, free = self._ready[slug], self._free(slug)
         if not ready or free <= 0:
             return 0
         requests, waiting = self._plan(vendor, [job for _, job in ready], free)

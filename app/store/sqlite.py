@@ -99,7 +99,6 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message_id, j.event_name, j.batch_key,"
                " e.payload, j.attempts, j.created_at, j.size FROM jobs j JOIN events e ON e.id = j.event_id")
-_BUMP = "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
 
 
 class _Stop:
@@ -385,7 +384,7 @@ class SQLiteStore:
         def op(c: sqlite3.Connection) -> int:
             gone = sum(c.execute("DELETE FROM identities WHERE key = ?", (bytes.fromhex(key),)).rowcount
                        for key in set(keys))
-            c.execute(_BUMP, ("identities", -gone))
+            _bump(c, [("identities", -gone)])
             return gone
         return await self._identity_writer.call(op)
 
@@ -437,7 +436,7 @@ class SQLiteStore:
                 "UPDATE jobs SET leased = 0, dead = 1, attempts = ?, last_status = ?, last_body = ?, died_at = ?"
                 " WHERE id = ? AND dead = 0", (job.attempts + 1, status, body, now, int(job.id))).rowcount
             if moved:
-                c.executemany(_BUMP, [*_leaving([job]), (f"dead:{job.vendor}", 1)])
+                _bump(c, [*_leaving([job]), (f"dead:{job.vendor}", 1)])
         await self._call(op)
 
     async def dead_letters(self, vendor: str | None = None, limit: int = 100) -> list[DeadLetter]:
@@ -463,7 +462,7 @@ class SQLiteStore:
             for _, vendor, tenant, size in rows:
                 bumps.update({f"pending:{vendor}": 1, f"dead:{vendor}": -1, f"bytes:{tenant}": size,
                               f"bytes:{ALL_TENANTS}": size})
-            c.executemany(_BUMP, bumps.items())
+            _bump(c, list(bumps.items()))
             return len(rows)
         return await self._call(op)
 
@@ -544,7 +543,7 @@ class SQLiteStore:
             evicted = c.execute("DELETE FROM identities WHERE id IN (SELECT id FROM identities ORDER BY expires_at"
                                 " LIMIT ?)", (excess,)).rowcount if excess else 0
             if expired or evicted:
-                c.execute(_BUMP, ("identities", -expired - evicted))
+                _bump(c, [("identities", -expired - evicted)])
         await self._identity_writer.call(expire_identities)
 
         def op(c: sqlite3.Connection) -> None:
@@ -576,17 +575,15 @@ def _connect(path: Path, *, durable: bool, prepare: Callable[[sqlite3.Connection
 
 
 def _bump(c: sqlite3.Connection, bumps: Sequence[tuple[str, int]]) -> None:
-    """Counter changes in one statement."""
+    """Counter changes (name, amount to add), in one statement."""
     if bumps:
         c.execute("INSERT INTO counters VALUES " + ", ".join(["(?, ?)"] * len(bumps))  # noqa: S608
                   + " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
                   [v for bump in bumps for v in bump])
 
 
-def _chunks(items: Sequence[T], size: int = 0) -> Iterable[Sequence[T]]:
-    """The items in slices of at most `size` (CHUNK by default): parameters per statement stay well under SQLite's
-    limit."""
-    size = size or CHUNK
+def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
+    """The items in slices of at most `size`: parameters per statement stay well under SQLite's limit."""
     return (items[start:start + size] for start in range(0, len(items), size))
 
 
@@ -608,7 +605,7 @@ def _remember(c: sqlite3.Connection, identities: Sequence[Identity]) -> None:
                   " SET record = excluded.record, expires_at = excluded.expires_at",
                   [(key, i.record, i.expires_at) for key, i in latest.items()])
     if len(keys) > known:
-        c.execute(_BUMP, ("identities", len(keys) - known))
+        _bump(c, [("identities", len(keys) - known)])
 
 
 def _leaving(jobs: Iterable[Job]) -> list[tuple[str, int]]:
