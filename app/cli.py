@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 from cryptography.exceptions import InvalidTag
 
-from app.config import DEFAULT_STORE, Config, ConfigError, default_identity_cache_seconds, vendor_urls
+from app.config import (
+    DEFAULT_STORE,
+    MAX_HTTP_PROCESSES,
+    Config,
+    ConfigError,
+    default_identity_cache_seconds,
+    vendor_urls,
+)
 from app.crypto import KeyHasher, Sealer
 from app.errors import ContractError
 from app.event import parse_event
@@ -91,7 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     serve_http.add_argument("--parent-pid", type=int, default=None, help="serve's pid: this process dies with it")
     serve_http.add_argument("--ssl-certfile", default=None, metavar="FILE", help="certificate chain (PEM)")
     serve_http.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="its private key (PEM)")
+    serve_http.add_argument("--accept-writer", default=None, metavar="SOCKET",
+                            help="the accept writer's socket (SQLite): accepted events are stored by it")
     serve_http.set_defaults(run=cmd_serve_http)
+
+    writer = sub.add_parser("accept-writer", help="store the events that serve's HTTP processes accept, in one "
+                                                  "process (SQLite; serve starts it itself)")
+    writer.add_argument("--socket", required=True, help="the Unix socket the HTTP processes send accepts to")
+    writer.add_argument("--slot", type=int, required=True, help="this process's slot at SQLite's write lock")
+    writer.add_argument("--parent-pid", type=int, default=None, help="serve's pid: this process dies with it")
+    writer.set_defaults(run=cmd_accept_writer)
 
     deliver = sub.add_parser("deliver", help="run only the delivery side on the configured store (serve starts "
                                              "it for you; run it yourself to deliver from a shared Redis)")
@@ -276,7 +292,8 @@ def cmd_serve_http(args: argparse.Namespace) -> int:
             raise ConfigError(f"{name} {fd} is not an open file descriptor: serve-http is started by serve, which "
                               f"passes it") from None
     config = _with_http_processes(Config.from_env(), args.http_processes)
-    link = WorkerLink(slot=args.slot, health_fd=args.health_fd, wake_fd=args.wake_fd, wake_count=args.wake_count)
+    link = WorkerLink(slot=args.slot, health_fd=args.health_fd, wake_fd=args.wake_fd, wake_count=args.wake_count,
+                      accept_writer=args.accept_writer)
     app = create_app(config, link)
     tls = (args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile and args.ssl_keyfile else None
     server = _http_server(config, app, host=args.host, port=args.port, tls=tls)
@@ -302,8 +319,8 @@ def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
 
 def _with_http_processes(config: Config, count: int) -> Config:
     """The configuration with --http-processes applied (the identity cache's default depends on it)."""
-    if not 1 <= count <= 64:
-        raise ConfigError("--http-processes must be between 1 and 64")
+    if not 1 <= count <= MAX_HTTP_PROCESSES:
+        raise ConfigError(f"--http-processes must be between 1 and {MAX_HTTP_PROCESSES}")
     config = dataclasses.replace(config, http_processes=count)
     if not os.environ.get("SEGRELAY_IDENTITY_CACHE_SECONDS"):
         config = dataclasses.replace(config, identity_cache_seconds=default_identity_cache_seconds(
@@ -387,6 +404,19 @@ def cmd_stub(args: argparse.Namespace) -> int:
           f"arrived at http://{args.host}:{args.port}/_stub/requests", file=sys.stderr, flush=True)
     run(args.host, args.port)
     return 0
+
+
+def cmd_accept_writer(args: argparse.Namespace) -> int:
+    from app.log import configure
+    from app.process import die_with_parent
+    from app.store import accept_writer
+
+    die_with_parent(args.parent_pid)
+    config = Config.from_env()
+    configure(config.log_level)
+    if config.sqlite_path is None:
+        raise ConfigError("accept-writer stores accepts in SQLite: SEGRELAY_STORE must be a sqlite:/// URL")
+    return accept_writer.serve(str(config.sqlite_path), args.socket, slot=args.slot)
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:

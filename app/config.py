@@ -12,6 +12,8 @@ from typing import TypeVar
 from handlers import VENDORS
 
 DEFAULT_STORE = "sqlite:///./var/segrelay.db"
+# SQLite's priority file has 64 bytes for the processes that store accepts: the HTTP processes and the accept writer.
+MAX_HTTP_PROCESSES = 63
 
 
 class ConfigError(Exception):
@@ -55,6 +57,7 @@ class Config:
     identity_ttl_days: float = 30.0
     max_identities: int = 1_000_000
     identity_cache_seconds: float = 5.0
+    accept_writer: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -101,6 +104,7 @@ class Config:
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
             identity_ttl_days=_float(env, "SEGRELAY_IDENTITY_TTL_DAYS", 30.0, minimum=0.0001),
             max_identities=_int(env, "SEGRELAY_MAX_IDENTITIES", 1_000_000),
+            accept_writer=_bool(env, "SEGRELAY_ACCEPT_WRITER", True),
             identity_cache_seconds=_float(env, "SEGRELAY_IDENTITY_CACHE_SECONDS",
                                           default_identity_cache_seconds(store, http_processes), minimum=0),
         )
@@ -111,8 +115,8 @@ class Config:
             raise ConfigError("SEGRELAY_TENANT_QUEUE_SHARE must be a fraction of the queue, at most 1")
         if config.max_inflight_bytes < config.max_body_bytes:
             raise ConfigError("SEGRELAY_MAX_INFLIGHT_BYTES must be at least SEGRELAY_MAX_BODY_BYTES")
-        if config.http_processes > 64:
-            raise ConfigError("SEGRELAY_HTTP_PROCESSES must be between 1 and 64")
+        if config.http_processes > MAX_HTTP_PROCESSES:
+            raise ConfigError(f"SEGRELAY_HTTP_PROCESSES must be between 1 and {MAX_HTTP_PROCESSES}")
         if config.delivery_processes > 64:
             raise ConfigError("SEGRELAY_DELIVERY_PROCESSES must be between 0 and 64")
         if config.delivery_nice > 19:

@@ -29,7 +29,7 @@ from app.endpoint import BodyBudget, SegmentEndpoint, request_id_of
 from app.ingest import Backpressure, Ingest
 from app.log import request_id
 from app.store import ALL_TENANTS, Store, check_durability, open_store
-from app.supervisor import DeliveryProcesses, HttpProcesses, SharedFlag, Waker, WorkerLink
+from app.supervisor import AcceptWriterProcess, DeliveryProcesses, HttpProcesses, SharedFlag, Waker, WorkerLink
 from handlers import VENDORS
 
 log = logging.getLogger("segrelay.server")
@@ -89,8 +89,12 @@ class Service:
 
     def __init__(self, config: Config, link: WorkerLink | None = None) -> None:
         self.config, self.link = config, link
+        # On SQLite the primary starts the accept writer, which stores what every HTTP process accepts.
+        self.accept_writer = (AcceptWriterProcess(config.drain_seconds + 10)
+                              if link is None and config.sqlite_path is not None and config.accept_writer else None)
+        writer_socket = self.accept_writer.socket if self.accept_writer else link.accept_writer if link else None
         self.store: Store = open_store(config.store, consumer=uuid.uuid4().hex[:12],
-                                       slot=link.slot if link else 0)
+                                       slot=link.slot if link else 0, accept_writer=writer_socket)
         self.sealer = Sealer(config.secret)
         self.backpressure = Backpressure(config)
         self.inline: DeliveryService | None = None
@@ -123,6 +127,9 @@ class Service:
     async def start(self) -> None:
         if self.primary:
             log.info("store", extra={"store": _shown_store(self.config)})
+        if self.accept_writer is not None:
+            self.accept_writer.start()
+            await self.accept_writer.ready()
         await check_durability(self.store, allow_unsafe=self.config.redis_unsafe)
         if self.primary and self.config.delivery:
             # Before any delivery process runs: leases of a crashed predecessor become due now.
@@ -137,7 +144,8 @@ class Service:
         if self.primary and self.config.http_processes > 1 and self.address is not None:
             self.http = HttpProcesses(self.config.http_processes - 1, self.config.drain_seconds + 10,
                                       address=self.address, health=self.health, delivery=self.children,
-                                      tls=self.tls)
+                                      tls=self.tls,
+                                      accept_writer=self.accept_writer.socket if self.accept_writer else None)
             self.http.start()
         self._tasks.append(asyncio.create_task(self._monitor(), name="monitor"))
 
@@ -147,7 +155,8 @@ class Service:
         if not self.primary:
             return self.health.get()
         return ((self.children is None or self.children.healthy)
-                and (self.http is None or self.http.healthy))
+                and (self.http is None or self.http.healthy)
+                and (self.accept_writer is None or self.accept_writer.healthy))
 
     def terminate_http_children(self) -> None:
         """Pass a SIGTERM on to the other HTTP processes at once, so that they all start draining together."""
@@ -167,6 +176,8 @@ class Service:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.accept_writer is not None:  # last: every HTTP process has answered its last request
+            clean = await self.accept_writer.stop() and clean
         await self.ingest.identities.close()
         await self.store.close()
         self.health.close()

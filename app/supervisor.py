@@ -9,6 +9,9 @@ starts two kinds of children, all on the same store:
   that every process answers `/readyz` alike.
 - `SEGRELAY_DELIVERY_PROCESSES` delivery processes (`segrelay deliver`). A pipe wakes them when any HTTP process
   accepted an event (no polling delay).
+- On SQLite, the accept writer (`segrelay accept-writer`, app/store/accept_writer.py): the one process that stores
+  what every HTTP process accepts, on a Unix socket in a private temporary directory. It starts first and stops
+  last, once every HTTP process has answered its last request.
 
 A child that dies is started again, SIGTERM drains them, each child dies with the primary (a kill -9 of `serve`
 leaves nothing behind), and readiness is false while a child is missing.
@@ -21,6 +24,7 @@ import contextlib
 import logging
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +32,8 @@ import tempfile
 from dataclasses import dataclass
 
 from app.store.sqlite import PRIORITY_SLOTS
+
+ACCEPT_WRITER_SLOT = PRIORITY_SLOTS - 1  # after the HTTP processes' slots (SEGRELAY_HTTP_PROCESSES <= 63)
 
 log = logging.getLogger("segrelay.supervisor")
 RESTART_DELAY = 1.0
@@ -81,12 +87,14 @@ class SharedFlag:
 @dataclass(frozen=True, slots=True)
 class WorkerLink:
     """What an HTTP child gets from the primary: its slot at SQLite's write lock, the pipe that wakes the delivery
-    processes (None when there are none) and the flag that says whether the whole group is healthy."""
+    processes (None when there are none), the flag that says whether the whole group is healthy and the accept
+    writer's socket (None: it stores its accepts itself)."""
 
     slot: int
     health_fd: int
     wake_fd: int | None = None
     wake_count: int = 0
+    accept_writer: str | None = None  # the accept writer's socket (SQLite)
 
 
 class _Children:
@@ -190,9 +198,11 @@ class HttpProcesses(_Children):
     kind = "http"
 
     def __init__(self, count: int, stop_timeout: float, *, address: tuple[str, int], health: SharedFlag,
-                 delivery: DeliveryProcesses | None, tls: tuple[str, str] | None) -> None:
+                 delivery: DeliveryProcesses | None, tls: tuple[str, str] | None,
+                 accept_writer: str | None = None) -> None:
         super().__init__(count, stop_timeout)
         self.address, self.health, self.delivery, self.tls = address, health, delivery, tls
+        self.accept_writer = accept_writer
 
     def _command(self, index: int) -> tuple[list[str], tuple[int, ...]]:
         args = ["serve-http", "--host", self.address[0], "--port", str(self.address[1]), "--slot", str(index + 1),
@@ -203,4 +213,66 @@ class HttpProcesses(_Children):
             fds.append(self.delivery.wake_fd)
         if self.tls is not None:
             args += ["--ssl-certfile", self.tls[0], "--ssl-keyfile", self.tls[1]]
+        if self.accept_writer is not None:
+            args += ["--accept-writer", self.accept_writer]
         return args, tuple(fds)
+
+
+class AcceptWriterProcess(_Children):
+    """The accept writer (SQLite): one process, listening on `socket` in a private directory of its own."""
+
+    kind = "accept writer"
+
+    def __init__(self, stop_timeout: float) -> None:
+        super().__init__(1, stop_timeout)
+        self.directory = tempfile.mkdtemp(prefix="segrelay-")  # mode 0700: only this user reaches the socket
+        self.socket = os.path.join(self.directory, "accept-writer.sock")
+        self.listening = False
+        self._waiting: asyncio.Task[None] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """Running and listening: a replacement still starting up cannot store anything yet."""
+        return self.listening and super().healthy
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        proc = super()._spawn(index)
+        self.listening = False
+        self._waiting = asyncio.get_running_loop().create_task(self._until_listening())
+        return proc
+
+    async def _until_listening(self) -> None:
+        try:
+            await self.ready()
+        except RuntimeError as exc:  # it exited: the supervisor starts another
+            log.error(str(exc))
+
+    def _command(self, index: int) -> tuple[list[str], tuple[int, ...]]:
+        return ["accept-writer", "--socket", self.socket, "--slot", str(ACCEPT_WRITER_SLOT)], ()
+
+    async def ready(self, timeout: float = 30.0) -> None:
+        """Wait until it answers on its socket (it creates or migrates the schema first)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                _, writer = await asyncio.open_unix_connection(self.socket)
+            except OSError:
+                if self.procs[0].poll() is not None:
+                    raise RuntimeError(f"the accept writer exited with {self.procs[0].returncode} at start-up"
+                                       ) from None
+                if loop.time() > deadline:
+                    raise RuntimeError(f"the accept writer did not listen on {self.socket} within {timeout:.0f} s"
+                                       ) from None
+                await asyncio.sleep(0.05)
+            else:
+                writer.close()
+                self.listening = True
+                return
+
+    async def stop(self) -> bool:
+        if self._waiting is not None:
+            self._waiting.cancel()
+        clean = await super().stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return clean

@@ -28,13 +28,15 @@ from tests.support import (  # noqa: E402
     settings_header,
 )
 
-__all__ = ["ALL_VENDORS", "SECRET", "RedisServer", "VendorStub", "basic", "child_pids", "free_port", "settings_header"]
+__all__ = ["ALL_VENDORS", "SECRET", "RedisServer", "VendorStub", "basic", "child_pids", "command", "free_port",
+           "settings_header"]
 
 
 def http_and_delivery_pids(pid: int) -> tuple[list[int], list[int]]:
-    """`segrelay serve`'s HTTP processes (itself and its serve-http children) and its delivery processes."""
+    """`segrelay serve`'s accept side (itself, its serve-http children and, on SQLite, the accept writer that stores
+    what they accept) and its delivery processes."""
     children = child_pids(pid)
-    return ([pid, *(c for c in children if command(c)[3] == "serve-http")],
+    return ([pid, *(c for c in children if command(c)[3] in ("serve-http", "accept-writer"))],
             [c for c in children if command(c)[3] == "deliver"])
 
 WRK_SCRIPT = """

@@ -5,8 +5,8 @@ data stream, Tracify, Audiohook). wrk posts for --seconds, then the benchmark wa
 reached the stand-in for every postback. Printed, from one run:
   accepted/s, p50/p99 (wrk), time from the start of the load to the last delivery, sustained events/s
   (accepted / that time), lost and duplicate postbacks (counted by the stand-in, by order id), server CPU per
-  event (HTTP process and delivery processes, from /proc), and the bare Starlette accept rate (same uvicorn, same
-  body, same wrk) as the reference.
+  event (the accept side: HTTP processes and, on SQLite, the accept writer; and the delivery processes, from
+  /proc), and the bare Starlette accept rate (same uvicorn, same body, same wrk) as the reference.
 
     python bench/e2e.py [--store sqlite|redis|both] [--seconds 10] [--connections 32] [--prefill N]
 
@@ -33,6 +33,7 @@ from common import (
     SECRET,
     RedisServer,
     basic,
+    command,
     cpu_seconds,
     free_port,
     http_and_delivery_pids,
@@ -153,7 +154,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
             "non_2xx": load["non_2xx"], "load_s": args.seconds, "last_delivery_after_s": round(drained, 2),
             "sustained_events_per_s": round(accepted / drained, 1), "lost": max(0, expected - distinct),
             "duplicates": sent - distinct,
-            "http_processes": len(http_pids),
+            "http_processes": sum(1 for p in http_pids if command(p)[3] != "accept-writer"),
             "http_cpu_us_per_event": round(sum(cpu_load[p] for p in http_pids) / max(accepted, 1) * 1e6, 1),
             "delivery_cpu_us_per_event": round(sum(cpu_all[p] for p in delivery_pids) / max(accepted, 1) * 1e6, 1),
         }

@@ -8,7 +8,7 @@ postbacks), identity stitching, encryption, durable group commit. Every request 
 `--visitors unique` each also comes from a new visitor (unique userId and anonymousId: for stitching the costly case,
 every look-up misses the store and both ids are written), with `--visitors returning` from a pool of 2,000
 visitors whose events come again and again. `--stitching both` measures the setting on and off side by side;
-server CPU per request from /proc, summed over segrelay's HTTP processes.
+server CPU per request from /proc, summed over segrelay's HTTP processes and, on SQLite, its accept writer.
 
     python bench/ingest.py [--store sqlite|redis|both] [--stitching on|off|both] [--visitors unique|returning]
                            [--rounds N] [--seconds 10] [--connections 32] [--fixture F] [--http-processes N]

@@ -76,7 +76,7 @@ def test_configuration_errors_are_reported_not_raised(tmp_path: Path) -> None:
     result = segrelay("serve", "--delivery-processes", "65", cwd=tmp_path, env={"SEGRELAY_SECRET": SECRET})
     assert result.returncode == 2 and "--delivery-processes must be between 0 and 64" in result.stderr
     result = segrelay("serve", "--http-processes", "0", cwd=tmp_path, env={"SEGRELAY_SECRET": SECRET})
-    assert result.returncode == 2 and "--http-processes must be between 1 and 64" in result.stderr
+    assert result.returncode == 2 and "--http-processes must be between 1 and 63" in result.stderr
     result = segrelay("serve-http", "--host", "127.0.0.1", "--port", "1", "--slot", "1", "--health-fd", "999",
                       "--http-processes", "2", cwd=tmp_path, env={"SEGRELAY_SECRET": SECRET})
     assert result.returncode == 2 and "serve-http is started by serve" in result.stderr

@@ -97,14 +97,14 @@ def test_kill_9_under_load_loses_nothing(fresh_stub: VendorStub, make_server: ty
     fresh_stub.script("/segmentstream", [], default={"status": 204, "delay": 0.2})
     vendor_slots = 16
     # Concurrency limits hold per delivery process: one, so the in-flight bound below is exact. Two HTTP
-    # processes: the one killed and the one it started, which must die with it.
+    # processes: the one killed and the one it started, which must die with it, as must its accept writer.
     service = make_server({"SEGRELAY_VENDOR_CONCURRENCY": str(vendor_slots), "SEGRELAY_DELIVERY_PROCESSES": "1",
                            "SEGRELAY_TENANT_CONCURRENCY": str(vendor_slots), "SEGRELAY_HTTP_PROCESSES": "2"}).start()
     load = Load(service, total=600).start()
     assert wait_until(lambda: len(load.accepted) >= 300, 60)
     assert service.proc is not None
     children = child_pids(service.proc.pid)
-    assert sorted(command(pid)[3] for pid in children) == ["deliver", "serve-http"]
+    assert sorted(command(pid)[3] for pid in children) == ["accept-writer", "deliver", "serve-http"]
     service.kill()
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 10)  # died with serve
     load.join()

@@ -97,3 +97,41 @@ def test_with_delivery_inside_the_primary_the_childs_events_are_delivered_too(fr
                 if line["logger"] == "segrelay.access" and line.get("message_id") in sent}) == 2
     assert wait_until(lambda: hit_ids(sent) <= set(delivered_message_ids(fresh_stub)), 20)
     assert service.terminate() == 0
+
+
+def test_the_accept_writer_stores_for_every_http_process_and_a_dead_one_is_replaced(
+        fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    """On SQLite one process stores what every HTTP process accepts. Killed, accepts answer 503 (Segment retries),
+    never 500, readiness is false, and serve starts another; nothing it answered 202 for is lost."""
+    service = make_server({"SEGRELAY_HTTP_PROCESSES": "2", "SEGRELAY_DELIVERY_PROCESSES": "1"}).start()
+    assert service.proc is not None
+    assert wait_until(lambda: len(started_http_processes(service)) == 2, 20)
+    [writer] = [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "accept-writer"]
+
+    os.kill(writer, signal.SIGKILL)
+    answers: dict[str, httpx.Response] = {}
+
+    def post_one() -> httpx.Response:
+        message_id = f"gone-{uuid.uuid4()}"
+        answers[message_id] = service.post({**fixture("order_completed.json"), "messageId": message_id}, SS_ONLY)
+        return answers[message_id]
+    assert wait_until(lambda: post_one().status_code == 503, 10, interval=0.02)
+    refused = [answer for answer in answers.values() if answer.status_code == 503]
+    assert refused[0].json()["message"] == "Storage is temporarily unavailable; retry later"
+    assert refused[0].headers["retry-after"] == "5"
+    assert all(answer.status_code in (202, 503) for answer in answers.values())
+    assert wait_until(lambda: httpx.get(service.url + "/readyz", timeout=5).status_code == 503, 5, interval=0.02)
+
+    def writers() -> list[int]:
+        assert service.proc is not None
+        return [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "accept-writer"]
+    assert wait_until(lambda: len(writers()) == 1 and writers() != [writer], 20)
+    assert wait_until(lambda: httpx.get(service.url + "/readyz", timeout=5).status_code == 200, 20)
+    accepted = {f"back-{uuid.uuid4()}" for _ in range(20)}
+    for message_id in accepted:
+        answer = service.post({**fixture("order_completed.json"), "messageId": message_id}, SS_ONLY)
+        assert answer.status_code == 202, answer.text
+    accepted |= {message_id for message_id, answer in answers.items() if answer.status_code == 202}
+    assert wait_until(lambda: hit_ids(accepted) <= set(delivered_message_ids(fresh_stub)), 30)
+    assert "accept writer process exited; starting another" in service.logs()
+    assert service.terminate() == 0

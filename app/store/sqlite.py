@@ -48,6 +48,7 @@ from app.store import (
     StoreUnavailableError,
     VendorStats,
 )
+from app.store.accept_writer import AcceptWriterClient
 from handlers import VENDORS
 
 T = TypeVar("T")
@@ -105,17 +106,86 @@ class _Stop:
     pass
 
 
+class Committer:
+    """One connection's transactions: a group of operations in one transaction, each alone if the group fails.
+
+    Used by a `_Writer`'s thread, and by the accept writer process (app/store/accept_writer.py) on its own."""
+
+    def __init__(self, conn: sqlite3.Connection, *, priority: WriterPriority | None = None,
+                 urgent: bool = False) -> None:
+        self.conn, self.priority, self.urgent = conn, priority, urgent
+        self.commits = 0  # transactions committed (group commit makes this much smaller than operations)
+
+    def run(self, group: Sequence[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list[Any]:
+        """Run the group (operations, each with a token) in one transaction; if it fails, redo each operation in
+        its own transaction. Returns (token, value, error) per operation.
+
+        A caller learns success only once its transaction has committed: results are collected first and handed
+        out after COMMIT returns. A failed COMMIT (a full disk, an I/O error) fails every operation in it.
+        """
+        conn = self.conn
+        try:
+            self._begin(conn)
+            values = [fn(conn) for fn, _ in group]
+            conn.execute("COMMIT")
+            self.commits += 1
+            return [(token, value, None) for (_, token), value in zip(group, values, strict=True)]
+        except Exception as exc:
+            _rollback(conn)
+            if len(group) == 1:
+                return [(group[0][1], None, _error(exc))]
+        results: list[tuple[Any, Any, StoreError | None]] = []
+        for fn, token in group:
+            try:
+                self._begin(conn)
+                value = fn(conn)
+                conn.execute("COMMIT")
+                self.commits += 1
+            except Exception as exc:
+                _rollback(conn)
+                results.append((token, None, _error(exc)))
+            else:
+                results.append((token, value, None))
+        return results
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE. A delivery writer first gives way to the HTTP processes; any writer lets another waiting
+        one of its kind have its turn, then says it is waiting while it waits (see WriterPriority)."""
+        priority = self.priority
+        if priority is None:
+            _begin(conn)
+            return
+        if not self.urgent:
+            _give_way(priority.wanted, GIVE_WAY_SECONDS)
+        _give_way(priority.others_waiting, TURN_SECONDS)
+        try:
+            _begin(conn, on_wait=lambda: priority.want(True))
+        finally:
+            priority.want(False)
+
+
 class _Writer:
     """One connection and the one thread that uses it: operations queue up and commit in groups."""
 
     def __init__(self, conn: sqlite3.Connection, *, name: str, max_group: int,
                  priority: WriterPriority | None = None, urgent: bool = False) -> None:
-        self.conn, self.max_group = conn, max_group
-        self.priority, self.urgent = priority, urgent
+        self.max_group = max_group
+        self.committer = Committer(conn, priority=priority, urgent=urgent)
         self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-        self.commits = 0  # transactions committed (group commit makes this much smaller than operations)
+
+    @property
+    def commits(self) -> int:
+        return self.committer.commits
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.committer.conn
+
+    @conn.setter
+    def conn(self, conn: sqlite3.Connection) -> None:
+        self.committer.conn = conn
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._thread.is_alive():
@@ -144,7 +214,7 @@ class _Writer:
                     self._ops.put(nxt)
                     break
                 group.append(nxt)
-            results = self._commit_group(self.conn, group)
+            results = self.committer.run(group)
             by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
             for entry in results:
                 by_loop.setdefault(entry[0].get_loop(), []).append(entry)
@@ -152,51 +222,6 @@ class _Writer:
                 with contextlib.suppress(RuntimeError):  # the loop closed while we worked
                     loop.call_soon_threadsafe(_resolve, entries)
         self.conn.close()
-
-    def _commit_group(self, conn: sqlite3.Connection, group: list[Any]) -> list[Any]:
-        """Run the group in one transaction; if it fails, redo each operation in its own transaction.
-
-        A caller learns success only once its transaction has committed: results are collected first and handed
-        out after COMMIT returns. A failed COMMIT (a full disk, an I/O error) fails every operation in it.
-        """
-        try:
-            self._begin(conn)
-            values = [fn(conn) for fn, _ in group]
-            conn.execute("COMMIT")
-            self.commits += 1
-            return [(fut, value, None) for (_, fut), value in zip(group, values, strict=True)]
-        except Exception as exc:
-            _rollback(conn)
-            if len(group) == 1:
-                return [(group[0][1], None, _error(exc))]
-        results: list[tuple[Any, Any, StoreError | None]] = []
-        for fn, fut in group:
-            try:
-                self._begin(conn)
-                value = fn(conn)
-                conn.execute("COMMIT")
-                self.commits += 1
-            except Exception as exc:
-                _rollback(conn)
-                results.append((fut, None, _error(exc)))
-            else:
-                results.append((fut, value, None))
-        return results
-
-    def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE. A delivery writer first gives way to the HTTP processes; any writer lets another waiting
-        one of its kind have its turn, then says it is waiting while it waits (see WriterPriority)."""
-        priority = self.priority
-        if priority is None:
-            _begin(conn)
-            return
-        if not self.urgent:
-            _give_way(priority.wanted, GIVE_WAY_SECONDS)
-        _give_way(priority.others_waiting, TURN_SECONDS)
-        try:
-            _begin(conn, on_wait=lambda: priority.want(True))
-        finally:
-            priority.want(False)
 
 
 class WriterPriority:
@@ -245,9 +270,12 @@ class WriterPriority:
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, durable: bool = True, slot: int | None = None) -> None:
+    def __init__(self, path: str, *, durable: bool = True, slot: int | None = None,
+                 accept_writer: str | None = None) -> None:
         """`slot`: this process's byte in the priority file; by default 0 for a durable store (the HTTP side), and
-        one of the delivery slots picked by process id for an undurable one (serve gives its children theirs)."""
+        one of the delivery slots picked by process id for an undurable one (serve gives its children theirs).
+        `accept_writer`: the socket of the accept writer process that stores accepted events for every HTTP process
+        of `serve` (app/store/accept_writer.py); None: this process stores them on its own writer thread."""
         if slot is None:
             slot = 0 if durable else PRIORITY_SLOTS + os.getpid() % DELIVERY_SLOTS
         self.path = Path(path)
@@ -268,6 +296,7 @@ class SQLiteStore:
                      mmap=False),
             name="sqlite-identities", max_group=MAX_GROUP)
         self._readers = threading.local()  # one read-only connection per thread that recalls identities
+        self._accepts = AcceptWriterClient(accept_writer) if accept_writer else None
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
@@ -291,6 +320,11 @@ class SQLiteStore:
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._writer.call(fn)
 
+    def accept_committer(self) -> Committer:
+        """A connection of its own for the accept writer process, with this store's turn at the write lock."""
+        return Committer(_connect(self.path, durable=True, prepare=lambda c: None), priority=self.priority,
+                         urgent=True)
+
     @property
     def commits(self) -> int:
         return self._writer.commits
@@ -304,6 +338,8 @@ class SQLiteStore:
         return []  # WAL with synchronous=FULL on the HTTP process: set here, not by the operator
 
     async def close(self) -> None:
+        if self._accepts is not None:
+            self._accepts.close()
         reader = getattr(self._readers, "conn", None)
         if reader is not None:
             reader.close()
@@ -335,33 +371,10 @@ class SQLiteStore:
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
                      ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
-        size = len(payload)
-        pending: dict[str, int] = {}
-        for job in jobs:
-            pending[f"pending:{job.vendor}"] = pending.get(f"pending:{job.vendor}", 0) + 1
-        bumps = [*pending.items(), (f"bytes:{tenant}", size * len(jobs)), (f"bytes:{ALL_TENANTS}", size * len(jobs))]
-        # One statement per table: the writer thread gives up the GIL at every SQLite step, while others wait for
-        # the write lock.
-        job_rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs))
-
-        def op(c: sqlite3.Connection) -> bool:
-            # Inserted, or replaced an expired record: new. An unexpired record: a duplicate (no row changed).
-            fresh = c.execute(
-                "INSERT INTO seen VALUES (?, ?, ?) ON CONFLICT (tenant, message_id) DO UPDATE"
-                " SET expires_at = excluded.expires_at WHERE seen.expires_at <= ?",
-                (tenant, message_id, now + ttl, now)).rowcount
-            if fresh and jobs:
-                event_id = c.execute("INSERT INTO events (tenant, message_id, payload, jobs_left) VALUES (?, ?, ?, ?)",
-                                     (tenant, message_id, payload, len(jobs))).lastrowid
-                c.execute("INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size,"  # noqa: S608
-                          " created_at, due_at) VALUES " + job_rows,
-                          [v for j in jobs for v in (event_id, j.vendor, j.target, tenant, j.event_name, j.batch_key,
-                                                     size, now, now)])
-                _bump(c, bumps)
-                c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, '', 'skipped', NULL, ?, 0, ?)",
-                              [(message_id, tenant, vendor, reason, now) for vendor, reason in skips])
-            return bool(fresh)
-        return await self._call(op)
+        rows = [(j.vendor, j.target, j.event_name, j.batch_key) for j in jobs]
+        if self._accepts is not None:  # the accept writer process (app/store/accept_writer.py)
+            return bool(await self._accepts.call((tenant, message_id, payload, rows, now, ttl, list(skips))))
+        return await self._call(lambda c: accept_op(c, tenant, message_id, payload, rows, now, ttl, skips))
 
     def _read_identities(self, sql: str, args: Sequence[Any]) -> list[Any]:
         """A read of the identities file on this thread's reader; a failure is a store error (503), never a 500."""
@@ -572,6 +585,37 @@ def _connect(path: Path, *, durable: bool, prepare: Callable[[sqlite3.Connection
     prepare(conn)
     conn.execute("PRAGMA busy_timeout=0")  # from here on, _begin() waits for the lock
     return conn
+
+
+def accept_op(c: sqlite3.Connection, tenant: str, message_id: str, payload: bytes,
+              jobs: Sequence[tuple[str, str, str, str]], now: float, ttl: float,
+              skips: Sequence[tuple[str, str]]) -> bool:
+    """Store one accepted event in the open transaction: its idempotency record, the event, its jobs (vendor,
+    target, event name, batch key), its counters and its skips. False when the messageId was seen within the ttl.
+
+    One statement per table: the writer gives up the GIL at every SQLite step, while others wait for the lock."""
+    # Inserted, or replaced an expired record: new. An unexpired record: a duplicate (no row changed).
+    fresh = c.execute(
+        "INSERT INTO seen VALUES (?, ?, ?) ON CONFLICT (tenant, message_id) DO UPDATE"
+        " SET expires_at = excluded.expires_at WHERE seen.expires_at <= ?",
+        (tenant, message_id, now + ttl, now)).rowcount
+    if fresh and jobs:
+        size = len(payload)
+        event_id = c.execute("INSERT INTO events (tenant, message_id, payload, jobs_left) VALUES (?, ?, ?, ?)",
+                             (tenant, message_id, payload, len(jobs))).lastrowid
+        c.execute("INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size,"  # noqa: S608
+                  " created_at, due_at) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs)),
+                  [v for vendor, target, name, batch in jobs
+                   for v in (event_id, vendor, target, tenant, name, batch, size, now, now)])
+        pending: dict[str, int] = {}
+        for job in jobs:
+            counter = f"pending:{job[0]}"
+            pending[counter] = pending.get(counter, 0) + 1
+        queued = size * len(jobs)
+        _bump(c, [*pending.items(), (f"bytes:{tenant}", queued), (f"bytes:{ALL_TENANTS}", queued)])
+        c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, '', 'skipped', NULL, ?, 0, ?)",
+                      [(message_id, tenant, vendor, reason, now) for vendor, reason in skips])
+    return bool(fresh)
 
 
 def _bump(c: sqlite3.Connection, bumps: Sequence[tuple[str, int]]) -> None:

@@ -1,0 +1,296 @@
+"""The accept writer: one process that stores the events every HTTP process of `serve` accepts (SQLite).
+
+Measured (`bench/ingest.py`, the accept path alone): with each HTTP process storing its own events on a writer
+thread, an HTTP process spent about 120 µs of CPU per event on the store, where SQLite's own work is about 27 µs,
+and neither core was busy. The writer thread and the event loop traded Python's GIL at every SQLite step, and the
+HTTP processes took turns at SQLite's write lock, each committing only its own events.
+
+Here the HTTP processes send each accept (a few hundred bytes, `marshal`) over a Unix socket to this process,
+which has no event loop and no other thread: it reads whatever has arrived from all of them, stores it in one
+transaction (`app/store/sqlite.py`'s `accept_op`, the same statements), commits (one fsync for every HTTP process),
+and answers each request. A caller learns its event is stored only after COMMIT returns, as before.
+
+Frames both ways: a 4-byte little-endian length, then a marshalled tuple.
+- request: (request id, tenant, message id, payload, jobs as (vendor, target, event name, batch key), now, ttl,
+  skips as (vendor, reason))
+- answer: (request id, fresh, "") or (request id, None, "unavailable: <why>" | "error: <why>")
+
+If this process is gone (crashed, restarting), an accept is a 503 (`StoreUnavailableError`): Segment retries, and
+a retry of an event that was in fact stored is answered as a duplicate. `serve` restarts it within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import marshal
+import os
+import selectors
+import signal
+import socket
+import struct
+from pathlib import Path
+from typing import Any, cast
+
+from app.store import StoreError, StoreUnavailableError
+
+log = logging.getLogger("segrelay.store")
+_LENGTH = struct.Struct("<I")
+MAX_FRAME = 16 * 1024 * 1024  # far above any accept (an event is at most 32 KB): a longer frame is a broken peer
+MAX_GROUP = 512  # accepts per transaction
+MAX_SOCKET_PATH = 100  # bytes: the limit of a Unix socket's path is 108 on Linux
+
+
+def frame(value: Any) -> bytes:
+    data = marshal.dumps(value)
+    return _LENGTH.pack(len(data)) + data
+
+
+def frames(buffer: bytearray) -> list[Any]:
+    """The complete frames at the start of the buffer, removed from it."""
+    found, start, end = [], 0, len(buffer)
+    while end - start >= 4:
+        (length,) = _LENGTH.unpack_from(buffer, start)
+        if length > MAX_FRAME:
+            raise ValueError(f"a frame of {length} bytes")
+        if end - start - 4 < length:
+            break
+        # Only our own processes reach the socket (a directory private to this user): marshal is safe here.
+        found.append(marshal.loads(buffer[start + 4:start + 4 + length]))  # noqa: S302
+        start += 4 + length
+    del buffer[:start]
+    return found
+
+
+class AcceptWriterClient(asyncio.Protocol):
+    """An HTTP process's connection to the accept writer: requests of one event loop turn leave in one write,
+    answers resolve their callers' futures. Connects on first use and again after the connection is lost."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._transport: asyncio.Transport | None = None
+        self._connecting: asyncio.Future[None] | None = None
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._outgoing: list[bytes] = []
+        self._incoming = bytearray()
+        self._next_id = 0
+
+    async def call(self, request: tuple[Any, ...]) -> Any:
+        if self._transport is None:
+            await self._connect()
+        loop = asyncio.get_running_loop()
+        request_id = self._next_id = self._next_id + 1
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting[request_id] = future
+        self._outgoing.append(frame((request_id, *request)))
+        if len(self._outgoing) == 1:
+            loop.call_soon(self._flush)
+        try:
+            return await future
+        finally:
+            self._waiting.pop(request_id, None)  # also when the caller gave up (its deadline)
+
+    async def _connect(self) -> None:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        try:
+            await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+
+    async def _open(self) -> None:
+        try:
+            await asyncio.get_running_loop().create_unix_connection(lambda: self, self.path)
+        except OSError as exc:
+            raise StoreUnavailableError(f"sqlite: the accept writer process is not answering ({exc.strerror or exc})"
+                                        ) from None
+
+    def _flush(self) -> None:
+        data, self._outgoing = b"".join(self._outgoing), []
+        if self._transport is not None and data:
+            self._transport.write(data)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        self._incoming += data
+        try:
+            answers = frames(self._incoming)
+        except ValueError:
+            log.error("the accept writer sent a malformed answer; reconnecting")
+            if self._transport is not None:
+                self._transport.close()
+            return
+        for request_id, value, problem in answers:
+            future = self._waiting.get(request_id)
+            if future is None or future.done():
+                continue
+            if not problem:
+                future.set_result(value)
+            elif problem.startswith("unavailable: "):
+                future.set_exception(StoreUnavailableError(problem.removeprefix("unavailable: ")))
+            else:
+                future.set_exception(StoreError(problem.removeprefix("error: ")))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._incoming.clear()
+        self._outgoing.clear()
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():  # stored or not: unknown. A 503; Segment's retry is answered as a duplicate if so
+                future.set_exception(StoreUnavailableError("sqlite: the accept writer process went away"))
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class _Peer:
+    __slots__ = ("incoming", "outgoing", "sock", "watching_writes")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.incoming, self.outgoing = sock, bytearray(), bytearray()
+        self.watching_writes = False
+
+
+def listening_socket(path: str) -> socket.socket:
+    """The writer's socket, readable by this user only (the directory is private too)."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise StoreError(f"the accept writer's socket path is too long for a Unix socket: {path}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(256)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(database: str, path: str, *, slot: int) -> int:
+    """Run the accept writer until SIGTERM: store what arrives, in groups, answer each request."""
+    from app.store.sqlite import SQLiteStore
+
+    # The store itself creates or migrates the schema and prepares the priority file; its writer threads stay idle.
+    store = SQLiteStore(database, durable=True, slot=slot)
+    committer = store.accept_committer()
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    listener = listening_socket(path)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, None)
+    peers: dict[socket.socket, _Peer] = {}
+    requests: list[tuple[_Peer, Any]] = []
+    log.info("accept writer ready", extra={"socket": path})
+    while not stopping or requests:
+        for key, mask in selector.select(timeout=0 if requests else 0.5):
+            if key.data is None:
+                _accept_peers(listener, selector, peers)
+                continue
+            peer: _Peer = key.data
+            if mask & selectors.EVENT_WRITE:
+                _send(peer, selector, peers)
+            if mask & selectors.EVENT_READ:
+                _receive(peer, selector, peers, requests)
+        if requests:
+            group, requests = requests[:MAX_GROUP], requests[MAX_GROUP:]
+            _store(committer, group, selector, peers)
+    listener.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    for peer in list(peers.values()):
+        _drop(peer, selector, peers)
+    selector.close()
+    asyncio.run(store.close())
+    log.info("accept writer stopped", extra={"transactions": committer.commits})
+    return 0
+
+
+def _accept_peers(listener: socket.socket, selector: selectors.BaseSelector, peers: dict[socket.socket, _Peer]) -> None:
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        peer = peers[sock] = _Peer(sock)
+        selector.register(sock, selectors.EVENT_READ, peer)
+
+
+def _receive(peer: _Peer, selector: selectors.BaseSelector, peers: dict[socket.socket, _Peer],
+             requests: list[tuple[_Peer, Any]]) -> None:
+    try:
+        data = peer.sock.recv(1 << 20)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        data = b""
+    if not data:
+        _drop(peer, selector, peers)
+        return
+    peer.incoming += data
+    try:
+        requests.extend((peer, request) for request in frames(peer.incoming))
+    except (ValueError, EOFError, TypeError):
+        log.error("malformed request on the accept writer's socket; connection closed")
+        _drop(peer, selector, peers)
+
+
+def _store(committer: Any, group: list[tuple[_Peer, Any]], selector: selectors.BaseSelector,
+           peers: dict[socket.socket, _Peer]) -> None:
+    from app.store.sqlite import accept_op
+
+    operations = [(_operation(accept_op, request), (peer, request[0])) for peer, request in group]
+    touched: dict[socket.socket, _Peer] = {}
+    for (peer, request_id), value, error in committer.run(operations):
+        if peer.sock not in peers:
+            continue  # it went away: its caller got a 503 and Segment retries (a duplicate if this committed)
+        problem = "" if error is None else (
+            f"unavailable: {error}" if isinstance(error, StoreUnavailableError) else f"error: {error}")
+        peer.outgoing += frame((request_id, value, problem))
+        touched[peer.sock] = peer
+    for peer in touched.values():
+        _send(peer, selector, peers)
+
+
+def _operation(accept_op: Any, request: tuple[Any, ...]) -> Any:
+    _, tenant, message_id, payload, jobs, now, ttl, skips = request
+    return lambda c: accept_op(c, tenant, message_id, payload, jobs, now, ttl, skips)
+
+
+def _send(peer: _Peer, selector: selectors.BaseSelector, peers: dict[socket.socket, _Peer]) -> None:
+    try:
+        sent = peer.sock.send(peer.outgoing)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        _drop(peer, selector, peers)
+        return
+    del peer.outgoing[:sent]
+    if bool(peer.outgoing) != peer.watching_writes:  # a full socket buffer: send the rest when it has room
+        peer.watching_writes = bool(peer.outgoing)
+        selector.modify(peer.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outgoing else 0), peer)
+
+
+def _drop(peer: _Peer, selector: selectors.BaseSelector, peers: dict[socket.socket, _Peer]) -> None:
+    peers.pop(peer.sock, None)
+    with contextlib.suppress(KeyError, ValueError):
+        selector.unregister(peer.sock)
+    peer.sock.close()
+
+
+def socket_path(directory: Path) -> str:
+    return str(directory / "accept-writer.sock")

@@ -1,0 +1,133 @@
+"""The accept writer (app/store/accept_writer.py) as a real process on a real SQLite file: stores what several
+HTTP processes' stores send it, exactly once, answers a duplicate as one, and a caller whose writer is gone gets a
+StoreUnavailableError (a 503), then is served again by the next writer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.store import NewJob, StoreUnavailableError
+from app.store.accept_writer import MAX_FRAME, frame, frames
+from app.store.sqlite import SQLiteStore
+from app.supervisor import ACCEPT_WRITER_SLOT
+from tests.support import SECRET, wait_until
+
+JOBS = [NewJob("segmentstream", "track", "Order Completed", ""), NewJob("audiohook", "pixel", "Order Completed", "")]
+
+
+class Writer:
+    def __init__(self, tmp: Path) -> None:
+        self.database = tmp / "queue.db"
+        self.socket = str(tmp / "w.sock")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Writer:
+        env = {**os.environ, "SEGRELAY_STORE": f"sqlite:///{self.database}", "SEGRELAY_SECRET": SECRET}
+        with (self.database.parent / "writer.log").open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "app", "accept-writer", "--socket", self.socket,
+                                          "--slot", str(ACCEPT_WRITER_SLOT)], env=env, stderr=log)
+        assert wait_until(self.listening, 15)
+        return self
+
+    def listening(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(self.socket)
+            except OSError:
+                return False
+            return True
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(15)
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> Iterator[Writer]:
+    started = Writer(tmp_path).start()
+    yield started
+    if started.proc is not None and started.proc.poll() is None:
+        started.stop(signal.SIGKILL)
+
+
+def http_store(writer: Writer, slot: int) -> SQLiteStore:
+    """What an HTTP process of serve opens: its own store, with the accept writer's socket."""
+    return SQLiteStore(str(writer.database), slot=slot, accept_writer=writer.socket)
+
+
+async def test_accepts_from_two_http_processes_are_stored_once_each(writer: Writer) -> None:
+    first, second = http_store(writer, 0), http_store(writer, 1)
+    try:
+        now = time.time()
+        ids = [f"m-{i}" for i in range(300)]
+        answers = await asyncio.gather(
+            *(store.accept("acme", message_id, b"x" * 100, JOBS, now=now, ttl=3600)
+              for message_id in ids for store in (first, second)))
+        assert sorted(answers) == [False] * 300 + [True] * 300  # each id: one store first, the other a duplicate
+        counts = await first.counts()
+        assert counts.pending == {"segmentstream": 300, "audiohook": 300}
+        assert counts.queued_bytes["acme"] == 300 * 2 * 100
+        leased = await second.lease("audiohook", now=now + 1, limit=1000, lease_seconds=60)
+        assert sorted(job.message_id for job in leased) == sorted(ids)
+        assert await first.accept("acme", "m-0", b"x", JOBS, now=now + 2, ttl=3600) is False  # still a duplicate
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_skip_is_recorded_with_its_reason(writer: Writer) -> None:
+    store = http_store(writer, 0)
+    try:
+        fresh = await store.accept("acme", "skipped-1", b"x", JOBS[:1], now=time.time(), ttl=3600,
+                                   skips=[("tracify", "no tracifyApiToken")])
+        assert fresh is True
+        trace = await store.trace("skipped-1", "acme")
+        assert {(o.vendor, o.state, o.detail) for o in trace if o.vendor == "tracify"} == {
+            ("tracify", "skipped", "no tracifyApiToken")}
+    finally:
+        await store.close()
+
+
+async def test_without_its_writer_an_accept_is_unavailable_then_served_by_the_next_one(writer: Writer) -> None:
+    store = http_store(writer, 0)
+    try:
+        assert await store.accept("acme", "before", b"x", JOBS, now=time.time(), ttl=3600) is True
+        writer.stop(signal.SIGKILL)
+        with pytest.raises(StoreUnavailableError, match="accept writer"):
+            await store.accept("acme", "while-gone", b"x", JOBS, now=time.time(), ttl=3600)
+        writer.start()
+        assert await store.accept("acme", "while-gone", b"x", JOBS, now=time.time(), ttl=3600) is True
+        assert (await store.counts()).pending == {"segmentstream": 2, "audiohook": 2}
+    finally:
+        await store.close()
+
+
+async def test_sigterm_stores_what_arrived_then_exits_cleanly(writer: Writer) -> None:
+    store = http_store(writer, 0)
+    try:
+        assert await store.accept("acme", "last", b"x", JOBS, now=time.time(), ttl=3600) is True
+        assert writer.stop() == 0
+        assert not os.path.exists(writer.socket)
+    finally:
+        await store.close()
+
+
+def test_frames_wait_for_their_last_byte_and_refuse_a_broken_length() -> None:
+    data = frame((1, "acme", b"payload")) + frame((2, None, "unavailable: disk"))
+    buffer = bytearray(data[:-3])
+    assert frames(buffer) == [(1, "acme", b"payload")]
+    buffer += data[-3:]
+    assert frames(buffer) == [(2, None, "unavailable: disk")] and buffer == bytearray()
+    with pytest.raises(ValueError, match="frame of"):
+        frames(bytearray((MAX_FRAME + 1).to_bytes(4, "little") + b"x"))
