@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                             "process)")
     serve.add_argument("--http-processes", type=int, default=None, metavar="N",
                        help="HTTP processes answering on the port, this one included (default "
-                            "SEGRELAY_HTTP_PROCESSES or one per core, up to 4)")
+                            "SEGRELAY_HTTP_PROCESSES or one per core, up to 4; one fewer on SQLite, "
+                            "whose accept writer takes a core's share)")
     serve.set_defaults(run=cmd_serve)
 
     serve_http = sub.add_parser("serve-http", help="one more HTTP process of serve on serve's port (serve starts "
