@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
     writer = sub.add_parser("accept-writer", help="store the events that serve's HTTP processes accept, in one "
                                                   "process (SQLite; serve starts it itself)")
+    writer.add_argument("--database", required=True, help="the SQLite file (serve passes its own)")
     writer.add_argument("--socket", required=True, help="the Unix socket the HTTP processes send accepts to")
     writer.add_argument("--slot", type=int, required=True, help="this process's slot at SQLite's write lock")
     writer.add_argument("--parent-pid", type=int, default=None, help="serve's pid: this process dies with it")
@@ -413,11 +414,9 @@ def cmd_accept_writer(args: argparse.Namespace) -> int:
     from app.store import accept_writer
 
     die_with_parent(args.parent_pid)
-    config = Config.from_env()
-    configure(config.log_level)
-    if config.sqlite_path is None:
-        raise ConfigError("accept-writer stores accepts in SQLite: SEGRELAY_STORE must be a sqlite:/// URL")
-    return accept_writer.serve(str(config.sqlite_path), args.socket, slot=args.slot)
+    level = os.environ.get("SEGRELAY_LOG_LEVEL", "info").lower()  # checked by serve, whose environment this is
+    configure(level if level in ("debug", "info", "warning", "error") else "info")
+    return accept_writer.serve(args.database, args.socket, slot=args.slot)
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:

@@ -90,7 +90,7 @@ class Service:
     def __init__(self, config: Config, link: WorkerLink | None = None) -> None:
         self.config, self.link = config, link
         # On SQLite the primary starts the accept writer, which stores what every HTTP process accepts.
-        self.accept_writer = (AcceptWriterProcess(config.drain_seconds + 10)
+        self.accept_writer = (AcceptWriterProcess(config.sqlite_path, config.drain_seconds + 10)
                               if link is None and config.sqlite_path is not None and config.accept_writer else None)
         writer_socket = self.accept_writer.socket if self.accept_writer else link.accept_writer if link else None
         self.store: Store = open_store(config.store, consumer=uuid.uuid4().hex[:12],

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.store.sqlite import PRIORITY_SLOTS
 
@@ -219,12 +220,14 @@ class HttpProcesses(_Children):
 
 
 class AcceptWriterProcess(_Children):
-    """The accept writer (SQLite): one process, listening on `socket` in a private directory of its own."""
+    """The accept writer (SQLite): one process, listening on `socket` in a private directory of its own, storing
+    into the primary's own database file (given by its absolute path, whatever the child's environment says)."""
 
     kind = "accept writer"
 
-    def __init__(self, stop_timeout: float) -> None:
+    def __init__(self, database: Path, stop_timeout: float) -> None:
         super().__init__(1, stop_timeout)
+        self.database = str(database.resolve())
         self.directory = tempfile.mkdtemp(prefix="segrelay-")  # mode 0700: only this user reaches the socket
         self.socket = os.path.join(self.directory, "accept-writer.sock")
         self.listening = False
@@ -248,7 +251,8 @@ class AcceptWriterProcess(_Children):
             log.error(str(exc))
 
     def _command(self, index: int) -> tuple[list[str], tuple[int, ...]]:
-        return ["accept-writer", "--socket", self.socket, "--slot", str(ACCEPT_WRITER_SLOT)], ()
+        return ["accept-writer", "--database", self.database, "--socket", self.socket,
+                "--slot", str(ACCEPT_WRITER_SLOT)], ()
 
     async def ready(self, timeout: float = 30.0) -> None:
         """Wait until it answers on its socket (it creates or migrates the schema first)."""

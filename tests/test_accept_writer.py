@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +20,8 @@ import pytest
 from app.store import NewJob, StoreUnavailableError
 from app.store.accept_writer import MAX_FRAME, frame, frames
 from app.store.sqlite import SQLiteStore
-from app.supervisor import ACCEPT_WRITER_SLOT
-from tests.support import SECRET, wait_until
+from app.supervisor import ACCEPT_WRITER_SLOT, AcceptWriterProcess
+from tests.support import wait_until
 
 JOBS = [NewJob("segmentstream", "track", "Order Completed", ""), NewJob("audiohook", "pixel", "Order Completed", "")]
 
@@ -32,10 +33,10 @@ class Writer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Writer:
-        env = {**os.environ, "SEGRELAY_STORE": f"sqlite:///{self.database}", "SEGRELAY_SECRET": SECRET}
         with (self.database.parent / "writer.log").open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "app", "accept-writer", "--socket", self.socket,
-                                          "--slot", str(ACCEPT_WRITER_SLOT)], env=env, stderr=log)
+            self.proc = subprocess.Popen([sys.executable, "-m", "app", "accept-writer", "--database",
+                                          str(self.database), "--socket", self.socket,
+                                          "--slot", str(ACCEPT_WRITER_SLOT)], stderr=log)
         assert wait_until(self.listening, 15)
         return self
 
@@ -131,3 +132,16 @@ def test_frames_wait_for_their_last_byte_and_refuse_a_broken_length() -> None:
     assert frames(buffer) == [(2, None, "unavailable: disk")] and buffer == bytearray()
     with pytest.raises(ValueError, match="frame of"):
         frames(bytearray((MAX_FRAME + 1).to_bytes(4, "little") + b"x"))
+
+
+def test_serve_gives_its_writer_its_own_database_by_absolute_path(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not whatever the child's environment says (an app built with a configuration of its own, as the benchmark
+    in bench/accept_cpu.py does, had its accepts stored in ./var/segrelay.db)."""
+    monkeypatch.chdir(tmp_path)
+    writer = AcceptWriterProcess(Path("var/queue.db"), 1)
+    try:
+        args, _ = writer._command(0)
+        assert args[args.index("--database") + 1] == str(tmp_path / "var" / "queue.db")
+    finally:
+        shutil.rmtree(writer.directory)
