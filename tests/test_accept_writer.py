@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +67,13 @@ def http_store(writer: Writer, slot: int) -> SQLiteStore:
     return SQLiteStore(str(writer.database), slot=slot, accept_writer=writer.socket)
 
 
+@pytest.fixture
+async def store(writer: Writer) -> AsyncIterator[SQLiteStore]:
+    opened = http_store(writer, 0)
+    yield opened
+    await opened.close()
+
+
 async def test_accepts_from_two_http_processes_are_stored_once_each(writer: Writer) -> None:
     first, second = http_store(writer, 0), http_store(writer, 1)
     try:
@@ -87,41 +94,30 @@ async def test_accepts_from_two_http_processes_are_stored_once_each(writer: Writ
         await second.close()
 
 
-async def test_a_skip_is_recorded_with_its_reason(writer: Writer) -> None:
-    store = http_store(writer, 0)
-    try:
-        fresh = await store.accept("acme", "skipped-1", b"x", JOBS[:1], now=time.time(), ttl=3600,
-                                   skips=[("tracify", "no tracifyApiToken")])
-        assert fresh is True
-        trace = await store.trace("skipped-1", "acme")
-        assert {(o.vendor, o.state, o.detail) for o in trace if o.vendor == "tracify"} == {
-            ("tracify", "skipped", "no tracifyApiToken")}
-    finally:
-        await store.close()
+async def test_a_skip_is_recorded_with_its_reason(store: SQLiteStore) -> None:
+    fresh = await store.accept("acme", "skipped-1", b"x", JOBS[:1], now=time.time(), ttl=3600,
+                               skips=[("tracify", "no tracifyApiToken")])
+    assert fresh is True
+    trace = await store.trace("skipped-1", "acme")
+    assert {(o.vendor, o.state, o.detail) for o in trace if o.vendor == "tracify"} == {
+        ("tracify", "skipped", "no tracifyApiToken")}
 
 
-async def test_without_its_writer_an_accept_is_unavailable_then_served_by_the_next_one(writer: Writer) -> None:
-    store = http_store(writer, 0)
-    try:
-        assert await store.accept("acme", "before", b"x", JOBS, now=time.time(), ttl=3600) is True
-        writer.stop(signal.SIGKILL)
-        with pytest.raises(StoreUnavailableError, match="accept writer"):
-            await store.accept("acme", "while-gone", b"x", JOBS, now=time.time(), ttl=3600)
-        writer.start()
-        assert await store.accept("acme", "while-gone", b"x", JOBS, now=time.time(), ttl=3600) is True
-        assert (await store.counts()).pending == {"segmentstream": 2, "audiohook": 2}
-    finally:
-        await store.close()
+async def test_without_its_writer_an_accept_is_unavailable_then_served_by_the_next_one(
+        writer: Writer, store: SQLiteStore) -> None:
+    assert await store.accept("acme", "before", b"x", JOBS, now=time.time(), ttl=3600) is True
+    writer.stop(signal.SIGKILL)
+    with pytest.raises(StoreUnavailableError, match="accept writer"):
+        await store.accept("acme", "while-gone", b"x", JOBS, now=time.time(), ttl=3600)
+    writer.start()
+    assert await store.accept("acme", "while-gone", b"x", JOBS, now=time.time(), ttl=3600) is True
+    assert (await store.counts()).pending == {"segmentstream": 2, "audiohook": 2}
 
 
-async def test_sigterm_stores_what_arrived_then_exits_cleanly(writer: Writer) -> None:
-    store = http_store(writer, 0)
-    try:
-        assert await store.accept("acme", "last", b"x", JOBS, now=time.time(), ttl=3600) is True
-        assert writer.stop() == 0
-        assert not os.path.exists(writer.socket)
-    finally:
-        await store.close()
+async def test_sigterm_stores_what_arrived_then_exits_cleanly(writer: Writer, store: SQLiteStore) -> None:
+    assert await store.accept("acme", "last", b"x", JOBS, now=time.time(), ttl=3600) is True
+    assert writer.stop() == 0
+    assert not os.path.exists(writer.socket)
 
 
 def test_frames_wait_for_their_last_byte_and_refuse_a_broken_length() -> None:

@@ -326,4 +326,7 @@ def test_an_unreachable_vendor_opens_its_circuit_and_the_others_carry_on(fresh_s
     assert wait_until(circuit_open, 20)
     assert 'segrelay_circuit_open{vendor="segmentstream"} 0.0' in httpx.get(service.url + "/metrics").text
     assert dlq(service) == []  # refused connections are retried, not dead-lettered
-    assert queue_stats(service)["audiohook"]["pending"] == 6
+    # All six kept: waiting, or being tried by a delivery process whose own circuit is not open yet (each process
+    # has its own; the gauge shows the highest).
+    audiohook = queue_stats(service)["audiohook"]
+    assert audiohook["pending"] + audiohook["leased"] == 6 and audiohook["dead"] == 0

@@ -39,11 +39,12 @@ class RecordingTransport(asyncio.Transport):
         pass
 
 
-async def exchange(app: Any, request: bytes = REQUEST) -> RecordingTransport:
+async def exchange(app: Any, request: bytes = REQUEST, transport: RecordingTransport | None = None
+                   ) -> RecordingTransport:
     config = Config(app=app, log_config=None)
     config.load()
     protocol = GuardedHttpToolsProtocol(config, ServerState(), {})
-    transport = RecordingTransport()
+    transport = transport or RecordingTransport()
     protocol.connection_made(transport)
     protocol.data_received(request)
     await asyncio.wait_for(asyncio.gather(*protocol.tasks), 5)
@@ -73,23 +74,16 @@ async def test_two_responses_on_one_connection_each_leave_in_one_write() -> None
 
 async def test_headers_are_not_held_while_the_body_is_awaited() -> None:
     seen_before_body: list[list[bytes]] = []
-    transport_box: list[RecordingTransport] = []
+    transport = RecordingTransport()
 
     async def slow_body(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await asyncio.sleep(0.02)
-        seen_before_body.append(list(transport_box[0].writes))
+        seen_before_body.append(list(transport.writes))
         await send({"type": "http.response.body", "body": b"{}"})
 
-    config = Config(app=slow_body, log_config=None)
-    config.load()
-    protocol = GuardedHttpToolsProtocol(config, ServerState(), {})
-    transport = RecordingTransport()
-    transport_box.append(transport)
-    protocol.connection_made(transport)
-    protocol.data_received(REQUEST)
-    await asyncio.wait_for(asyncio.gather(*protocol.tasks), 5)
+    await exchange(slow_body, transport=transport)
     assert len(seen_before_body[0]) == 1 and seen_before_body[0][0].startswith(b"HTTP/1.1 200 OK\r\n")
     assert transport.writes[1] == b"{}"
 
