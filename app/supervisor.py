@@ -20,6 +20,7 @@ leaves nothing behind), and readiness is false while a child is missing.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import mmap
@@ -229,6 +230,7 @@ class AcceptWriterProcess(_Children):
         super().__init__(1, stop_timeout)
         self.database = str(database.resolve())
         self.directory = tempfile.mkdtemp(prefix="segrelay-")  # mode 0700: only this user reaches the socket
+        atexit.register(shutil.rmtree, self.directory, True)  # also when the service was never started or stopped
         self.socket = os.path.join(self.directory, "accept-writer.sock")
         self.listening = False
         self._waiting: asyncio.Task[None] | None = None

@@ -30,7 +30,6 @@ import selectors
 import signal
 import socket
 import struct
-from pathlib import Path
 from typing import Any, cast
 
 from app.store import StoreError, StoreUnavailableError
@@ -214,6 +213,7 @@ def serve(database: str, path: str, *, slot: int) -> int:
     for peer in list(peers.values()):
         _drop(peer, selector, peers)
     selector.close()
+    committer.conn.close()
     asyncio.run(store.close())
     log.info("accept writer stopped", extra={"transactions": committer.commits})
     return 0
@@ -290,7 +290,3 @@ def _drop(peer: _Peer, selector: selectors.BaseSelector, peers: dict[socket.sock
     with contextlib.suppress(KeyError, ValueError):
         selector.unregister(peer.sock)
     peer.sock.close()
-
-
-def socket_path(directory: Path) -> str:
-    return str(directory / "accept-writer.sock")
