@@ -12,7 +12,7 @@ import pytest
 
 from app.auth import api_key_from_header
 from app.errors import BadRequestError, UnauthorizedError, UnsupportedTypeError
-from app.event import fold, parse_event
+from app.event import MAX_KEY_LENGTH, MAX_KEYS, fold, folded, parse_event
 from app.settings import coerce, decode_header, resolve
 from handlers._base import Setting
 from tests.support import fixture
@@ -105,3 +105,16 @@ def test_unsupported_types() -> None:
     with pytest.raises(UnsupportedTypeError, match="Unsupported call type: Screen"):
         parse({"type": "Screen", "userId": "u"})
     assert parse({"type": "TRACK", "event": "e", "userId": 5}).user_id == "5"
+
+
+def test_folded_keys_first_non_empty_wins() -> None:
+    assert folded({"orderId": "", "order_id": "N2", "OrderID": "N3"}) == {"orderid": "N2"}
+    assert folded({"order_id": None, "orderId": "N4"}) == {"orderid": "N4"}
+    assert folded({"Revenue": 10, "revenue": 20}) == {"revenue": 10}
+    assert folded(["not", "an", "object"]) == {} and folded(None) == {}
+
+
+def test_folded_bounds_what_an_object_can_cost() -> None:
+    long_key = "k" * (MAX_KEY_LENGTH + 1)  # too long to be a key we read: folds to nothing
+    assert folded({long_key: "x", "email": "a@b.co"}) == {"": "x", "email": "a@b.co"}
+    assert len(folded({f"key{i}": i for i in range(MAX_KEYS + 10)})) == MAX_KEYS  # only the first MAX_KEYS
