@@ -248,7 +248,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, delivery_processes=args.delivery_processes)
     if args.http_processes is not None:
         config = _with_http_processes(config, args.http_processes)
-    if (config.delivery and config.delivery_processes > 0) or config.http_processes > 1:
+    if ((config.delivery and config.delivery_processes > 0) or config.http_processes > 1
+            or (config.sqlite_path is not None and config.accept_writer)):
         # Several processes count into one set of metrics: prometheus_client's multiprocess mode, which must be
         # chosen before prometheus_client is first imported (app.server imports it). The children inherit it.
         metrics_dir = tempfile.mkdtemp(prefix="segrelay-metrics-")

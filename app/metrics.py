@@ -23,6 +23,11 @@ STITCHED = Counter("segrelay_stitched_fields", "Fields of accepted events filled
                    ["field"])
 VENDOR_SECONDS = Histogram("segrelay_vendor_request_duration_seconds", "Vendor request duration", ["vendor"],
                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30))
+ACCEPT_WRITER_SECONDS = Histogram("segrelay_accept_writer_transaction_seconds", "The accept writer's groups "
+                                  "(SQLite): statements, COMMIT with its fsync, and the answers, per group",
+                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+ACCEPT_WRITER_ACCEPTS = Counter("segrelay_accept_writer_accepts", "Accepts the accept writer stored or refused; "
+                                "divided by its transactions, the size of its groups")
 # Gauges: the HTTP process sets the queue figures, delivery processes the circuits; across processes the
 # highest value is the one to show (prometheus_client's multiprocess mode, used when serve runs several).
 QUEUE_DEPTH = Gauge("segrelay_queue_depth", "Postbacks waiting or being sent", ["vendor"], multiprocess_mode="max")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import uuid
 from typing import Any
@@ -132,6 +133,10 @@ def test_the_accept_writer_stores_for_every_http_process_and_a_dead_one_is_repla
         answer = service.post({**fixture("order_completed.json"), "messageId": message_id}, SS_ONLY)
         assert answer.status_code == 202, answer.text
     accepted |= {message_id for message_id, answer in answers.items() if answer.status_code == 202}
+    exported = httpx.get(service.url + "/metrics", timeout=5).text  # the writer's own figures, every process's
+    stored = re.search(r"^segrelay_accept_writer_accepts_total ([0-9.e+]+)$", exported, re.MULTILINE)
+    assert stored is not None and float(stored.group(1)) >= len(accepted), exported[-2000:]
+    assert "segrelay_accept_writer_transaction_seconds_count" in exported
     assert wait_until(lambda: hit_ids(accepted) <= set(delivered_message_ids(fresh_stub)), 30)
     assert "accept writer process exited; starting another" in service.logs()
     assert service.terminate() == 0

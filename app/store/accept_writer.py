@@ -30,6 +30,7 @@ import selectors
 import signal
 import socket
 import struct
+import time
 from typing import Any, cast
 
 from app.store import StoreError, StoreUnavailableError
@@ -175,6 +176,7 @@ def listening_socket(path: str) -> socket.socket:
 
 def serve(database: str, path: str, *, slot: int) -> int:
     """Run the accept writer until SIGTERM: store what arrives, in groups, answer each request."""
+    from app import metrics  # here: prometheus_client reads serve's multiprocess folder when first imported
     from app.store.sqlite import SQLiteStore
 
     # The store itself creates or migrates the schema and prepares the priority file; its writer threads stay idle.
@@ -206,7 +208,10 @@ def serve(database: str, path: str, *, slot: int) -> int:
                 _receive(peer, selector, peers, requests)
         if requests:
             group, requests = requests[:MAX_GROUP], requests[MAX_GROUP:]
+            started = time.perf_counter()
             _store(committer, group, selector, peers)
+            metrics.ACCEPT_WRITER_SECONDS.observe(time.perf_counter() - started)
+            metrics.ACCEPT_WRITER_ACCEPTS.inc(len(group))
     listener.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
