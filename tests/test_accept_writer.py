@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app.store import NewJob, StoreUnavailableError
+from app.store import NewJob, StoreUnavailableError, accept_writer
 from app.store.accept_writer import MAX_FRAME, frame, frames
 from app.store.sqlite import SQLiteStore
 from app.supervisor import ACCEPT_WRITER_SLOT, AcceptWriterProcess
@@ -141,3 +141,32 @@ def test_serve_gives_its_writer_its_own_database_by_absolute_path(tmp_path: Path
         assert args[args.index("--database") + 1] == str(tmp_path / "var" / "queue.db")
     finally:
         shutil.rmtree(writer.directory)
+
+
+async def test_a_writer_that_stops_reading_costs_a_bounded_backlog_then_503s(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer stuck on a disk keeps its socket open but reads nothing: the HTTP process stops queueing frames for
+    it past MAX_BACKLOG and answers 503 at once, instead of holding every timed-out accept in memory."""
+    monkeypatch.setattr(accept_writer, "MAX_BACKLOG", 256 * 1024)
+    path = str(tmp_path / "stuck.sock")
+    stuck = accept_writer.listening_socket(path)  # listens, never accepts nor reads
+    client = accept_writer.AcceptWriterClient(path)
+    calls: list[asyncio.Future[object]] = []
+
+    async def send_until_refused() -> BaseException | None:
+        for i in range(10_000):
+            calls.append(asyncio.ensure_future(client.call(("acme", f"m{i}", b"x" * 4096, [], 1.0, 60.0, []))))
+            await asyncio.sleep(0)  # the frame leaves at the end of the turn
+            if calls[-1].done():
+                return calls.pop().exception()
+        return None
+    try:
+        refused = await send_until_refused()
+        assert isinstance(refused, StoreUnavailableError) and "not keeping up" in str(refused)
+        assert 256 * 1024 // 4096 < len(calls) < 10_000  # the kernel's buffer and the backlog, no more
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        client.close()
+        stuck.close()

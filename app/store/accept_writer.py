@@ -40,6 +40,7 @@ _LENGTH = struct.Struct("<I")
 MAX_FRAME = 16 * 1024 * 1024  # far above any accept (an event is at most 32 KB): a longer frame is a broken peer
 MAX_GROUP = 512  # accepts per transaction
 MAX_SOCKET_PATH = 100  # bytes: the limit of a Unix socket's path is 108 on Linux
+MAX_BACKLOG = 16 * 1024 * 1024  # bytes an HTTP process holds for a writer that does not read: past it, 503 at once
 
 
 def frame(value: Any) -> bytes:
@@ -79,6 +80,8 @@ class AcceptWriterClient(asyncio.Protocol):
     async def call(self, request: tuple[Any, ...]) -> Any:
         if self._transport is None:
             await self._connect()
+        elif self._transport.get_write_buffer_size() > MAX_BACKLOG:  # a stalled writer (a stuck disk): bounded
+            raise StoreUnavailableError("sqlite: the accept writer is not keeping up")
         loop = asyncio.get_running_loop()
         request_id = self._next_id = self._next_id + 1
         future: asyncio.Future[Any] = loop.create_future()
