@@ -330,3 +330,20 @@ def test_an_unreachable_vendor_opens_its_circuit_and_the_others_carry_on(fresh_s
     # has its own; the gauge shows the highest).
     audiohook = queue_stats(service)["audiohook"]
     assert audiohook["pending"] + audiohook["leased"] == 6 and audiohook["dead"] == 0
+
+
+def test_a_cookie_a_vendor_sets_is_never_sent_back_with_another_postback(fresh_stub: VendorStub,
+                                                                          make_server: type[Segrelay]) -> None:
+    """One connection pool per vendor serves every tenant: a cookie set in answer to one tenant's postback must not
+    ride along with the next tenant's (vendors are reached by host name, whose cookies an HTTP client would keep)."""
+    by_name = fresh_stub.url.replace("127.0.0.1", "localhost")
+    fresh_stub.script("/segmentstream", [{"status": 204, "headers": {
+        "set-cookie": "visitor=tenant-a-secret; Path=/; Max-Age=3600"}}], default={"status": 204})
+    service = make_server({"SEGRELAY_SEGMENTSTREAM_URL": f"{by_name}/segmentstream",
+                           "SEGRELAY_DELIVERY_PROCESSES": "1"}).start()
+    assert service.post(order(), SS_ONLY).status_code == 202
+    delivered(fresh_stub, "/segmentstream/track", 1)
+    for _ in range(3):
+        assert service.post(order(), SS_ONLY).status_code == 202
+    sent = delivered(fresh_stub, "/segmentstream/track", 4)
+    assert [r for r in sent if "cookie" in {name.lower() for name in r["headers"]}] == []

@@ -59,9 +59,11 @@ class AiohttpTransport:
                                              ttl_dns_cache=300)
             timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_connect=connect_timeout,
                                             sock_read=read_timeout)
+            # No cookie jar: one session serves every tenant, and a cookie a vendor sets in answer to one tenant's
+            # postback must never ride along with another's (nor cost a jar look-up on every request).
             session = self._sessions[vendor] = aiohttp.ClientSession(
                 connector=connector, timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",),
-                trust_env=False)
+                trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
         return session
 
     async def __call__(self, vendor: str, request: OutgoingRequest) -> VendorAnswer:
