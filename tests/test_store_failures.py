@@ -44,8 +44,8 @@ def store(tmp_path: Path) -> SQLiteStore:
 
 
 def wrap(store: SQLiteStore) -> FailingCommits:
-    wrapper = FailingCommits(store._writer.conn)
-    store._writer.conn = wrapper  # type: ignore[assignment]
+    wrapper = FailingCommits(store._writer.committer.conn)
+    store._writer.committer.conn = wrapper  # type: ignore[assignment]
     return wrapper
 
 

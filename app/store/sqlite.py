@@ -179,14 +179,6 @@ class _Writer:
     def commits(self) -> int:
         return self.committer.commits
 
-    @property
-    def conn(self) -> sqlite3.Connection:
-        return self.committer.conn
-
-    @conn.setter
-    def conn(self, conn: sqlite3.Connection) -> None:
-        self.committer.conn = conn
-
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._thread.is_alive():
             raise StoreError("sqlite store is closed")
@@ -221,7 +213,7 @@ class _Writer:
             for loop, entries in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # the loop closed while we worked
                     loop.call_soon_threadsafe(_resolve, entries)
-        self.conn.close()
+        self.committer.conn.close()
 
 
 class WriterPriority:
