@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 
 from app.config import (
     DEFAULT_STORE,
+    LOG_LEVELS,
     MAX_HTTP_PROCESSES,
     Config,
     ConfigError,
@@ -416,7 +417,7 @@ def cmd_accept_writer(args: argparse.Namespace) -> int:
 
     die_with_parent(args.parent_pid)
     level = os.environ.get("SEGRELAY_LOG_LEVEL", "info").lower()  # checked by serve, whose environment this is
-    configure(level if level in ("debug", "info", "warning", "error") else "info")
+    configure(level if level in LOG_LEVELS else "info")
     return accept_writer.serve(args.database, args.socket, slot=args.slot)
 
 

@@ -14,6 +14,7 @@ from handlers import VENDORS
 DEFAULT_STORE = "sqlite:///./var/segrelay.db"
 # SQLite's priority file has 64 bytes for the processes that store accepts: the HTTP processes and the accept writer.
 MAX_HTTP_PROCESSES = 63
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
@@ -122,7 +123,7 @@ class Config:
             raise ConfigError("SEGRELAY_DELIVERY_PROCESSES must be between 0 and 64")
         if config.delivery_nice > 19:
             raise ConfigError("SEGRELAY_DELIVERY_NICE must be between 0 (the HTTP process's priority) and 19")
-        if config.log_level not in ("debug", "info", "warning", "error"):
+        if config.log_level not in LOG_LEVELS:
             raise ConfigError("SEGRELAY_LOG_LEVEL must be debug, info, warning or error")
         return config
 
