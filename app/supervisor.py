@@ -243,7 +243,8 @@ class AcceptWriterProcess(_Children):
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         proc = super()._spawn(index)
         self.listening = False
-        self._waiting = asyncio.get_running_loop().create_task(self._until_listening())
+        if self._watch is not None:  # a replacement: the first one is awaited by the service's start()
+            self._waiting = asyncio.get_running_loop().create_task(self._until_listening())
         return proc
 
     async def _until_listening(self) -> None:
