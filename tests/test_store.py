@@ -59,6 +59,19 @@ async def test_accept_is_idempotent_per_tenant_and_message(store: Store) -> None
     assert await store.accept("acme", "m1", b"sealed", [job()], now=now + 61, ttl=60)  # the window has passed
 
 
+async def test_accepts_of_one_turn_are_each_stored_as_if_alone(store: Store) -> None:
+    """Accepts made together (Redis: one script call per event loop turn; SQLite: one transaction of the accept
+    writer) answer each event on its own: the same messageId twice among them is new once, every other is new."""
+    now = time.time()
+    ids = ["t1", "t2", "t1", "t3", "t2"]
+    results = await asyncio.gather(*(store.accept("acme", m, f"p-{n}".encode(), [job()], now=now, ttl=60)
+                                     for n, m in enumerate(ids)))
+    assert results == [True, True, False, True, False]
+    assert await pending(store) == 3
+    leased = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    assert sorted(j.payload for j in leased) == [b"p-0", b"p-1", b"p-3"]
+
+
 async def test_lease_complete_and_stats(store: Store) -> None:
     now = time.time()
     await store.accept("acme", "m1", b"p1", [job()], now=now, ttl=60)

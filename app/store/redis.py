@@ -16,7 +16,8 @@ Layout (prefix `segrelay:`):
   identity:<key>        string a remembered browser context (sealed), expiring on its own
   identities            zset   identity keys by expiry time: how many there are, and which go first past the bound
 
-Accepting an event (idempotency record + event + jobs + counters) is one Lua script, so it is atomic; so are
+Accepting an event (idempotency record + event + jobs + counters) is one Lua script, so it is atomic (one call
+stores the accepts of one event loop turn, each as if alone: `TurnBatch`); so are
 completing, retrying and burying a job. Needs one Redis primary (not Cluster) with AOF persistence; see the README.
 """
 
@@ -47,6 +48,7 @@ from app.store import (
     StoreUnavailableError,
     VendorStats,
 )
+from app.store.turn_batch import TurnBatch
 from handlers import VENDORS
 
 P = "segrelay:"
@@ -56,39 +58,51 @@ IDENTITIES = P + "identities"
 HOUSEKEEPING_BATCH = 2000
 POOL_SIZE = 64  # connections per process; more concurrent calls wait for one (redis-py's own pool fails at 100)
 POOL_WAIT_SECONDS = 10.0  # a call waiting longer for a connection fails as unavailable (503)
+ACCEPT_BATCH = 64  # accepts per script call at most (those of one event loop turn)
+# KEYS: the seen key of each event. ARGV per event: its argument count, then now, ttl, number of jobs, event id,
+# tenant, messageId, sealed payload, (job id, vendor, target, event name, batch key) per job, number of skips,
+# (vendor, reason) per skip. Returns 1 (new) or 0 (a duplicate) per event, in order: each event is stored as if
+# alone, and a messageId twice in one batch is new only the first time.
 _ACCEPT = """
-local seen = redis.call('GET', KEYS[1])
-local now = tonumber(ARGV[1])
-if seen and tonumber(seen) > now then return 0 end
-redis.call('SET', KEYS[1], tostring(now + tonumber(ARGV[2])), 'PX', math.max(1, math.floor(tonumber(ARGV[2]) * 1000)))
-local n = tonumber(ARGV[3])
-if n == 0 then return 1 end
-local event_id, tenant, payload = ARGV[4], ARGV[5], ARGV[7]
-local size = string.len(payload)
-local trace = 'segrelay:trace:' .. ARGV[6]
-redis.call('HSET', 'segrelay:event:' .. event_id, 'tenant', tenant, 'message_id', ARGV[6], 'payload', payload,
-  'left', n)
-local i = 8
-for _ = 1, n do
-  local id, vendor = ARGV[i], ARGV[i + 1]
-  redis.call('HSET', 'segrelay:job:' .. id, 'event', event_id, 'vendor', vendor, 'target', ARGV[i + 2],
-    'tenant', tenant, 'event_name', ARGV[i + 3], 'batch_key', ARGV[i + 4], 'size', size, 'attempts', 0,
-    'created_at', now)
-  redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id, 'due', ARGV[1])
-  redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. vendor, 1)
-  redis.call('HSET', trace, tenant .. '|' .. vendor .. '|' .. ARGV[i + 2],
-    cjson.encode({s = 'queued', n = now}))
-  i = i + 5
+local function accept(seen_key, A)
+  local seen = redis.call('GET', seen_key)
+  local now = tonumber(A[1])
+  if seen and tonumber(seen) > now then return 0 end
+  redis.call('SET', seen_key, tostring(now + tonumber(A[2])), 'PX', math.max(1, math.floor(tonumber(A[2]) * 1000)))
+  local n = tonumber(A[3])
+  if n == 0 then return 1 end
+  local event_id, tenant, payload = A[4], A[5], A[7]
+  local size = string.len(payload)
+  local trace = 'segrelay:trace:' .. A[6]
+  redis.call('HSET', 'segrelay:event:' .. event_id, 'tenant', tenant, 'message_id', A[6], 'payload', payload,
+    'left', n)
+  local i = 8
+  for _ = 1, n do
+    local id, vendor = A[i], A[i + 1]
+    redis.call('HSET', 'segrelay:job:' .. id, 'event', event_id, 'vendor', vendor, 'target', A[i + 2],
+      'tenant', tenant, 'event_name', A[i + 3], 'batch_key', A[i + 4], 'size', size, 'attempts', 0,
+      'created_at', now)
+    redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id, 'due', A[1])
+    redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. vendor, 1)
+    redis.call('HSET', trace, tenant .. '|' .. vendor .. '|' .. A[i + 2], cjson.encode({s = 'queued', n = now}))
+    i = i + 5
+  end
+  for _ = 1, tonumber(A[i]) do
+    redis.call('HSET', trace, tenant .. '|' .. A[i + 1] .. '|', cjson.encode({s = 'skipped', d = A[i + 2], at = now}))
+    i = i + 2
+  end
+  redis.call('PEXPIRE', trace, math.max(1, math.floor(tonumber(A[2]) * 1000)))
+  redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. tenant, size * n)
+  redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', size * n)
+  return 1
 end
-for _ = 1, tonumber(ARGV[i]) do
-  redis.call('HSET', trace, tenant .. '|' .. ARGV[i + 1] .. '|',
-    cjson.encode({s = 'skipped', d = ARGV[i + 2], at = now}))
-  i = i + 2
+local fresh, at = {}, 1
+for k = 1, #KEYS do
+  local count = tonumber(ARGV[at])
+  fresh[k] = accept(KEYS[k], {unpack(ARGV, at + 1, at + count)})
+  at = at + 1 + count
 end
-redis.call('PEXPIRE', trace, math.max(1, math.floor(tonumber(ARGV[2]) * 1000)))
-redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. tenant, size * n)
-redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', size * n)
-return 1
+return fresh
 """
 # ARGV: group, the vendor's status, now, then (job id, vendor, entry id) per job. Only a job that still exists
 # counts (a slower replica's late answer for a job completed elsewhere changes nothing). One call completes a whole
@@ -226,6 +240,7 @@ class RedisStore:
         self._replay = self.client.register_script(_REPLAY)
         self._remember = self.client.register_script(_REMEMBER)
         self._groups: set[str] = set()
+        self._accepts = TurnBatch(self._accept_batch, limit=ACCEPT_BATCH)
 
     async def _group(self, vendor: str) -> str:
         stream = f"{P}stream:{vendor}"
@@ -262,6 +277,7 @@ class RedisStore:
         return problems
 
     async def close(self) -> None:
+        await self._accepts.drain()
         await self.client.aclose()
 
     # keys ----------------------------------------------------------------------------------------------
@@ -309,10 +325,18 @@ class RedisStore:
         for vendor, reason in skips:
             args += [vendor, reason]
         try:
-            result = await self._accept(keys=[f"{P}seen:{tenant}:{message_id}"], args=args)
+            return await self._accepts((f"{P}seen:{tenant}:{message_id}", args))
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
-        return bool(result)
+
+    async def _accept_batch(self, events: list[tuple[str, list[Any]]]) -> list[bool]:
+        """One script call stores the events of one event loop turn (`TurnBatch`)."""
+        args: list[Any] = []
+        for _, event_args in events:
+            args.append(len(event_args))
+            args += event_args
+        fresh = await self._accept(keys=[seen for seen, _ in events], args=args)
+        return [bool(one) for one in fresh]
 
     # identities ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,67 @@
+"""Calls that arrive during one turn of the event loop, made as one call to the store.
+
+Every request handled in one turn of the event loop (all those whose bytes arrived together) asks the store for
+its write; instead of one round trip each, `TurnBatch` gathers them and, on the next turn, makes one call with all
+of them. Each caller still waits for its own answer, and gets it only once that call has returned: the durability
+of each write is that of the batch's call. An error fails every call of its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class TurnBatch(Generic[T, R]):
+    """`await batch(item)` → that item's result from `send(items)`, which answers a list in the items' order."""
+
+    def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]], *, limit: int) -> None:
+        self._send, self.limit = send, limit
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._waiting.append((item, future))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._flush)  # after every request of this turn has had its say
+        elif len(self._waiting) >= self.limit:
+            self._flush()
+        return await future
+
+    def _flush(self) -> None:
+        if not self._waiting:  # already sent in full
+            return
+        batch, self._waiting = self._waiting, []
+        call = asyncio.ensure_future(self._call(batch))
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._send([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} calls got {len(results)} results")
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # the callers see it, each at its own await
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # a caller that gave up (its deadline) no longer waits
+                future.set_result(result)
+
+    async def drain(self) -> None:
+        """Wait for the calls already made (at shutdown, before the connection closes)."""
+        self._flush()
+        if self._calls:
+            await asyncio.gather(*self._calls, return_exceptions=True)
