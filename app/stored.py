@@ -24,7 +24,12 @@ from app.store import Job
 from handlers import BY_SLUG, Outcome, Postback, Skip
 
 NONCE = 12  # the sealed payload starts with its random AES-GCM nonce
-CACHE_EVENTS = 4096  # parsed events kept by the delivery process: the vendors of one event share one parse
+# Parsed events kept by a delivery process: each vendor's jobs for one event share one parse while the vendors'
+# queues are within this many events of each other. Bounded by count and by the events' stored bodies (a parsed
+# event takes about 3-4 times its body: a typical 2 KB Order Completed about 7 KB, so at most about 130 MB).
+CACHE_EVENTS = 16384
+CACHE_BODY_BYTES = 32 * 1024 * 1024
+CACHE_OUTCOMES = 4096  # a vendor's postbacks for one event, kept only while some of them are still to be sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +74,11 @@ class Renderer:
         self.sealer, self.size = sealer, size
         # Keyed by the event's id and its payload's random nonce: unique to one accepted event, whatever a store
         # does with ids.
-        self._events: OrderedDict[tuple[str, bytes], tuple[Event, Mapping[str, Any]]] = OrderedDict()
-        self._outcomes: OrderedDict[tuple[str, bytes, str], list[Outcome]] = OrderedDict()
+        self._events: OrderedDict[tuple[str, bytes], tuple[Event, Mapping[str, Any], int]] = OrderedDict()
+        self._event_bytes = 0  # the kept events' body sizes
+        # (event, nonce, vendor) -> the vendor's outcomes and the targets of its postbacks not yet rendered: a
+        # vendor with one postback per event (most) is never kept, one with two until the second is rendered.
+        self._outcomes: OrderedDict[tuple[str, bytes, str], tuple[list[Outcome], set[str]]] = OrderedDict()
 
     def render(self, job: Job) -> Postback | Skip:
         """The job's postback, or a Skip saying why it can no longer be built.
@@ -78,11 +86,18 @@ class Renderer:
         Raises cryptography's InvalidTag when the payload was sealed under another secret.
         """
         key = (job.event_id, job.payload[:NONCE], job.vendor)
-        outcomes = self._outcomes.get(key)
-        if outcomes is None:
+        kept = self._outcomes.pop(key, None)
+        if kept is None:
             event, settings = self._event(job)
             outcomes = BY_SLUG[job.vendor].build(event, settings)
-            self._remember(self._outcomes, key, outcomes)
+            waiting = {o.target for o in outcomes if isinstance(o, Postback)}
+        else:
+            outcomes, waiting = kept
+        waiting.discard(job.target)
+        if waiting:
+            self._outcomes[key] = (outcomes, waiting)
+            if len(self._outcomes) > CACHE_OUTCOMES:
+                self._outcomes.popitem(last=False)
         for outcome in outcomes:
             if isinstance(outcome, Postback) and outcome.target == job.target:
                 return outcome
@@ -99,11 +114,8 @@ class Renderer:
             event = parse_event(document, stored.body, now, stored.settings.get("defaultCurrency"))
             if stored.stitched:
                 apply(event, stored.stitched)
-            found = (event, stored.settings)
-            self._remember(self._events, event_key, found)
-        return found
-
-    def _remember(self, cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
-        cache[key] = value
-        if len(cache) > self.size:
-            cache.popitem(last=False)
+            found = self._events[event_key] = (event, stored.settings, len(stored.body))
+            self._event_bytes += len(stored.body)
+            while len(self._events) > self.size or self._event_bytes > CACHE_BODY_BYTES:
+                self._event_bytes -= self._events.popitem(last=False)[1][2]
+        return found[0], found[1]

@@ -24,6 +24,7 @@ from app.store.sqlite import SQLiteStore
 from app.stored import Renderer, pack_event
 from app.translate import active_vendors, translate
 from handlers import Postback
+from tests.support import ALL_VENDORS, FIXTURES
 
 SECRET = b"s" * 40
 SITE = "3f1c2d4e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
@@ -307,3 +308,51 @@ async def test_looks_that_find_only_jobs_not_yet_due_slow_down_until_a_tenant_co
     assert "waiting" not in seen
     hang.set()
     await deliverer.stop(drain_seconds=1)
+
+
+def test_one_parse_serves_every_vendor_and_nothing_is_kept_once_rendered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Order Completed for all three vendors (four postbacks) is opened and parsed once; a vendor's built
+    postbacks are kept only until the last of them is rendered."""
+    from app import stored
+
+    parses: list[str] = []
+    real_parse = stored.parse_event
+
+    def counting_parse(*args: object, **kwargs: object) -> object:
+        parses.append("parse")
+        return real_parse(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stored, "parse_event", counting_parse)
+    sealer = Sealer(SECRET)
+    renderer = Renderer(sealer)
+    settings = orjson.dumps(resolve(ALL_VENDORS))
+    body = (FIXTURES / "segment" / "order_completed.json").read_bytes()
+    payload = sealer.seal(pack_event(settings, 1.0, body))
+    targets = [("segmentstream", "track"), ("tracify", "events"), ("segmentstream", "data_stream"),
+               ("audiohook", "pixel")]
+    for vendor, target in targets:
+        job = Job(f"{vendor}-{target}", "42", vendor, target, "acme", "m1", "Order Completed", "", payload, 0,
+                  1.0, len(payload))
+        rendered = renderer.render(job)
+        assert isinstance(rendered, Postback), rendered
+        assert (rendered.vendor, rendered.target) == (vendor, target)
+    assert parses == ["parse"]
+    assert not renderer._outcomes  # segmentstream's two postbacks were both rendered; the others kept nothing
+
+
+def test_the_parsed_events_kept_are_bounded_by_their_bodies_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import stored
+
+    sealer = Sealer(SECRET)
+    settings = orjson.dumps(resolve({"audiohookId": "9b2f7c3a-1d4e-4f5a-8b6c-7d8e9f0a1b2c"}))
+    bodies = [orjson.dumps({"type": "page", "messageId": f"m{n}", "anonymousId": "a", "context": {
+        "ip": "1.2.3.4", "userAgent": "UA", "page": {"url": f"https://shop.example/p{n}"}}})
+              for n in range(10, 16)]
+    monkeypatch.setattr(stored, "CACHE_BODY_BYTES", 3 * len(bodies[0]))
+    renderer = Renderer(sealer)
+    for n, body in enumerate(bodies):
+        job = Job(str(n), str(n), "audiohook", "pixel", "acme", f"m{n}", "page", "",
+                  sealer.seal(pack_event(settings, 1.0, body)), 0, 1.0, 100)
+        assert isinstance(renderer.render(job), Postback)
+    assert [key[0] for key in renderer._events] == ["3", "4", "5"]  # the three most recent
+    assert renderer._event_bytes == 3 * len(bodies[0])
