@@ -70,8 +70,8 @@ def with_settings(stored: bytes, settings_json: bytes) -> bytes:
 class Renderer:
     """Turns leased jobs back into postbacks; remembers recently parsed events and their vendors' outcomes."""
 
-    def __init__(self, sealer: Sealer, size: int = CACHE_EVENTS) -> None:
-        self.sealer, self.size = sealer, size
+    def __init__(self, sealer: Sealer, size: int = CACHE_EVENTS, body_bytes: int = CACHE_BODY_BYTES) -> None:
+        self.sealer, self.size, self.body_bytes = sealer, size, body_bytes
         # Keyed by the event's id and its payload's random nonce: unique to one accepted event, whatever a store
         # does with ids.
         self._events: OrderedDict[tuple[str, bytes], tuple[Event, Mapping[str, Any], int]] = OrderedDict()
@@ -116,6 +116,6 @@ class Renderer:
                 apply(event, stored.stitched)
             found = self._events[event_key] = (event, stored.settings, len(stored.body))
             self._event_bytes += len(stored.body)
-            while len(self._events) > self.size or self._event_bytes > CACHE_BODY_BYTES:
+            while len(self._events) > self.size or self._event_bytes > self.body_bytes:
                 self._event_bytes -= self._events.popitem(last=False)[1][2]
         return found[0], found[1]

@@ -340,16 +340,13 @@ def test_one_parse_serves_every_vendor_and_nothing_is_kept_once_rendered(monkeyp
     assert not renderer._outcomes  # segmentstream's two postbacks were both rendered; the others kept nothing
 
 
-def test_the_parsed_events_kept_are_bounded_by_their_bodies_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from app import stored
-
+def test_the_parsed_events_kept_are_bounded_by_their_bodies_bytes() -> None:
     sealer = Sealer(SECRET)
     settings = orjson.dumps(resolve({"audiohookId": "9b2f7c3a-1d4e-4f5a-8b6c-7d8e9f0a1b2c"}))
     bodies = [orjson.dumps({"type": "page", "messageId": f"m{n}", "anonymousId": "a", "context": {
         "ip": "1.2.3.4", "userAgent": "UA", "page": {"url": f"https://shop.example/p{n}"}}})
               for n in range(10, 16)]
-    monkeypatch.setattr(stored, "CACHE_BODY_BYTES", 3 * len(bodies[0]))
-    renderer = Renderer(sealer)
+    renderer = Renderer(sealer, body_bytes=3 * len(bodies[0]))
     for n, body in enumerate(bodies):
         job = Job(str(n), str(n), "audiohook", "pixel", "acme", f"m{n}", "page", "",
                   sealer.seal(pack_event(settings, 1.0, body)), 0, 1.0, 100)
