@@ -24,7 +24,7 @@ from app.store.sqlite import SQLiteStore
 from app.stored import Renderer, pack_event
 from app.translate import active_vendors, translate
 from handlers import Postback
-from tests.support import ALL_VENDORS, FIXTURES
+from tests.support import ALL_VENDORS, AUDIOHOOK_ID, FIXTURES
 
 SECRET = b"s" * 40
 SITE = "3f1c2d4e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
@@ -353,3 +353,52 @@ def test_the_parsed_events_kept_are_bounded_by_their_bodies_bytes() -> None:
         assert isinstance(renderer.render(job), Postback)
     assert [key[0] for key in renderer._events] == ["3", "4", "5"]  # the three most recent
     assert renderer._event_bytes == 3 * len(bodies[0])
+
+
+async def accept_audiohook_pages(store: SQLiteStore, sealer: Sealer, count: int) -> None:
+    """Page views for Audiohook (one job each, no batches), stored the way the accept path stores them."""
+    settings = resolve({"audiohookId": AUDIOHOOK_ID})
+    now = time.time()
+    for n in range(count):
+        body = orjson.dumps({"type": "page", "messageId": f"p{n}", "anonymousId": "a", "context": {
+            "ip": "203.0.113.7", "userAgent": "UA", "page": {"url": f"https://shop.example/p{n}"}}})
+        assert await store.accept("acme", f"p{n}", sealer.seal(pack_event(orjson.dumps(settings), now, body)),
+                                  [NewJob("audiohook", "pixel", "page", "")], now=now, ttl=60)
+
+
+async def test_postbacks_are_rendered_as_they_are_leased_and_go_with_a_job_handed_back(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every leased job's postback is rendered before the first request leaves (one after the other, not between
+    requests); the renderings of jobs handed back unsent are not kept."""
+    sealer = Sealer(SECRET)
+    await accept_audiohook_pages(store, sealer, 20)
+    renders: list[str] = []
+    original = Renderer.render
+
+    def counting(self: Renderer, job: Job) -> object:
+        renders.append(job.message_id)
+        return original(self, job)
+    monkeypatch.setattr(Renderer, "render", counting)
+    rendered_before_first_request: list[int] = []
+    hold = asyncio.Event()
+
+    async def transport(vendor: str, request: OutgoingRequest) -> VendorAnswer:
+        rendered_before_first_request.append(len(renders))
+        await hold.wait()  # never answers: the other jobs wait in the ready list
+        return VendorAnswer(200, b"")
+    deliverer = Deliverer(Config(secret=SECRET, vendor_concurrency=2, tenant_concurrency=1,
+                                 vendor_urls={"audiohook": "http://ah", "segmentstream": "http://ss",
+                                              "tracify": "http://tr"}), store, sealer, transport=transport)
+    deliverer.start()
+    assert await asyncio.wait_for(_until(lambda: len(rendered_before_first_request) >= 1), 5)
+    assert rendered_before_first_request[0] == 20  # all leased, all rendered, before any request went out
+    assert sorted(renders) == sorted(f"p{n}" for n in range(20))
+    await deliverer.stop(drain_seconds=0.1)
+    assert all(not rendered for rendered in deliverer._rendered.values())
+    assert len(await store.lease("audiohook", now=time.time() + 1, limit=100, lease_seconds=60)) == 20  # handed back
+
+
+async def _until(check: Callable[[], bool]) -> bool:
+    while not check():
+        await asyncio.sleep(0.01)
+    return True
