@@ -2,7 +2,7 @@
 
 `route` decides the postbacks and skips without building a body: what the accept path stores and answers.
 `translate` builds every body: dry runs, `segrelay translate` and the golden files. Delivery builds one vendor's
-bodies from the stored event when it sends them (app/stored.py).
+bodies from the stored event when it leases them (app/stored.py, app/delivery/worker.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ One `Store` protocol, two implementations: `sqlite` (embedded, shared by the pro
 
 An accepted event is stored **once**: its sealed payload (the body as Segment sent it and the settings it came
 with), and one small job per postback to send (vendor, target, due time, attempts). Bodies are rendered from the
-payload when they are sent. A job moves through: accepted (due now) -> leased (due again when the lease expires)
+payload when they are leased. A job moves through: accepted (due now) -> leased (due again when the lease expires)
 -> completed (gone), retried (due later, attempts + 1), released (due now or later, attempts unchanged) or buried
 (dead letter). The event's payload goes when its last job is completed.
 
