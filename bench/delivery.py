@@ -1,12 +1,13 @@
 """Delivery benchmark: postbacks/s from a full queue to the vendor stand-in, vs raw aiohttp and raw httpx.
 
-N Order Completed events are queued for SegmentStream's postback API (one postback each) in a fresh SQLite store,
-exactly as the accept path stores them; then `segrelay deliver` alone drains them to the raw-asyncio stand-in
-(bench/standin.py). The references post the same rendered requests to the same stand-in with the same concurrency
-from one process: a raw aiohttp.ClientSession and a raw httpx.AsyncClient. Rates are the stand-in's own arrival
-times (first to last request).
+N Order Completed events are queued in a fresh SQLite store, exactly as the accept path stores them: for
+SegmentStream's postback API only (one postback each, the default), or with `--vendors all` for all three vendors
+(four postbacks each, as in bench/e2e.py, without the HTTP side). Then `segrelay deliver` alone drains them to the
+raw-asyncio stand-in (bench/standin.py); its CPU per event comes from /proc. The references post the same rendered
+requests (one per postback) to the same stand-in with the same concurrency from one process: a raw
+aiohttp.ClientSession and a raw httpx.AsyncClient. Rates are the stand-in's own arrival times (first to last).
 
-    python bench/delivery.py [--n 5000] [--concurrency 32]
+    python bench/delivery.py [--n 5000] [--concurrency 32] [--vendors segmentstream|all]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import orjson
-from common import ROOT, SECRET
+from common import ALL_VENDORS, ROOT, SECRET, cpu_seconds
 from e2e import standin, tally
 
 from app.crypto import Sealer
@@ -35,9 +36,10 @@ from app.store import NewJob
 from app.store.sqlite import SQLiteStore
 from app.stored import pack_event
 from app.translate import active_vendors, translate
-from handlers import BY_SLUG
+from handlers import BY_SLUG, Postback
+from handlers._base import Settings
 
-SETTINGS = resolve({"segmentstreamApiToken": "ss-token"})
+SETTINGS = {"segmentstream": resolve({"segmentstreamApiToken": "ss-token"}), "all": resolve(ALL_VENDORS)}
 
 
 def events(n: int) -> list[bytes]:
@@ -49,23 +51,24 @@ def events(n: int) -> list[bytes]:
     return out
 
 
-def requests(bodies: list[bytes], url: str) -> list[OutgoingRequest]:
-    out = []
-    for body in bodies:
-        event = parse_event(orjson.loads(body), body, datetime.now(UTC))
-        for postback in translate(event, SETTINGS, active_vendors(SETTINGS)).postbacks:
-            out.append(render(BY_SLUG[postback.vendor], [postback], url))
-    return out
+def postbacks(body: bytes, settings: Settings) -> list[Postback]:
+    event = parse_event(orjson.loads(body), body, datetime.now(UTC))
+    return translate(event, settings, active_vendors(settings)).postbacks
 
 
-async def queue(path: Path, bodies: list[bytes]) -> None:
+def requests(bodies: list[bytes], url: str, settings: Settings) -> list[OutgoingRequest]:
+    return [render(BY_SLUG[p.vendor], [p], url) for body in bodies for p in postbacks(body, settings)]
+
+
+async def queue(path: Path, bodies: list[bytes], settings: Settings) -> None:
     store, sealer = SQLiteStore(str(path)), Sealer(SECRET.encode())
     now = time.time()
-    settings = orjson.dumps(dict(SETTINGS))
+    packed = orjson.dumps(dict(settings))
+    jobs = [NewJob(p.vendor, p.target, "Order Completed", p.batch_key) for p in postbacks(bodies[0], settings)]
     for start in range(0, len(bodies), 500):
-        await asyncio.gather(*(store.accept("bench", f"m{start + i}", sealer.seal(pack_event(settings, now, body)),
-                                            [NewJob("segmentstream", "track", "Order Completed", "")], now=now,
-                                            ttl=3600) for i, body in enumerate(bodies[start:start + 500])))
+        batch = bodies[start:start + 500]
+        await asyncio.gather(*(store.accept("bench", f"m{start + i}", sealer.seal(pack_event(packed, now, body)),
+                                            jobs, now=now, ttl=3600) for i, body in enumerate(batch)))
     await store.close()
 
 
@@ -96,53 +99,62 @@ async def raw_httpx(items: list[OutgoingRequest], concurrency: int) -> None:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def rate_since(url: str, before: int, n: int, timeout: float = 600) -> float:
+def drained(url: str, pid: int, n: int, timeout: float = 600) -> tuple[float, float]:
+    """Once the stand-in (reset before) has seen n distinct postbacks: their rate (first to last arrival) and the
+    CPU seconds the process spent from the first arrival to the last."""
     deadline = time.monotonic() + timeout
-    first = None
+    cpu_at_first = None
     while time.monotonic() < deadline:
         seen = tally(url)
-        if seen["requests"] > before and first is None:
-            first = seen["last"]
-        if seen["requests"] >= before + n:
-            return n / (seen["last"] - (first or seen["first"]))
+        got = sum(len(counted) for counted in seen["postbacks"].values())
+        if got and cpu_at_first is None:
+            cpu_at_first = cpu_seconds(pid)
+        if got >= n:
+            return n / (seen["last"] - seen["first"]), cpu_seconds(pid) - (cpu_at_first or 0.0)
         time.sleep(0.1)
-    raise SystemExit(f"only {tally(url)['requests'] - before} of {n} arrived")
+    raise SystemExit(f"only {got} of {n} postbacks arrived")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--vendors", choices=["segmentstream", "all"], default="segmentstream")
     args = parser.parse_args()
+    settings = SETTINGS[args.vendors]
     with tempfile.TemporaryDirectory() as raw_tmp:
         tmp = Path(raw_tmp)
         vendor, url = standin(tmp)
         try:
             bodies = events(args.n)
-            items = requests(bodies, url)
+            items = requests(bodies, url, settings)
             results = {}
             for name, client in (("raw aiohttp", raw_aiohttp), ("raw httpx", raw_httpx)):
                 before = tally(url)["requests"]
                 started = time.monotonic()
                 asyncio.run(client(items, args.concurrency))
-                results[name] = args.n / (time.monotonic() - started)
-                assert tally(url)["requests"] - before == args.n
-            asyncio.run(queue(tmp / "store.db", bodies))
-            before = tally(url)["requests"]
+                results[name] = len(items) / (time.monotonic() - started)
+                assert tally(url)["requests"] - before == len(items)
+            asyncio.run(queue(tmp / "store.db", bodies, settings))
+            httpx.post(url + "/_reset", timeout=10).raise_for_status()
             env = {**os.environ, "SEGRELAY_STORE": f"sqlite:///{tmp / 'store.db'}", "SEGRELAY_SECRET": SECRET,
                    "SEGRELAY_LOG_LEVEL": "warning", "SEGRELAY_VENDOR_CONCURRENCY": str(args.concurrency),
-                   "SEGRELAY_SEGMENTSTREAM_URL": url}
+                   **{f"SEGRELAY_{v.upper()}_URL": url for v in ("segmentstream", "tracify", "audiohook")}}
             proc = subprocess.Popen([sys.executable, "-m", "app", "deliver"], env=env, cwd=tmp)
             try:
-                results["segrelay deliver (SQLite queue)"] = rate_since(url, before, args.n)
+                rate, cpu = drained(url, proc.pid, len(items))
+                results["segrelay deliver (SQLite queue)"] = rate
             finally:
                 proc.terminate()
                 proc.wait(30)
         finally:
             vendor.terminate()
-    print(f"\nDelivery of {args.n} SegmentStream postbacks to the stand-in, concurrency {args.concurrency}")
+    per_event = len(items) // args.n
+    print(f"\nDelivery of {args.n} events ({per_event} postback{'s' if per_event > 1 else ''} each, "
+          f"{args.vendors}) to the stand-in, concurrency {args.concurrency}")
     for name, value in results.items():
         print(f"{name:<34}{value:>10.0f} postbacks/s")
+    print(f"segrelay deliver: {rate / per_event:.0f} events/s, {cpu / args.n * 1e6:.0f} µs of its CPU per event")
     ours = results["segrelay deliver (SQLite queue)"]
     print(f"ratio segrelay / raw aiohttp: {ours / results['raw aiohttp']:.2f}; "
           f"segrelay / raw httpx: {ours / results['raw httpx']:.2f}")
