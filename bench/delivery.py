@@ -103,7 +103,7 @@ def drained(url: str, pid: int, n: int, timeout: float = 600) -> tuple[float, fl
     """Once the stand-in (reset before) has seen n distinct postbacks: their rate (first to last arrival) and the
     CPU seconds the process spent from the first arrival to the last."""
     deadline = time.monotonic() + timeout
-    cpu_at_first = None
+    cpu_at_first, got = None, 0
     while time.monotonic() < deadline:
         seen = tally(url)
         got = sum(len(counted) for counted in seen["postbacks"].values())
