@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from app.keys import KeyRecord
 from app.store import Identity, NewJob, Store, open_store
+from app.store.sqlite import SQLiteStore
 
 
 @pytest.fixture
@@ -307,3 +311,30 @@ async def test_identities_expire_and_are_bounded_oldest_first(store: Store) -> N
     await store.housekeeping(now=now, max_identities=3)
     assert (await store.counts()).identities == 3
     assert await store.recall([ikey(f"k{i}") for i in range(5)], now=now) == [None, None, b"x", b"x", b"x"]
+
+
+async def test_one_housekeeping_call_evicts_identities_several_batches_past_the_bound(store: Store) -> None:
+    """Identities past their bound go in one call even when that is more than one batch (one batch per call, as
+    before, fell behind any steady rate above 2,000 new identities a second)."""
+    now = time.time()
+    await store.remember([Identity(ikey(f"k{i}"), b"x", now + 100 + i) for i in range(5000)])
+    await store.housekeeping(now=now, max_identities=10)
+    assert (await store.counts()).identities == 10
+    assert await store.recall([ikey("k4989"), ikey("k4990"), ikey("k4999")], now=now) == [None, b"x", b"x"]
+
+
+async def test_one_housekeeping_call_removes_several_batches_of_expired_records(tmp_path: Path) -> None:
+    """SQLite keeps idempotency records and outcomes in tables that housekeeping empties: at 1,500 events/s that is
+    6,000 outcomes a second to expire, several batches per call. (Redis expires them on its own.)"""
+    store = SQLiteStore(str(tmp_path / "store.db"))
+    now = time.time()
+    try:
+        await asyncio.gather(*(store.accept("acme", f"m{i}", b"sealed", [job("audiohook", "pixel")], now=now, ttl=1,
+                                            skips=[("tracify", "no_url")]) for i in range(4500)))
+        await store.housekeeping(now=now + 10, keep_seconds=5)
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 4500  # the queue itself is untouched

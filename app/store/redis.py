@@ -55,7 +55,8 @@ P = "segrelay:"
 GROUP = "workers"
 COUNTERS = P + "counters"
 IDENTITIES = P + "identities"
-HOUSEKEEPING_BATCH = 2000
+HOUSEKEEPING_BATCH = 2000  # identities evicted per round past their bound
+HOUSEKEEPING_ROUNDS = 16  # rounds per housekeeping call, at most (as on SQLite)
 POOL_SIZE = 64  # connections per process; more concurrent calls wait for one (redis-py's own pool fails at 100)
 POOL_WAIT_SECONDS = 10.0  # a call waiting longer for a connection fails as unavailable (503)
 ACCEPT_BATCH = 64  # accepts per script call at most (those of one event loop turn)
@@ -524,11 +525,15 @@ class RedisStore:
         """Drop expired identities from their index (the records expire on their own) and the oldest past the
         bound; forget consumers (replicas) that are gone: idle for an hour with nothing pending."""
         await self.client.zremrangebyscore(IDENTITIES, "-inf", now)
-        excess = min(int(await self.client.zcard(IDENTITIES)) - max_identities, HOUSEKEEPING_BATCH)
-        if excess > 0:
+        for _ in range(HOUSEKEEPING_ROUNDS):  # as on SQLite: again while a batch was full, bounded per call
+            excess = min(int(await self.client.zcard(IDENTITIES)) - max_identities, HOUSEKEEPING_BATCH)
+            if excess <= 0:
+                break
             popped: list[tuple[bytes, float]] = await self.client.zpopmin(IDENTITIES, excess)  # type: ignore[assignment]
             oldest = [_s(member) for member, _ in popped]
             await self.client.delete(*(f"{P}identity:{key}" for key in oldest))
+            if excess < HOUSEKEEPING_BATCH:
+                break
         for vendor in VENDORS:
             stream = await self._group(vendor.slug)
             for consumer in await self.client.xinfo_consumers(stream, GROUP):

@@ -61,7 +61,8 @@ TURN_SECONDS = 0.02  # how long an HTTP process lets another waiting HTTP proces
 PRIORITY_SLOTS = 64  # HTTP processes that can share one database file (each says it waits in its own byte)
 DELIVERY_SLOTS = 64  # ... and delivery processes, in the bytes after those
 CHUNK = 500  # rows per statement where lease and complete name many rows at once
-HOUSEKEEPING_BATCH = 2000  # expired idempotency records deleted per call (the monitor calls it every second)
+HOUSEKEEPING_BATCH = 2000  # expired rows of one kind deleted per transaction (delivery calls housekeeping every second)
+HOUSEKEEPING_ROUNDS = 16  # ... and transactions of one kind per call, at most: 32,000 rows a second per table
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -540,7 +541,14 @@ class SQLiteStore:
 
     async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400,
                            max_identities: int = MAX_IDENTITIES) -> None:
-        def expire_identities(c: sqlite3.Connection) -> None:
+        """Expired identities, idempotency records and outcomes go, and identities past their bound, oldest first.
+
+        Each kind goes HOUSEKEEPING_BATCH rows per transaction, again while a batch was full, up to
+        HOUSEKEEPING_ROUNDS transactions per call: other writers take the lock between them, and a call every
+        second keeps up with far more than the goal's 1,500 events/s (6,000 outcomes a second). One batch per call
+        fell behind above 2,000 rows a second, and the tables would have grown without bound once the retention
+        window filled."""
+        def expire_identities(c: sqlite3.Connection) -> int:
             expired = c.execute("DELETE FROM identities WHERE id IN (SELECT id FROM identities WHERE expires_at <= ?"
                                 " LIMIT ?)", (now, HOUSEKEEPING_BATCH)).rowcount
             row = c.execute("SELECT value FROM counters WHERE name = 'identities'").fetchone()
@@ -549,14 +557,22 @@ class SQLiteStore:
                                 " LIMIT ?)", (excess,)).rowcount if excess else 0
             if expired or evicted:
                 _bump(c, [("identities", -expired - evicted)])
-        await self._identity_writer.call(expire_identities)
+            return max(expired, evicted)
 
-        def op(c: sqlite3.Connection) -> None:
-            c.execute("DELETE FROM seen WHERE (tenant, message_id) IN"
-                      " (SELECT tenant, message_id FROM seen WHERE expires_at <= ? LIMIT ?)", (now, HOUSEKEEPING_BATCH))
-            c.execute("DELETE FROM outcomes WHERE (message_id, tenant, vendor, target) IN (SELECT message_id, tenant,"
-                      " vendor, target FROM outcomes WHERE at <= ? LIMIT ?)", (now - keep_seconds, HOUSEKEEPING_BATCH))
-        await self._call(op)
+        def expire_seen(c: sqlite3.Connection) -> int:
+            return int(c.execute("DELETE FROM seen WHERE (tenant, message_id) IN (SELECT tenant, message_id FROM seen"
+                                 " WHERE expires_at <= ? LIMIT ?)", (now, HOUSEKEEPING_BATCH)).rowcount)
+
+        def expire_outcomes(c: sqlite3.Connection) -> int:
+            return int(c.execute("DELETE FROM outcomes WHERE (message_id, tenant, vendor, target) IN (SELECT"
+                                 " message_id, tenant, vendor, target FROM outcomes WHERE at <= ? LIMIT ?)",
+                                 (now - keep_seconds, HOUSEKEEPING_BATCH)).rowcount)
+
+        for writer, op in ((self._identity_writer, expire_identities), (self._writer, expire_seen),
+                           (self._writer, expire_outcomes)):
+            for _ in range(HOUSEKEEPING_ROUNDS):
+                if await writer.call(op) < HOUSEKEEPING_BATCH:
+                    break
 
     async def recover_leases(self, *, now: float) -> int:
         """At boot of the delivery process: leases held by a previous (dead) one become due now."""
