@@ -372,7 +372,8 @@ def _http_server(config: Config, app: Segrelay, *, host: str, port: int,
     http_protocol.LIMITS.update(max_connections=config.max_connections,
                                 request_read_seconds=config.request_read_seconds)
     _raise_file_limit()
-    server = Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+    # proxy_headers=False: segrelay never reads the client address, and the middleware cost every request.
+    server = Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, proxy_headers=False,
                                    timeout_graceful_shutdown=5, server_header=False,
                                    timeout_keep_alive=config.keepalive_seconds,
                                    ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,

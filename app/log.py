@@ -3,6 +3,8 @@ emails, IPs or user agents."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import contextvars
 import logging
 import os
@@ -42,26 +44,60 @@ _PROCESS = {"pid": os.getpid()}  # which of serve's processes wrote a line (set 
 
 
 def access(fields: dict[str, Any]) -> None:
-    """The one line per request, written straight to stdout in the same JSON shape as every other line.
+    """The one line per request, in the same JSON shape as every other line, written with the other request lines
+    of the same event-loop turn in one write.
 
-    The logging module costs about 40 µs a line, a tenth of the accept path; this costs a few. Callers pass only
-    safe fields (never keys, settings, emails, IPs or user agents).
+    The logging module costs about 40 µs a line, a tenth of the accept path; a write of its own per line cost a
+    system call per request (the README's 0.10.0 figures). The lines of a turn leave at its end, before any line
+    the logging module writes (`_Stdout`), and at exit. Callers pass only safe fields (never keys, settings,
+    emails, IPs or user agents).
     """
     if not _ACCESS.isEnabledFor(logging.INFO):
         return
     now = time.time()
-    entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
-             "level": "info", "logger": "segrelay.access", "msg": "request", **fields,
-             "pid": _PROCESS["pid"]}
-    stream = sys.stdout
-    stream.flush()  # anything the logging module has buffered goes first
-    stream.buffer.write(orjson.dumps(entry, default=str) + b"\n")
-    stream.buffer.flush()
+    second = int(now)
+    if second != _STAMP[0]:  # strftime once a second, not once a line
+        _STAMP[0], _STAMP[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    entry = {"ts": f"{_STAMP[1]}.{int(now * 1000) % 1000:03d}Z", "level": "info", "logger": "segrelay.access",
+             "msg": "request", **fields, "pid": _PROCESS["pid"]}
+    line = orjson.dumps(entry, default=str) + b"\n"
+    if not _PENDING:
+        try:
+            asyncio.get_running_loop().call_soon(flush_access)
+        except RuntimeError:  # no event loop: write it now
+            _PENDING.append(line)
+            flush_access()
+            return
+    _PENDING.append(line)
+
+
+def flush_access() -> None:
+    """Write the request lines waiting for the end of their turn."""
+    if _PENDING:
+        data = b"".join(_PENDING)
+        _PENDING.clear()
+        stream = sys.stdout
+        stream.flush()  # anything the logging module has buffered goes first
+        stream.buffer.write(data)
+        stream.buffer.flush()
+
+
+_PENDING: list[bytes] = []  # request lines of this event-loop turn
+_STAMP: list[Any] = [0, ""]  # the second of the last request line and its text
+atexit.register(flush_access)
+
+
+class _Stdout(logging.StreamHandler):  # type: ignore[type-arg]
+    """stdout, after the request lines that were written before this record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        flush_access()
+        super().emit(record)
 
 
 def configure(level: str = "info") -> None:
     _PROCESS["pid"] = os.getpid()
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Stdout(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
