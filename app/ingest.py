@@ -17,6 +17,7 @@ from app import metrics
 from app.auth import Authenticator
 from app.config import Config
 from app.crypto import Sealer
+from app.deadlines import Deadline
 from app.errors import BadRequestError, ContractError, UnavailableError
 from app.event import call_type, parse_event
 from app.identity import IdentityBook
@@ -83,20 +84,20 @@ def store_too_slow() -> UnavailableError:
 
 
 class StoreDeadline:
-    """A store call that takes longer than SEGRELAY_ACCEPT_TIMEOUT_SECONDS is a 503 (a class: cheaper per request
-    than a generator-based context manager)."""
+    """A store call that takes longer than SEGRELAY_ACCEPT_TIMEOUT_SECONDS is a 503 (checked by one timer per event
+    loop, not one per request: app/deadlines.py)."""
 
-    __slots__ = ("_timeout",)
+    __slots__ = ("_deadline",)
 
     def __init__(self, seconds: float) -> None:
-        self._timeout = asyncio.timeout(seconds)
+        self._deadline = Deadline(seconds)
 
     async def __aenter__(self) -> None:
-        await self._timeout.__aenter__()
+        await self._deadline.__aenter__()
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
-            await self._timeout.__aexit__(kind, exc, tb)
+            await self._deadline.__aexit__(kind, exc, tb)
         except TimeoutError:
             raise store_too_slow() from None
 
