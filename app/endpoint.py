@@ -68,7 +68,7 @@ class SegmentEndpoint:
             if answer.message_id:
                 extra["message_id"] = answer.message_id
         except ClientGone:
-            metrics.labelled(metrics.REQUESTS, kind, "499").inc()  # nobody to answer, nothing taken on
+            metrics.add(metrics.labelled(metrics.REQUESTS, kind, "499"))  # nobody to answer, nothing taken on
             log.info("client disconnected before the body arrived", extra={**extra, "status": 499})
             return
         except ContractError as exc:
@@ -93,7 +93,7 @@ class SegmentEndpoint:
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
         elapsed = time.perf_counter() - started
-        metrics.labelled(metrics.REQUESTS, kind, str(status)).inc()
+        metrics.add(metrics.labelled(metrics.REQUESTS, kind, str(status)))
         metrics.REQUEST_SECONDS.observe(elapsed)
         line: dict[str, Any] = {"method": "POST", "path": "/segment", "status": status, "call_type": kind,
                                 "request_id": rid, "duration_ms": round(elapsed * 1000, 2), **extra}

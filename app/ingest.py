@@ -163,7 +163,7 @@ class Ingest:
         if event.stitched:
             answer["stitched"] = event.stitched
             for name in event.stitched:
-                metrics.labelled(metrics.STITCHED, name).inc()
+                metrics.add(metrics.labelled(metrics.STITCHED, name))
         if event.warnings:
             answer["warnings"] = event.warnings
         if not routing.vendors:
@@ -184,7 +184,7 @@ class Ingest:
                                             ttl=self.config.idempotency_seconds,
                                             skips=[(k.vendor, k.reason) for k in routing.skips])
         if not fresh:
-            metrics.DUPLICATES.inc()
+            metrics.add(metrics.DUPLICATES)
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)
         self.backpressure.add(key.tenant, queued)
         self._remember_settings(key.key_id, settings_header, now)
@@ -231,7 +231,7 @@ def _count(routing: Routing) -> None:
     for target in routing.targets:
         queued[target.vendor] = queued.get(target.vendor, 0) + 1
     for vendor, count in queued.items():
-        metrics.labelled(metrics.POSTBACKS, vendor, "queued").inc(count)
+        metrics.add(metrics.labelled(metrics.POSTBACKS, vendor, "queued"), count)
     for skip in routing.skips:
-        metrics.labelled(metrics.POSTBACKS, skip.vendor, "skipped").inc()
-        metrics.labelled(metrics.SKIPS, skip.vendor, skip.code).inc()
+        metrics.add(metrics.labelled(metrics.POSTBACKS, skip.vendor, "skipped"))
+        metrics.add(metrics.labelled(metrics.SKIPS, skip.vendor, skip.code))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import os
 import platform
 from typing import Any, TypeVar
@@ -63,8 +65,39 @@ def labelled(metric: M, *values: str) -> M:
     return child
 
 
+_ADDED: dict[Any, float] = {}  # counter child -> what this event-loop turn added to it, not yet written
+
+
+def add(child: Any, amount: float = 1.0) -> None:
+    """Add to a counter's child at the end of this event-loop turn, together with the turn's other additions to it.
+
+    Under `serve` every process's metrics live in shared memory (prometheus_client's multiprocess mode), where each
+    write takes a lock and asks the kernel for the process id: about 1 µs, several times per event. Written once per
+    child and turn instead (32 events to a turn at 32 connections), and at once outside an event loop.
+    """
+    if not _ADDED:
+        try:
+            asyncio.get_running_loop().call_soon(flush)
+        except RuntimeError:
+            child.inc(amount)
+            return
+    _ADDED[child] = _ADDED.get(child, 0.0) + amount
+
+
+def flush() -> None:
+    """Write the additions of this event-loop turn (`add`)."""
+    added = list(_ADDED.items())
+    _ADDED.clear()
+    for child, amount in added:
+        child.inc(amount)
+
+
+atexit.register(flush)
+
+
 def exposition() -> bytes:
     """The text exposition: this process's metrics, or every process's when serve runs several."""
+    flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

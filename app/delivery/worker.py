@@ -383,7 +383,7 @@ class Deliverer:
                  "message_ids": [job.message_id for job in jobs[:20]]}
         if verdict is Verdict.DELIVERED:
             await self.completions.add(jobs, status)
-            metrics.labelled(metrics.POSTBACKS, slug, "delivered").inc(len(jobs))
+            metrics.add(metrics.labelled(metrics.POSTBACKS, slug, "delivered"), len(jobs))
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("delivered", extra={**extra, "outcome": "delivered"})
             return
