@@ -1,0 +1,20 @@
+"""Request ids: the caller's when safe to log, else new ones that never repeat."""
+
+from __future__ import annotations
+
+import re
+
+from app.endpoint import request_id_of
+
+
+def test_a_safe_incoming_id_is_kept_and_an_unsafe_one_replaced() -> None:
+    assert request_id_of({b"x-request-id": b"abc-123"}) == "abc-123"
+    replaced = request_id_of({b"x-request-id": b"a b\r\nInjected: yes"})
+    assert re.fullmatch(r"[0-9a-f]{32}", replaced)
+
+
+def test_new_ids_are_32_hex_digits_and_all_different() -> None:
+    ids = [request_id_of({}) for _ in range(10_000)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in ids)
+    assert len(set(ids)) == len(ids)
+    assert len({rid[:16] for rid in ids}) == 1  # this process's half; the count makes each one new
