@@ -1,81 +1,95 @@
 """Deadlines for many concurrent requests, checked by one timer per event loop instead of one timer each.
 
-`asyncio.timeout()` schedules and cancels a timer for every request that enters it: about 5 µs per request on the
-accept path (2-3 % of an HTTP process's CPU per event). The accept deadline (SEGRELAY_ACCEPT_TIMEOUT_SECONDS,
-seconds long) needs no such precision: here a request only notes its task and its deadline in a dict, and one timer
-per loop, running every TICK_SECONDS while any request is inside a deadline, cancels the tasks past theirs. A task
-cancelled that way leaves its `Deadline` with TimeoutError, exactly as with `asyncio.timeout()`; a cancellation from
-anywhere else (shutdown, a client gone) goes through untouched.
+A timer per request (`asyncio.timeout()`, `loop.call_later()` and its cancel) cost the accept path several µs each,
+and it had two: the store's deadline (SEGRELAY_ACCEPT_TIMEOUT_SECONDS) and the time to read a request
+(SEGRELAY_REQUEST_READ_SECONDS). Neither needs that precision: here a request only notes its deadline in a dict,
+and one timer per event loop and cadence, running while any deadline is noted, calls what is past due. The
+README's 0.10.0 figures give what it changed.
+
+`Deadline` is `asyncio.timeout()` for a block of code (TimeoutError when past due; a cancellation from anywhere else
+goes through untouched); `Sweeper` calls a function at a deadline (the request-read limit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable, Hashable
 from typing import Any
 
-TICK_SECONDS = 0.05  # how late past its deadline a task may be cancelled, at most
+log = logging.getLogger("segrelay.deadlines")
+TICK_SECONDS = 0.05  # how late past its deadline a `Deadline` may end, at most
 
 
-class _Watch:
-    """The tasks inside a deadline on one event loop."""
+class Sweeper:
+    """Functions due at deadlines on one event loop, called by one timer every `tick` seconds while any is due."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.deadlines: dict[asyncio.Task[Any], float] = {}
-        self.expired: set[asyncio.Task[Any]] = set()  # cancelled by the timer, not yet out of their deadline
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self.loop, self.tick = loop, tick
+        self.due: dict[Hashable, tuple[float, Callable[[], object]]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, task: asyncio.Task[Any], deadline: float) -> None:
-        self.deadlines[task] = deadline
+    def add(self, key: Hashable, seconds: float, call: Callable[[], object]) -> None:
+        """Call `call` in `seconds` (give or take a tick), unless `discard(key)` comes first."""
+        self.due[key] = (self.loop.time() + seconds, call)
         if self._timer is None:
-            self._timer = self.loop.call_later(TICK_SECONDS, self._check)
+            self._timer = self.loop.call_later(self.tick, self._check)
+
+    def discard(self, key: Hashable) -> None:
+        self.due.pop(key, None)
 
     def _check(self) -> None:
         self._timer = None
         now = self.loop.time()
-        for task, deadline in list(self.deadlines.items()):
-            if deadline <= now:
-                del self.deadlines[task]
-                self.expired.add(task)
-                task.cancel()
-        if self.deadlines:
-            self._timer = self.loop.call_later(TICK_SECONDS, self._check)
+        late = [key for key, (deadline, _) in self.due.items() if deadline <= now]
+        calls = [self.due.pop(key)[1] for key in late]
+        if self.due:
+            self._timer = self.loop.call_later(self.tick, self._check)
+        for call in calls:
+            try:
+                call()
+            except Exception:  # one failing call must not keep the others from theirs
+                log.exception("a deadline's call failed")
 
 
-_WATCHES: dict[asyncio.AbstractEventLoop, _Watch] = {}
+_SWEEPERS: dict[tuple[asyncio.AbstractEventLoop, float], Sweeper] = {}
 
 
-def _watch(loop: asyncio.AbstractEventLoop) -> _Watch:
-    watch = _WATCHES.get(loop)
-    if watch is None:
-        for old in [other for other in _WATCHES if other.is_closed()]:  # loops of finished asyncio.run() calls
-            del _WATCHES[old]
-        watch = _WATCHES[loop] = _Watch(loop)
-    return watch
+def sweeper(tick: float = TICK_SECONDS) -> Sweeper:
+    """The running event loop's sweeper of this cadence."""
+    loop = asyncio.get_running_loop()
+    found = _SWEEPERS.get((loop, tick))
+    if found is None:
+        for old in [key for key in _SWEEPERS if key[0].is_closed()]:  # loops of finished asyncio.run() calls
+            del _SWEEPERS[old]
+        found = _SWEEPERS[(loop, tick)] = Sweeper(loop, tick)
+    return found
 
 
 class Deadline:
     """`async with Deadline(seconds):` raises TimeoutError when the block takes longer than `seconds` (give or take
     TICK_SECONDS), like `asyncio.timeout(seconds)`."""
 
-    __slots__ = ("_cancelling", "_seconds", "_task", "_watch")
+    __slots__ = ("_cancelling", "_expired", "_seconds", "_sweeper", "_task")
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
+        self._expired = False
 
     async def __aenter__(self) -> None:
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("Deadline must be used inside a task")
         self._task, self._cancelling = task, task.cancelling()
-        self._watch = _watch(asyncio.get_running_loop())
-        self._watch.add(task, self._watch.loop.time() + self._seconds)
+        self._sweeper = sweeper()
+        self._sweeper.add(self, self._seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._task.cancel()
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        watch, task = self._watch, self._task
-        watch.deadlines.pop(task, None)
-        if task in watch.expired:
-            watch.expired.discard(task)
-            # Ours to handle only if no other cancellation was asked for meanwhile (as asyncio.timeout decides).
-            if task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
-                raise TimeoutError from exc
+        self._sweeper.discard(self)
+        # Ours to handle only if no other cancellation was asked for meanwhile (as asyncio.timeout decides).
+        if self._expired and self._task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
+            raise TimeoutError from exc

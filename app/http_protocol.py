@@ -21,8 +21,11 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.deadlines import sweeper
+
 # Set by the serve command before uvicorn starts (uvicorn builds the protocol from its class).
 LIMITS = {"max_connections": 1024, "request_read_seconds": 30.0}
+READ_DEADLINE_TICK = 0.25  # a request that takes too long to arrive is cut off at most this much late
 
 
 def _response(status: bytes, message: str) -> bytes:
@@ -70,7 +73,8 @@ class OneWrite:
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._read_deadline: asyncio.TimerHandle | None = None
+        self._armed = False
+        self._sweeper = sweeper(READ_DEADLINE_TICK)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -87,7 +91,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._read_deadline is None:
+        if not self._armed:
             self._arm()
 
     def on_headers_complete(self) -> None:
@@ -105,15 +109,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _arm(self) -> None:
-        self._read_deadline = self.loop.call_later(LIMITS["request_read_seconds"], self._too_slow)
+        """The read deadline, checked by one timer per process (app/deadlines.py), not a timer per request."""
+        self._armed = True
+        self._sweeper.add(self, LIMITS["request_read_seconds"], self._too_slow)
 
     def _disarm(self) -> None:
-        if self._read_deadline is not None:
-            self._read_deadline.cancel()
-            self._read_deadline = None
+        if self._armed:
+            self._armed = False
+            self._sweeper.discard(self)
 
     def _too_slow(self) -> None:
-        self._read_deadline = None
+        self._armed = False
         if not self.transport.is_closing():
             if self.cycle is None or self.cycle.response_complete:  # nothing of ours is on the wire
                 self.transport.write(_response(b"408 Request Timeout",

@@ -21,9 +21,7 @@ async def test_a_block_past_its_deadline_raises_timeout_error() -> None:
 async def test_a_block_within_its_deadline_is_untouched_and_leaves_nothing_behind() -> None:
     async with Deadline(5):
         await asyncio.sleep(0)
-    watch = deadlines._WATCHES[asyncio.get_running_loop()]
-    assert watch.deadlines == {}
-    assert watch.expired == set()
+    assert deadlines.sweeper().due == {}
     await asyncio.sleep(deadlines.TICK_SECONDS * 2)  # the timer has run and found nothing to cancel
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
@@ -59,3 +57,25 @@ async def test_the_store_deadline_is_a_503_that_says_so() -> None:
             await asyncio.Event().wait()
     assert raised.value.status_code == 503
     assert raised.value.message == "Storage is slow to answer; retry later"
+
+
+async def test_a_sweeper_calls_what_is_past_due_once_and_not_what_was_discarded() -> None:
+    sweeper = deadlines.Sweeper(asyncio.get_running_loop(), tick=0.01)
+    called: list[str] = []
+    sweeper.add("late", 0.02, lambda: called.append("late"))
+    sweeper.add("kept", 10, lambda: called.append("kept"))
+    sweeper.add("gone", 0.02, lambda: called.append("gone"))
+    sweeper.discard("gone")
+    await asyncio.sleep(0.1)
+    assert called == ["late"]
+    assert list(sweeper.due) == ["kept"]
+
+
+async def test_a_failing_call_does_not_keep_the_others_from_theirs(caplog: pytest.LogCaptureFixture) -> None:
+    sweeper = deadlines.Sweeper(asyncio.get_running_loop(), tick=0.01)
+    called: list[str] = []
+    sweeper.add("bad", 0.01, lambda: 1 / 0)
+    sweeper.add("good", 0.01, lambda: called.append("good"))
+    await asyncio.sleep(0.1)
+    assert called == ["good"]
+    assert "a deadline's call failed" in caplog.text
