@@ -6,9 +6,7 @@ stack; everything else (health, readiness, metrics, JSON 404/405) is a Starlette
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import re
 import time
 from typing import Any
@@ -18,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from app import metrics
 from app.errors import ContractError, PayloadTooLargeError, UnavailableError
+from app.ids import new_id
 from app.ingest import Ingest
 from app.log import access, request_id
 from app.store import StoreUnavailableError
@@ -45,15 +44,9 @@ class BodyBudget:
 
 
 def request_id_of(headers: dict[bytes, bytes]) -> str:
-    """The caller's X-Request-Id when it is safe to log, else a new one: 32 hex digits, unique across processes and
-    restarts (this process's random half, then a count), without asking the kernel for randomness per request."""
+    """The caller's X-Request-Id when it is safe to log, else a new one (32 hex digits, app/ids.py)."""
     incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-    return incoming if SAFE_REQUEST_ID.match(incoming) else f"{_ID_PREFIX}{next(_ID_COUNT) & _ID_MASK:016x}"
-
-
-_ID_PREFIX = os.urandom(8).hex()  # serve's processes are started, not forked: each draws its own
-_ID_COUNT = itertools.count(int.from_bytes(os.urandom(4)))
-_ID_MASK = (1 << 64) - 1
+    return incoming if SAFE_REQUEST_ID.match(incoming) else new_id()
 
 
 class SegmentEndpoint:

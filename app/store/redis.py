@@ -33,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.ids import new_id
 from app.keys import KeyRecord
 from app.store import (
     ALL_TENANTS,
@@ -319,9 +320,9 @@ class RedisStore:
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
                      ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
-        args: list[Any] = [now, ttl, len(jobs), uuid.uuid4().hex, tenant, message_id, payload]
+        args: list[Any] = [now, ttl, len(jobs), new_id(), tenant, message_id, payload]
         for job in jobs:
-            args += [uuid.uuid4().hex, job.vendor, job.target, job.event_name, job.batch_key]
+            args += [new_id(), job.vendor, job.target, job.event_name, job.batch_key]
         args.append(len(skips))
         for vendor, reason in skips:
             args += [vendor, reason]
