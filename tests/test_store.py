@@ -76,6 +76,20 @@ async def test_accepts_of_one_turn_are_each_stored_as_if_alone(store: Store) -> 
     assert sorted(j.payload for j in leased) == [b"p-0", b"p-1", b"p-3"]
 
 
+async def test_names_reasons_and_keys_in_any_script_survive_the_store(store: Store) -> None:
+    """Event names, batch keys and skip reasons are the customer's text: quotes, newlines, accents, emoji, and a
+    separator or JSON of their own come back as they were sent (Redis carries them to its script as JSON)."""
+    now = time.time()
+    name = 'Bestellung "abgeschlossen" \n ✓ 🛒 \x1f[1,2]'
+    batch = "token|site\u00e9"
+    await store.accept("acme", "m-text", b"sealed", [NewJob("tracify", "events", name, batch)], now=now, ttl=60,
+                       skips=[("audiohook", 'no "pixel" ✗ \n here')])
+    (leased,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    assert (leased.event_name, leased.batch_key, leased.message_id) == (name, batch, "m-text")
+    skipped = [o for o in await store.trace("m-text") if o.state == "skipped"]
+    assert [(o.vendor, o.detail) for o in skipped] == [("audiohook", 'no "pixel" ✗ \n here')]
+
+
 async def test_lease_complete_and_stats(store: Store) -> None:
     now = time.time()
     await store.accept("acme", "m1", b"p1", [job()], now=now, ttl=60)

@@ -61,48 +61,45 @@ HOUSEKEEPING_ROUNDS = 16  # rounds per housekeeping call, at most (as on SQLite)
 POOL_SIZE = 64  # connections per process; more concurrent calls wait for one (redis-py's own pool fails at 100)
 POOL_WAIT_SECONDS = 10.0  # a call waiting longer for a connection fails as unavailable (503)
 ACCEPT_BATCH = 64  # accepts per script call at most (those of one event loop turn)
-# KEYS: the seen key of each event. ARGV per event: its argument count, then now, ttl, number of jobs, event id,
-# tenant, messageId, sealed payload, (job id, vendor, target, event name, batch key) per job, number of skips,
-# (vendor, reason) per skip. Returns 1 (new) or 0 (a duplicate) per event, in order: each event is stored as if
-# alone, and a messageId twice in one batch is new only the first time.
+# KEYS: the seen key of each event. ARGV: the ttl, then per event its clock, id, tenant, messageId, sealed payload, its
+# jobs as one JSON array of [job id, vendor, target, event name, batch key] and its skips as one of [vendor, reason].
+# Returns 1 (new) or 0 (a duplicate) per event, in order: each event is stored as if alone, and a messageId twice in
+# one batch is new only the first time. (Jobs and skips as JSON: redis-py packed about 19 µs of arguments per event
+# when each field was an argument of its own, 5 µs now.)
 _ACCEPT = """
-local function accept(seen_key, A)
+local function accept(seen_key, now_text, ttl_text, event_id, tenant, message_id, payload, jobs, skips)
   local seen = redis.call('GET', seen_key)
-  local now = tonumber(A[1])
+  local now, ttl = tonumber(now_text), tonumber(ttl_text)
   if seen and tonumber(seen) > now then return 0 end
-  redis.call('SET', seen_key, tostring(now + tonumber(A[2])), 'PX', math.max(1, math.floor(tonumber(A[2]) * 1000)))
-  local n = tonumber(A[3])
+  redis.call('SET', seen_key, tostring(now + ttl), 'PX', math.max(1, math.floor(ttl * 1000)))
+  local n = #jobs
   if n == 0 then return 1 end
-  local event_id, tenant, payload = A[4], A[5], A[7]
   local size = string.len(payload)
-  local trace = 'segrelay:trace:' .. A[6]
-  redis.call('HSET', 'segrelay:event:' .. event_id, 'tenant', tenant, 'message_id', A[6], 'payload', payload,
+  local trace = 'segrelay:trace:' .. message_id
+  redis.call('HSET', 'segrelay:event:' .. event_id, 'tenant', tenant, 'message_id', message_id, 'payload', payload,
     'left', n)
-  local i = 8
-  for _ = 1, n do
-    local id, vendor = A[i], A[i + 1]
-    redis.call('HSET', 'segrelay:job:' .. id, 'event', event_id, 'vendor', vendor, 'target', A[i + 2],
-      'tenant', tenant, 'event_name', A[i + 3], 'batch_key', A[i + 4], 'size', size, 'attempts', 0,
-      'created_at', now)
-    redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id, 'due', A[1])
+  for _, job in ipairs(jobs) do
+    local id, vendor = job[1], job[2]
+    redis.call('HSET', 'segrelay:job:' .. id, 'event', event_id, 'vendor', vendor, 'target', job[3],
+      'tenant', tenant, 'event_name', job[4], 'batch_key', job[5], 'size', size, 'attempts', 0,
+      'created_at', now_text)
+    redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id, 'due', now_text)
     redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. vendor, 1)
-    redis.call('HSET', trace, tenant .. '|' .. vendor .. '|' .. A[i + 2], cjson.encode({s = 'queued', n = now}))
-    i = i + 5
+    redis.call('HSET', trace, tenant .. '|' .. vendor .. '|' .. job[3], cjson.encode({s = 'queued', n = now}))
   end
-  for _ = 1, tonumber(A[i]) do
-    redis.call('HSET', trace, tenant .. '|' .. A[i + 1] .. '|', cjson.encode({s = 'skipped', d = A[i + 2], at = now}))
-    i = i + 2
+  for _, skip in ipairs(skips) do
+    redis.call('HSET', trace, tenant .. '|' .. skip[1] .. '|', cjson.encode({s = 'skipped', d = skip[2], at = now}))
   end
-  redis.call('PEXPIRE', trace, math.max(1, math.floor(tonumber(A[2]) * 1000)))
+  redis.call('PEXPIRE', trace, math.max(1, math.floor(ttl * 1000)))
   redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. tenant, size * n)
   redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', size * n)
   return 1
 end
-local fresh, at = {}, 1
+local fresh = {}
 for k = 1, #KEYS do
-  local count = tonumber(ARGV[at])
-  fresh[k] = accept(KEYS[k], {unpack(ARGV, at + 1, at + count)})
-  at = at + 1 + count
+  local at = 2 + (k - 1) * 7
+  fresh[k] = accept(KEYS[k], ARGV[at], ARGV[1], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4],
+    cjson.decode(ARGV[at + 5]), cjson.decode(ARGV[at + 6]))
 end
 return fresh
 """
@@ -320,25 +317,31 @@ class RedisStore:
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
                      ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
-        args: list[Any] = [now, ttl, len(jobs), new_id(), tenant, message_id, payload]
-        for job in jobs:
-            args += [new_id(), job.vendor, job.target, job.event_name, job.batch_key]
-        args.append(len(skips))
-        for vendor, reason in skips:
-            args += [vendor, reason]
+        event = [now, new_id(), tenant, message_id, payload,
+                 orjson.dumps([[new_id(), job.vendor, job.target, job.event_name, job.batch_key] for job in jobs]),
+                 orjson.dumps(skips)]
         try:
-            return await self._accepts((f"{P}seen:{tenant}:{message_id}", args))
+            return await self._accepts((f"{P}seen:{tenant}:{message_id}", ttl, event))
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
 
-    async def _accept_batch(self, events: list[tuple[str, list[Any]]]) -> list[bool]:
-        """One script call stores the events of one event loop turn (`TurnBatch`)."""
-        args: list[Any] = []
-        for _, event_args in events:
-            args.append(len(event_args))
-            args += event_args
-        fresh = await self._accept(keys=[seen for seen, _ in events], args=args)
-        return [bool(one) for one in fresh]
+    async def _accept_batch(self, events: list[tuple[str, float, list[Any]]]) -> list[bool]:
+        """One script call stores the events of one event loop turn (`TurnBatch`) that share a ttl (all of them in
+        practice: the service passes SEGRELAY_IDEMPOTENCY_SECONDS to every accept)."""
+        fresh: list[bool] = []
+        start = 0
+        while start < len(events):
+            ttl = events[start][1]
+            end = start + 1
+            while end < len(events) and events[end][1] == ttl:
+                end += 1
+            args: list[Any] = [ttl]
+            for _, _, event in events[start:end]:
+                args += event
+            fresh += [bool(one) for one in await self._accept(keys=[seen for seen, _, _ in events[start:end]],
+                                                                args=args)]
+            start = end
+        return fresh
 
     # identities ----------------------------------------------------------------------------------------
 
