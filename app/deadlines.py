@@ -67,13 +67,13 @@ def sweeper(tick: float = TICK_SECONDS) -> Sweeper:
 
 
 class Deadline:
-    """`async with Deadline(seconds):` raises TimeoutError when the block takes longer than `seconds` (give or take
-    TICK_SECONDS), like `asyncio.timeout(seconds)`."""
+    """`async with Deadline(seconds):` raises TimeoutError (or what `error` makes) when the block takes longer than
+    `seconds` (give or take TICK_SECONDS), like `asyncio.timeout(seconds)`."""
 
-    __slots__ = ("_cancelling", "_expired", "_seconds", "_sweeper", "_task")
+    __slots__ = ("_cancelling", "_error", "_expired", "_seconds", "_sweeper", "_task")
 
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
+    def __init__(self, seconds: float, error: Callable[[], BaseException] = TimeoutError) -> None:
+        self._seconds, self._error = seconds, error
         self._expired = False
 
     async def __aenter__(self) -> None:
@@ -92,4 +92,4 @@ class Deadline:
         self._sweeper.discard(self)
         # Ours to handle only if no other cancellation was asked for meanwhile (as asyncio.timeout decides).
         if self._expired and self._task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
-            raise TimeoutError from exc
+            raise self._error() from exc

@@ -83,23 +83,10 @@ def store_too_slow() -> UnavailableError:
     return UnavailableError("Storage is slow to answer; retry later", retry_after=5)
 
 
-class StoreDeadline:
+def store_deadline(seconds: float) -> Deadline:
     """A store call that takes longer than SEGRELAY_ACCEPT_TIMEOUT_SECONDS is a 503 (checked by one timer per event
     loop, not one per request: app/deadlines.py)."""
-
-    __slots__ = ("_deadline",)
-
-    def __init__(self, seconds: float) -> None:
-        self._deadline = Deadline(seconds)
-
-    async def __aenter__(self) -> None:
-        await self._deadline.__aenter__()
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        try:
-            await self._deadline.__aexit__(kind, exc, tb)
-        except TimeoutError:
-            raise store_too_slow() from None
+    return Deadline(seconds, error=store_too_slow)
 
 
 class Ingest:
@@ -179,7 +166,7 @@ class Ingest:
         jobs = [NewJob(t.vendor, t.target, name, t.batch_key) for t in routing.targets]
         # Segment gives up after ~10 s: answer 503 well before. If the write still lands later, Segment's retry of
         # this messageId is answered as a duplicate, so the event is kept exactly once.
-        async with StoreDeadline(self.config.accept_timeout_seconds):
+        async with store_deadline(self.config.accept_timeout_seconds):
             fresh = await self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
                                             ttl=self.config.idempotency_seconds,
                                             skips=[(k.vendor, k.reason) for k in routing.skips])

@@ -9,7 +9,7 @@ import pytest
 from app import deadlines
 from app.deadlines import Deadline
 from app.errors import UnavailableError
-from app.ingest import StoreDeadline
+from app.ingest import store_deadline
 
 
 async def test_a_block_past_its_deadline_raises_timeout_error() -> None:
@@ -53,7 +53,7 @@ async def test_a_cancellation_from_elsewhere_is_not_turned_into_a_timeout() -> N
 
 async def test_the_store_deadline_is_a_503_that_says_so() -> None:
     with pytest.raises(UnavailableError) as raised:
-        async with StoreDeadline(0.05):
+        async with store_deadline(0.05):
             await asyncio.Event().wait()
     assert raised.value.status_code == 503
     assert raised.value.message == "Storage is slow to answer; retry later"
