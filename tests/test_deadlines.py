@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -10,6 +11,14 @@ from app import deadlines
 from app.deadlines import Deadline
 from app.errors import UnavailableError
 from app.ingest import store_deadline
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait for the condition (however slow this machine is), at most `seconds`."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
 
 
 async def test_a_block_past_its_deadline_raises_timeout_error() -> None:
@@ -66,7 +75,8 @@ async def test_a_sweeper_calls_what_is_past_due_once_and_not_what_was_discarded(
     sweeper.add("kept", 10, lambda: called.append("kept"))
     sweeper.add("gone", 0.02, lambda: called.append("gone"))
     sweeper.discard("gone")
-    await asyncio.sleep(0.1)
+    await until(lambda: bool(called))
+    await asyncio.sleep(0.05)  # "gone" was due as early as "late"
     assert called == ["late"]
     assert list(sweeper.due) == ["kept"]
 
@@ -76,6 +86,6 @@ async def test_a_failing_call_does_not_keep_the_others_from_theirs(caplog: pytes
     called: list[str] = []
     sweeper.add("bad", 0.01, lambda: 1 / 0)
     sweeper.add("good", 0.01, lambda: called.append("good"))
-    await asyncio.sleep(0.1)
+    await until(lambda: bool(called))
     assert called == ["good"]
     assert "a deadline's call failed" in caplog.text
