@@ -352,3 +352,95 @@ async def test_one_housekeeping_call_removes_several_batches_of_expired_records(
         assert conn.execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 0
         assert conn.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] == 0
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 4500  # the queue itself is untouched
+
+
+# The layout of 0.10 and before, as it was created then: outcomes keyed by messageId, events counting their jobs left.
+SCHEMA_0_10 = """
+CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, digest TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL, vendors TEXT NOT NULL DEFAULT '', revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE seen (
+    tenant TEXT NOT NULL, message_id TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (tenant, message_id)) WITHOUT ROWID;
+CREATE INDEX seen_expiry ON seen (expires_at);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, message_id TEXT NOT NULL, payload BLOB NOT NULL,
+    jobs_left INTEGER NOT NULL);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, event_id INTEGER NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
+    tenant TEXT NOT NULL, event_name TEXT NOT NULL, batch_key TEXT NOT NULL, size INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, due_at REAL NOT NULL,
+    leased INTEGER NOT NULL DEFAULT 0, dead INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER, last_body TEXT NOT NULL DEFAULT '', died_at REAL);
+CREATE INDEX jobs_due ON jobs (vendor, due_at) WHERE dead = 0;
+CREATE INDEX jobs_leased ON jobs (leased) WHERE leased = 1;
+CREATE INDEX jobs_dead ON jobs (vendor, died_at) WHERE dead = 1;
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX events_message ON events (message_id);
+CREATE TABLE outcomes (
+    message_id TEXT NOT NULL, tenant TEXT NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
+    state TEXT NOT NULL, status INTEGER, detail TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
+    at REAL NOT NULL, PRIMARY KEY (message_id, tenant, vendor, target)) WITHOUT ROWID;
+CREATE INDEX outcomes_age ON outcomes (at);
+CREATE TABLE key_settings (key_id TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
+"""
+
+
+async def test_a_file_of_0_10_keeps_its_queue_and_history_in_the_new_layout(tmp_path: Path) -> None:
+    """A store file written by 0.10: a half-delivered event (one postback delivered, one queued, one skipped), a
+    message delivered in full (its event gone), and an outcome whose idempotency record had already expired."""
+    path = tmp_path / "store.db"
+    now = time.time()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript(SCHEMA_0_10)
+        conn.execute("INSERT INTO seen VALUES ('acme', 'm-half', ?), ('acme', 'm-done', ?)", (now + 60, now + 60))
+        conn.execute("INSERT INTO events VALUES (7, 'acme', 'm-half', x'01', 1)")
+        conn.execute("INSERT INTO jobs (id, event_id, vendor, target, tenant, event_name, batch_key, size, created_at,"
+                     " due_at) VALUES (3, 7, 'audiohook', 'pixel', 'acme', 'Order Completed', '', 1, ?, ?)", (now, now))
+        conn.executemany("INSERT INTO outcomes VALUES (?, 'acme', ?, ?, ?, ?, ?, ?, ?)", [
+            ("m-half", "segmentstream", "track", "delivered", 204, "", 1, now),
+            ("m-half", "tracify", "", "skipped", None, "no page url", 0, now),
+            ("m-done", "tracify", "events", "delivered", 200, "", 2, now),
+            ("m-expired", "tracify", "events", "delivered", 200, "", 1, now)])
+        conn.executemany("INSERT INTO counters VALUES (?, ?)", [("pending:audiohook", 1), ("bytes:acme", 1),
+                                                                ("bytes:*", 1)])
+    store = SQLiteStore(str(path))
+    try:
+        half = {(o.vendor, o.target): (o.state, o.status, o.attempts, o.detail) for o in await store.trace("m-half")}
+        assert half == {("segmentstream", "track"): ("delivered", 204, 1, ""),
+                        ("tracify", ""): ("skipped", None, 0, "no page url"),
+                        ("audiohook", "pixel"): ("queued", None, 0, "")}
+        assert [(o.tenant, o.state, o.status, o.attempts) for o in await store.trace("m-done", "acme")] == [
+            ("acme", "delivered", 200, 2)]
+        assert await store.trace("m-expired") == []
+        (queued,) = await store.lease("audiohook", now=now, limit=5, lease_seconds=30)
+        assert (queued.event_id, queued.payload) == ("7", b"\x01")
+        await store.complete([queued], status=200, now=now + 1)
+        assert {o.state for o in await store.trace("m-half", "acme")} == {"delivered", "skipped"}
+        assert await store.accept("acme", "m-new", b"p", [job()], now=now, ttl=60)
+        assert [o.state for o in await store.trace("m-new")] == ["queued"]
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT id FROM events").fetchall() == [(8,)]  # m-half's went with its last job
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert "outcomes_0_10" not in names and "events_message" not in names and "jobs_event" in names
+
+
+async def test_an_event_goes_with_its_last_job_and_a_dead_letter_keeps_it(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "store.db"))
+    now = time.time()
+    try:
+        await store.accept("acme", "m1", b"p", [job("tracify"), job("audiohook", "pixel")], now=now, ttl=60)
+        (tr,) = await store.lease("tracify", now=now, limit=5, lease_seconds=30)
+        (ah,) = await store.lease("audiohook", now=now, limit=5, lease_seconds=30)
+        await store.bury(ah, now=now, status=400, body="bad")
+        await store.complete([tr], status=200, now=now)
+        assert (await store.dead_letter_payload(ah.id)) == (ah.event_id, b"p")  # kept for a replay
+        assert await store.replay([ah.id], now=now) == 1
+        (again,) = await store.lease("audiohook", now=now, limit=5, lease_seconds=30)
+        await store.complete([again], status=200, now=now)
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0

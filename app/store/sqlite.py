@@ -13,9 +13,11 @@ another HTTP process that has just committed lets it have the next turn.
 The HTTP process commits with synchronous=FULL (an accepted event survives power loss); the delivery processes may
 use NORMAL, since losing their last completions to a power cut only means sending them again.
 Ids are AUTOINCREMENT, never reused: a late answer for a job, or a cached event, can never meet a newer one.
-Every query is served by an index: due jobs per vendor, leased jobs, dead letters, expired idempotency records;
-an event counts the jobs it has left and goes with the last; counts come from the `counters` table, kept in the
-same transactions.
+Every query is served by an index: due jobs per vendor, leased jobs, dead letters, expired idempotency records, an
+event's jobs; an event goes with its last job; counts come from the `counters` table, kept in the same transactions.
+What is written for a delivered postback lands next to the previous one: its outcome is keyed by its event's id
+(increasing), and the event's row is written once more only when it goes. A message's event is found through its
+idempotency record (`segrelay trace`).
 """
 
 from __future__ import annotations
@@ -69,12 +71,12 @@ CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, digest TEXT NOT NULL, created_at REAL NOT NULL,
     expires_at REAL, vendors TEXT NOT NULL DEFAULT '', revoked INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS seen (
-    tenant TEXT NOT NULL, message_id TEXT NOT NULL, expires_at REAL NOT NULL,
+    tenant TEXT NOT NULL, message_id TEXT NOT NULL, expires_at REAL NOT NULL, event_id INTEGER,
     PRIMARY KEY (tenant, message_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_at);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, message_id TEXT NOT NULL, payload BLOB NOT NULL,
-    jobs_left INTEGER NOT NULL);
+    jobs INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, event_id INTEGER NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
     tenant TEXT NOT NULL, event_name TEXT NOT NULL, batch_key TEXT NOT NULL, size INTEGER NOT NULL,
@@ -84,15 +86,34 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (vendor, due_at) WHERE dead = 0;
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (leased) WHERE leased = 1;
 CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (vendor, died_at) WHERE dead = 1;
+CREATE INDEX IF NOT EXISTS jobs_event ON jobs (event_id);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_message ON events (message_id);
 CREATE TABLE IF NOT EXISTS outcomes (
-    message_id TEXT NOT NULL, tenant TEXT NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
-    state TEXT NOT NULL, status INTEGER, detail TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
-    at REAL NOT NULL, PRIMARY KEY (message_id, tenant, vendor, target)) WITHOUT ROWID;
+    event_id INTEGER NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL, state TEXT NOT NULL, status INTEGER,
+    detail TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0, at REAL NOT NULL,
+    PRIMARY KEY (event_id, vendor, target)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outcomes_age ON outcomes (at);
 CREATE TABLE IF NOT EXISTS key_settings (key_id TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
 """
+# Up to 0.10, outcomes were keyed by messageId (a random place in the table for every delivered postback), and events
+# were found by an index on messageId and counted down their jobs (a write to the event's page for every delivered
+# postback). `SQLiteStore._create` moves such a file to this layout at start-up, once.
+POINT_SEEN = (  # a message's idempotency record points at its latest stored event
+    "UPDATE seen SET event_id = latest.id FROM (SELECT tenant, message_id, MAX(id) AS id FROM events"
+    " GROUP BY tenant, message_id) AS latest WHERE latest.tenant = seen.tenant AND latest.message_id = seen.message_id"
+)
+MOVE_OUTCOMES = (
+    # A message whose event is gone (delivered) gets a number of its own below zero to keep its outcomes under.
+    "CREATE TEMP TABLE gone AS SELECT DISTINCT o.tenant, o.message_id FROM outcomes_0_10 o JOIN seen s"
+    " ON s.tenant = o.tenant AND s.message_id = o.message_id WHERE s.event_id IS NULL",
+    "UPDATE seen SET event_id = -gone.rowid FROM gone WHERE gone.tenant = seen.tenant"
+    " AND gone.message_id = seen.message_id",
+    "INSERT OR REPLACE INTO outcomes SELECT s.event_id, o.vendor, o.target, o.state, o.status, o.detail, o.attempts,"
+    " o.at FROM outcomes_0_10 o JOIN seen s ON s.tenant = o.tenant AND s.message_id = o.message_id"
+    " WHERE s.event_id IS NOT NULL",
+    "DROP TABLE temp.gone",
+    "DROP TABLE outcomes_0_10",
+)
 IDENTITY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
     id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE, record BLOB NOT NULL, expires_at REAL NOT NULL);
@@ -292,14 +313,40 @@ class SQLiteStore:
         self._accepts = AcceptWriterClient(accept_writer) if accept_writer else None
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-        if "payload" in columns:  # the layout of 0.1: one rendered postback per row
+        if "payload" in _columns(conn, "jobs"):  # the layout of 0.1: one rendered postback per row
             left = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
             if left:
                 raise StoreError(f"{self.path} holds {left} postbacks queued by segrelay 0.1; let that version "
                                  f"deliver them (or move the file away) before starting this one")
             conn.execute("DROP TABLE jobs")
-        conn.executescript(SCHEMA)
+        self._create(conn)
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        """The tables and indexes, and a file of 0.10 or before moved to this layout, in one transaction (another
+        process starting at the same time waits for it, then finds everything in place)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            old_outcomes = "message_id" in _columns(conn, "outcomes")
+            if old_outcomes:
+                conn.execute("DROP INDEX outcomes_age")
+                conn.execute("ALTER TABLE outcomes RENAME TO outcomes_0_10")
+            if "jobs_left" in _columns(conn, "events"):
+                conn.execute("ALTER TABLE events RENAME COLUMN jobs_left TO jobs")  # now: what it was accepted with
+            seen = _columns(conn, "seen")
+            if seen and "event_id" not in seen:
+                conn.execute("ALTER TABLE seen ADD COLUMN event_id INTEGER")
+            conn.execute("DROP INDEX IF EXISTS events_message")
+            for statement in SCHEMA.split(";"):
+                conn.execute(statement)
+            if seen and "event_id" not in seen:
+                conn.execute(POINT_SEEN)
+            if old_outcomes:
+                for statement in MOVE_OUTCOMES:
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
 
     def _reader(self) -> sqlite3.Connection:
         """A connection for point reads on the caller's own thread: WAL readers never wait for the writer."""
@@ -416,14 +463,13 @@ class SQLiteStore:
                     f"DELETE FROM jobs WHERE id IN ({_marks(len(ids))}) RETURNING id", ids)]  # noqa: S608
             for chunk in _chunks(done, CHUNK // 8):
                 c.execute("INSERT OR REPLACE INTO outcomes VALUES "  # noqa: S608
-                          + ", ".join(["(?, ?, ?, ?, 'delivered', ?, '', ?, ?)"] * len(chunk)),
-                          [v for j in chunk for v in (j.message_id, j.tenant, j.vendor, j.target, status,
-                                                      j.attempts + 1, now)])
-            per_event = Counter(int(j.event_id) for j in done)
-            c.executemany("UPDATE events SET jobs_left = jobs_left - ? WHERE id = ?",
-                          [(count, event) for event, count in per_event.items()])
-            for ids in _chunks(list(per_event)):
-                c.execute(f"DELETE FROM events WHERE id IN ({_marks(len(ids))}) AND jobs_left <= 0", ids)  # noqa: S608
+                          + ", ".join(["(?, ?, ?, 'delivered', ?, '', ?, ?)"] * len(chunk)),
+                          [v for j in chunk for v in (int(j.event_id), j.vendor, j.target, status, j.attempts + 1,
+                                                      now)])
+            events = list({int(j.event_id) for j in done})
+            for ids in _chunks(events):  # an event goes with its last job (a dead letter keeps it for a replay)
+                c.execute(f"DELETE FROM events WHERE id IN ({_marks(len(ids))}) AND NOT EXISTS"  # noqa: S608
+                          " (SELECT 1 FROM jobs WHERE jobs.event_id = events.id)", ids)
             _bump(c, _leaving(done))
         await self._call(op)
 
@@ -474,13 +520,21 @@ class SQLiteStore:
 
     async def trace(self, message_id: str, tenant: str | None = None) -> list[Outcome]:
         def op(c: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
-            live = c.execute(
-                "SELECT e.tenant, j.vendor, j.target, j.leased, j.dead, j.attempts, j.last_status, j.last_body,"
-                " j.due_at, j.died_at FROM events e JOIN jobs j ON j.event_id = e.id WHERE e.message_id = ?"
-                " AND (? IS NULL OR e.tenant = ?)", (message_id, tenant, tenant)).fetchall()
-            kept = c.execute("SELECT tenant, vendor, target, state, status, detail, attempts, at FROM outcomes"
-                             " WHERE message_id = ? AND (? IS NULL OR tenant = ?)",
-                             (message_id, tenant, tenant)).fetchall()
+            # The message's event, through its idempotency record; without a tenant, in each tenant that ever
+            # queued a postback (the byte counters name them: outcomes exist only for events with postbacks).
+            tenants = [tenant] if tenant is not None else [
+                name.removeprefix("bytes:") for (name,) in c.execute(
+                    "SELECT name FROM counters WHERE name >= 'bytes:' AND name < 'bytes;' AND name != ?",
+                    (f"bytes:{ALL_TENANTS}",))]
+            events = [(t, row[0]) for t in tenants for row in c.execute(
+                "SELECT event_id FROM seen WHERE tenant = ? AND message_id = ? AND event_id IS NOT NULL",
+                (t, message_id))]
+            live = [(t, *row) for t, event_id in events for row in c.execute(
+                "SELECT vendor, target, leased, dead, attempts, last_status, last_body, due_at, died_at FROM jobs"
+                " WHERE event_id = ?", (event_id,))]
+            kept = [(t, *row) for t, event_id in events for row in c.execute(
+                "SELECT vendor, target, state, status, detail, attempts, at FROM outcomes WHERE event_id = ?",
+                (event_id,))]
             return live, kept
         live, kept = await self._call(op)
         outcomes = [Outcome(r[0], r[1], r[2], r[3], r[6], r[4], r[5], r[7]) for r in kept]
@@ -564,8 +618,8 @@ class SQLiteStore:
                                  " WHERE expires_at <= ? LIMIT ?)", (now, HOUSEKEEPING_BATCH)).rowcount)
 
         def expire_outcomes(c: sqlite3.Connection) -> int:
-            return int(c.execute("DELETE FROM outcomes WHERE (message_id, tenant, vendor, target) IN (SELECT"
-                                 " message_id, tenant, vendor, target FROM outcomes WHERE at <= ? LIMIT ?)",
+            return int(c.execute("DELETE FROM outcomes WHERE (event_id, vendor, target) IN (SELECT"
+                                 " event_id, vendor, target FROM outcomes WHERE at <= ? LIMIT ?)",
                                  (now - keep_seconds, HOUSEKEEPING_BATCH)).rowcount)
 
         for writer, op in ((self._identity_writer, expire_identities), (self._writer, expire_seen),
@@ -604,13 +658,14 @@ def accept_op(c: sqlite3.Connection, tenant: str, message_id: str, payload: byte
     One statement per table: the writer gives up the GIL at every SQLite step, while others wait for the lock."""
     # Inserted, or replaced an expired record: new. An unexpired record: a duplicate (no row changed).
     fresh = c.execute(
-        "INSERT INTO seen VALUES (?, ?, ?) ON CONFLICT (tenant, message_id) DO UPDATE"
-        " SET expires_at = excluded.expires_at WHERE seen.expires_at <= ?",
+        "INSERT INTO seen VALUES (?, ?, ?, NULL) ON CONFLICT (tenant, message_id) DO UPDATE"
+        " SET expires_at = excluded.expires_at, event_id = NULL WHERE seen.expires_at <= ?",
         (tenant, message_id, now + ttl, now)).rowcount
     if fresh and jobs:
         size = len(payload)
-        event_id = c.execute("INSERT INTO events (tenant, message_id, payload, jobs_left) VALUES (?, ?, ?, ?)",
+        event_id = c.execute("INSERT INTO events (tenant, message_id, payload, jobs) VALUES (?, ?, ?, ?)",
                              (tenant, message_id, payload, len(jobs))).lastrowid
+        c.execute("UPDATE seen SET event_id = ? WHERE tenant = ? AND message_id = ?", (event_id, tenant, message_id))
         c.execute("INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size,"  # noqa: S608
                   " created_at, due_at) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs)),
                   [v for vendor, target, name, batch in jobs
@@ -621,8 +676,8 @@ def accept_op(c: sqlite3.Connection, tenant: str, message_id: str, payload: byte
             pending[counter] = pending.get(counter, 0) + 1
         queued = size * len(jobs)
         _bump(c, [*pending.items(), (f"bytes:{tenant}", queued), (f"bytes:{ALL_TENANTS}", queued)])
-        c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, '', 'skipped', NULL, ?, 0, ?)",
-                      [(message_id, tenant, vendor, reason, now) for vendor, reason in skips])
+        c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, '', 'skipped', NULL, ?, 0, ?)",
+                      [(event_id, vendor, reason, now) for vendor, reason in skips])
     return bool(fresh)
 
 
@@ -632,6 +687,10 @@ def _bump(c: sqlite3.Connection, bumps: Sequence[tuple[str, int]]) -> None:
         c.execute("INSERT INTO counters VALUES " + ", ".join(["(?, ?)"] * len(bumps))  # noqa: S608
                   + " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
                   [v for bump in bumps for v in bump])
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
