@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from handlers._base import BasicAuth, HeaderAuth
 
 REDACTED = "<redacted>"
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote_plus leaves as it is
+_UNRESERVED_OR_COLON = re.compile(r"[A-Za-z0-9_.~:-]*")  # ... and colons, which it writes %3A (times, "2026-...T10:30")
 USER_AGENT = f"segrelay/{VERSION}"
 
 
@@ -48,8 +50,7 @@ def render(vendor: Vendor, postbacks: list[Postback], base_url: str, *, redact: 
             payload = {vendor.batch.envelope: [p.body for p in postbacks]}
         content = orjson.dumps(payload)
     if isinstance(first.auth, BasicAuth):
-        token = base64.b64encode(f"{first.auth.username}:".encode()).decode()
-        headers["authorization"] = "Basic " + (REDACTED if redact else token)
+        headers["authorization"] = "Basic " + (REDACTED if redact else _basic(first.auth.username))
     elif isinstance(first.auth, HeaderAuth):
         headers[first.auth.name] = REDACTED if redact else first.auth.value
     return OutgoingRequest("POST", base_url.rstrip("/") + first.path, headers, content)
@@ -69,8 +70,17 @@ def _form(fields: Mapping[str, Any]) -> str:
     return "&".join(f"{_quoted(key)}={_quoted(_form_value(value))}" for key, value in fields.items())
 
 
+@functools.lru_cache(maxsize=1024)  # a tenant's tokens repeat from request to request; bounded for any number
+def _basic(username: str) -> str:
+    return base64.b64encode(f"{username}:".encode()).decode()
+
+
 def _quoted(text: str) -> str:
-    return text if _UNRESERVED.fullmatch(text) else quote_plus(text)
+    if _UNRESERVED.fullmatch(text):
+        return text
+    if _UNRESERVED_OR_COLON.fullmatch(text):
+        return text.replace(":", "%3A")
+    return quote_plus(text)
 
 
 def _form_value(value: Any) -> str:

@@ -8,6 +8,7 @@ applied by delivery, which also owns retries, metrics and logging.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Mapping
@@ -135,6 +136,7 @@ def snake_case(name: str) -> str:
     return _SNAKE.sub("_", name.lower()).strip("_")
 
 
+@functools.lru_cache(maxsize=256)  # one event's bodies repeat its time: built once per event, not per body
 def iso_millis(ts: datetime) -> str:
     """2026-11-20T10:30:00.123Z."""
     ts = ts.astimezone(UTC)
@@ -170,18 +172,20 @@ def as_number(value: Decimal) -> int | float:
 
 def drop_empty(value: Any) -> Any:
     """Remove None, "", {} and [] recursively."""
-    if type(value) is dict:
+    kind = type(value)
+    if kind is dict:
         out = {}
         for key, item in value.items():
-            if type(item) is dict or type(item) is list:
+            kind = type(item)
+            if kind is dict or kind is list:
                 item = drop_empty(item)
                 if not item:
                     continue
-            elif item is None or item == "":
+            elif item is None or (kind is str and not item):  # no `== ""`: a Decimal compared with a str is slow
                 continue
             out[key] = item
         return out
-    if type(value) is list:
+    if kind is list:
         return [drop_empty(item) if type(item) is dict or type(item) is list else item for item in value]
     return value
 
