@@ -379,14 +379,13 @@ class Deliverer:
         verdict = classify(status, succeeded)
         now = self.clock()
         self.breakers[slug].record(now, ok=verdict is not Verdict.RETRY, connect_error=connect_error)
-        extra = {"vendor": slug, "status": status, "postbacks": len(jobs), "attempt": jobs[0].attempts + 1,
-                 "message_ids": [job.message_id for job in jobs[:20]]}
         if verdict is Verdict.DELIVERED:
             await self.completions.add(jobs, status)
             metrics.add(metrics.labelled(metrics.POSTBACKS, slug, "delivered"), len(jobs))
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("delivered", extra={**extra, "outcome": "delivered"})
+                log.debug("delivered", extra={**_described(slug, status, jobs), "outcome": "delivered"})
             return
+        extra = _described(slug, status, jobs)
         if verdict is Verdict.DEAD:
             await self._bury(slug, jobs, status, body)
             log.warning("dead-lettered: vendor refused the postback", extra={**extra, "outcome": "dead"})
@@ -443,3 +442,9 @@ class Deliverer:
         for job in jobs:
             await self.store.bury(job, now=now, status=status, body=body)
         metrics.labelled(metrics.POSTBACKS, slug, "dead").inc(len(jobs))
+
+
+def _described(slug: str, status: int | None, jobs: list[Job]) -> dict[str, object]:
+    """A request's log fields (built only for a line that is written)."""
+    return {"vendor": slug, "status": status, "postbacks": len(jobs), "attempt": jobs[0].attempts + 1,
+            "message_ids": [job.message_id for job in jobs[:20]]}

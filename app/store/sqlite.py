@@ -720,12 +720,17 @@ def _remember(c: sqlite3.Connection, identities: Sequence[Identity]) -> None:
 
 
 def _leaving(jobs: Iterable[Job]) -> list[tuple[str, int]]:
-    """Counter changes for jobs that leave the queue (delivered or buried)."""
-    bumps: Counter[str] = Counter()
+    """Counter changes for jobs that leave the queue (delivered or buried): summed per vendor and tenant first."""
+    per_vendor: Counter[str] = Counter()
+    per_tenant: Counter[str] = Counter()
     for job in jobs:
-        bumps.update({f"pending:{job.vendor}": -1, f"bytes:{job.tenant}": -job.size,
-                      f"bytes:{ALL_TENANTS}": -job.size})
-    return list(bumps.items())
+        per_vendor[job.vendor] += 1
+        per_tenant[job.tenant] += job.size
+    if not per_vendor:
+        return []
+    return [*((f"pending:{vendor}", -count) for vendor, count in per_vendor.items()),
+            *((f"bytes:{tenant}", -size) for tenant, size in per_tenant.items()),
+            (f"bytes:{ALL_TENANTS}", -sum(per_tenant.values()))]
 
 
 def _private_file(path: Path) -> None:
