@@ -402,3 +402,27 @@ async def _until(check: Callable[[], bool]) -> bool:
     while not check():
         await asyncio.sleep(0.01)
     return True
+
+
+async def test_a_lease_takes_at_most_lease_max_jobs_even_for_a_batched_vendor(store: SQLiteStore) -> None:
+    """A lease holds SQLite's write lock while it reads and updates its rows (every accept waits for it): Tracify's
+    ready list, a thousand jobs deep for requests of 100, fills in several leases of at most LEASE_MAX."""
+    sealer = Sealer(SECRET)
+    for n in range(600):
+        await accept_page(store, sealer, n)
+    limits: list[int] = []
+    lease = store.lease
+
+    async def spied(vendor: str, *, now: float, limit: int, lease_seconds: float, **more: object) -> list[Job]:
+        limits.append(limit)
+        return await lease(vendor, now=now, limit=limit, lease_seconds=lease_seconds)
+
+    store.lease = spied  # type: ignore[method-assign]
+    deliverer = Deliverer(config(), store, sealer, transport=answering(200, b'{"status": true}'))
+    await run_until(deliverer, lambda: _all_sent(store))
+    assert limits and max(limits) <= worker.LEASE_MAX < 600
+    assert sum((await store.counts()).pending.values()) == 0
+
+
+async def _all_sent(store: SQLiteStore) -> bool:
+    return sum((await store.counts()).pending.values()) == 0
