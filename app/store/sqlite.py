@@ -335,12 +335,13 @@ class SQLiteStore:
             if "jobs_left" in _columns(conn, "events"):
                 conn.execute("ALTER TABLE events RENAME COLUMN jobs_left TO jobs")  # now: what it was accepted with
             seen = _columns(conn, "seen")
-            if seen and "event_id" not in seen:
+            unpointed = bool(seen) and "event_id" not in seen  # idempotency records of 0.10: no event id yet
+            if unpointed:
                 conn.execute("ALTER TABLE seen ADD COLUMN event_id INTEGER")
             conn.execute("DROP INDEX IF EXISTS events_message")
             for statement in SCHEMA.split(";"):
                 conn.execute(statement)
-            if seen and "event_id" not in seen:
+            if unpointed:
                 conn.execute(POINT_SEEN)
             if old_outcomes:
                 for statement in MOVE_OUTCOMES:
