@@ -15,6 +15,7 @@ DEFAULT_STORE = "sqlite:///./var/segrelay.db"
 # SQLite's priority file has 64 bytes for the processes that store accepts: the HTTP processes and the accept writer.
 MAX_HTTP_PROCESSES = 63
 LOG_LEVELS = ("debug", "info", "warning", "error")
+HTTP_CLIENTS = ("builtin", "aiohttp")  # for vendor requests: segrelay's own (app/delivery/http_client.py) or aiohttp
 
 
 class ConfigError(Exception):
@@ -37,6 +38,7 @@ class Config:
     max_attempts: int = 30
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
+    http_client: str = "builtin"
     lease_seconds: float = 60.0
     accept_timeout_seconds: float = 3.0
     drain_seconds: float = 20.0
@@ -86,6 +88,7 @@ class Config:
             max_attempts=_int(env, "SEGRELAY_MAX_ATTEMPTS", 30),
             connect_timeout=_float(env, "SEGRELAY_CONNECT_TIMEOUT", 5.0),
             read_timeout=_float(env, "SEGRELAY_READ_TIMEOUT", 15.0),
+            http_client=env.get("SEGRELAY_HTTP_CLIENT", "builtin").lower(),
             lease_seconds=_float(env, "SEGRELAY_LEASE_SECONDS", 60.0),
             accept_timeout_seconds=_float(env, "SEGRELAY_ACCEPT_TIMEOUT_SECONDS", 3.0),
             drain_seconds=_float(env, "SEGRELAY_DRAIN_SECONDS", 20.0, minimum=0),
@@ -113,6 +116,8 @@ class Config:
         if config.lease_seconds <= config.connect_timeout + config.read_timeout:
             raise ConfigError("SEGRELAY_LEASE_SECONDS must exceed SEGRELAY_CONNECT_TIMEOUT + SEGRELAY_READ_TIMEOUT, "
                               "or a slow send could be leased twice")
+        if config.http_client not in HTTP_CLIENTS:
+            raise ConfigError(f"SEGRELAY_HTTP_CLIENT must be {' or '.join(HTTP_CLIENTS)}")
         if config.tenant_queue_share > 1:
             raise ConfigError("SEGRELAY_TENANT_QUEUE_SHARE must be a fraction of the queue, at most 1")
         if config.max_inflight_bytes < config.max_body_bytes:

@@ -66,6 +66,8 @@ def test_configuration_errors_are_reported_not_raised(tmp_path: Path) -> None:
     assert result.returncode == 2 and "SEGRELAY_MAX_QUEUE_MB must be a number, got 'lots'" in result.stderr
     result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_DELIVERY_NICE": "20"})
     assert result.returncode == 2 and "SEGRELAY_DELIVERY_NICE must be between 0" in result.stderr
+    result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_HTTP_CLIENT": "httpx"})
+    assert result.returncode == 2 and "SEGRELAY_HTTP_CLIENT must be builtin or aiohttp" in result.stderr
     result = segrelay("queue", "stats", cwd=tmp_path, env={"SEGRELAY_MAX_QUEUE": "1000"})
     assert result.returncode == 2 and "set SEGRELAY_MAX_QUEUE_MB instead" in result.stderr
     for processes in ("0", "65"):

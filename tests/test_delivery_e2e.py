@@ -241,9 +241,10 @@ def test_a_slow_vendor_does_not_delay_the_others(fresh_stub: VendorStub, make_se
     delivered(fresh_stub, "/audiohook", 1)
 
 
-def test_order_completed_reaches_all_three_vendors_exactly(fresh_stub: VendorStub,
-                                                         make_server: type[Segrelay]) -> None:
-    service = make_server({"SEGRELAY_LOG_LEVEL": "debug"}).start()
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_order_completed_reaches_all_three_vendors_exactly(fresh_stub: VendorStub, make_server: type[Segrelay],
+                                                         client: str) -> None:
+    service = make_server({"SEGRELAY_LOG_LEVEL": "debug", "SEGRELAY_HTTP_CLIENT": client}).start()
     assert service.post(order("oc-e2e-1"), ALL_VENDORS).status_code == 202
     assert wait_until(lambda: len(fresh_stub.requests()) == 4), fresh_stub.requests()
     logs = service.logs()  # at debug level too: no token, no email, no ip, no user agent in any line
@@ -332,15 +333,17 @@ def test_an_unreachable_vendor_opens_its_circuit_and_the_others_carry_on(fresh_s
     assert audiohook["pending"] + audiohook["leased"] == 6 and audiohook["dead"] == 0
 
 
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
 def test_a_cookie_a_vendor_sets_is_never_sent_back_with_another_postback(fresh_stub: VendorStub,
-                                                                          make_server: type[Segrelay]) -> None:
+                                                                          make_server: type[Segrelay],
+                                                                          client: str) -> None:
     """One connection pool per vendor serves every tenant: a cookie set in answer to one tenant's postback must not
     ride along with the next tenant's (vendors are reached by host name, whose cookies an HTTP client would keep)."""
     by_name = fresh_stub.url.replace("127.0.0.1", "localhost")
     fresh_stub.script("/segmentstream", [{"status": 204, "headers": {
         "set-cookie": "visitor=tenant-a-secret; Path=/; Max-Age=3600"}}], default={"status": 204})
     service = make_server({"SEGRELAY_SEGMENTSTREAM_URL": f"{by_name}/segmentstream",
-                           "SEGRELAY_DELIVERY_PROCESSES": "1"}).start()
+                           "SEGRELAY_DELIVERY_PROCESSES": "1", "SEGRELAY_HTTP_CLIENT": client}).start()
     assert service.post(order(), SS_ONLY).status_code == 202
     delivered(fresh_stub, "/segmentstream/track", 1)
     for _ in range(3):

@@ -24,7 +24,7 @@ from app.crypto import Sealer
 from app.delivery.breaker import CircuitBreaker
 from app.delivery.completions import Completions
 from app.delivery.policy import RetryPolicy, Verdict, classify, retry_after
-from app.delivery.transport import MAX_BODY_KEPT, AiohttpTransport, RequestRefused, SendFailed, Transport
+from app.delivery.transport import MAX_BODY_KEPT, RequestRefused, SendFailed, Transport, transport_for
 from app.outgoing import render
 from app.store import ALL_TENANTS, Job, Store
 from app.stored import Renderer
@@ -58,9 +58,9 @@ class Deliverer:
         self.config, self.store, self.sealer, self.clock = config, store, sealer, clock
         self.policy = RetryPolicy(config.retry_base_seconds, config.retry_max_seconds, config.give_up_seconds,
                                   config.give_up_min_attempts, config.max_attempts)
-        self._own_transport = AiohttpTransport(concurrency=config.vendor_concurrency,
-                                               connect_timeout=config.connect_timeout,
-                                               read_timeout=config.read_timeout) if transport is None else None
+        self._own_transport = transport_for(config.http_client, concurrency=config.vendor_concurrency,
+                                            connect_timeout=config.connect_timeout,
+                                            read_timeout=config.read_timeout) if transport is None else None
         self.transport: Transport = transport or self._own_transport  # type: ignore[assignment]
         self.renderer = Renderer(sealer)
         self.completions = Completions(store, clock, limit=config.vendor_concurrency)
