@@ -4,10 +4,12 @@ N Order Completed events are queued in a fresh SQLite store, exactly as the acce
 SegmentStream's postback API only (one postback each, the default), or with `--vendors all` for all three vendors
 (four postbacks each, as in bench/e2e.py, without the HTTP side). Then `segrelay deliver` alone drains them to the
 raw-asyncio stand-in (bench/standin.py); its CPU per event comes from /proc. The references post the same rendered
-requests (one per postback) to the same stand-in with the same concurrency from one process: a raw
-aiohttp.ClientSession and a raw httpx.AsyncClient. Rates are the stand-in's own arrival times (first to last).
+requests (one per postback) to the same stand-in with the same concurrency from one process: segrelay's own
+client (app/delivery/http_client.py) alone, a raw aiohttp.ClientSession and a raw httpx.AsyncClient, each with its
+CPU per request. Rates are the stand-in's own arrival times (first to last). `--client aiohttp` runs `segrelay
+deliver` with SEGRELAY_HTTP_CLIENT=aiohttp.
 
-    python bench/delivery.py [--n 5000] [--concurrency 32] [--vendors segmentstream|all]
+    python bench/delivery.py [--n 5000] [--concurrency 32] [--vendors segmentstream|all] [--client builtin|aiohttp]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from common import ALL_VENDORS, ROOT, SECRET, cpu_seconds
 from e2e import standin, tally
 
 from app.crypto import Sealer
+from app.delivery.http_client import HttpClient
 from app.event import parse_event
 from app.outgoing import OutgoingRequest, render
 from app.settings import resolve
@@ -70,6 +73,18 @@ async def queue(path: Path, bodies: list[bytes], settings: Settings) -> None:
         await asyncio.gather(*(store.accept("bench", f"m{start + i}", sealer.seal(pack_event(packed, now, body)),
                                             jobs, now=now, ttl=3600) for i, body in enumerate(batch)))
     await store.close()
+
+
+async def raw_builtin(items: list[OutgoingRequest], concurrency: int) -> None:
+    client = HttpClient(limit=concurrency, connect_timeout=5, read_timeout=15, max_body=64 * 1024)
+    pending = iter(items)
+
+    async def worker() -> None:
+        for request in pending:
+            answer = await client.request(request.method, request.url, request.headers, request.content)
+            assert answer.status == 200
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await client.close()
 
 
 async def raw_aiohttp(items: list[OutgoingRequest], concurrency: int) -> None:
@@ -120,6 +135,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--vendors", choices=["segmentstream", "all"], default="segmentstream")
+    parser.add_argument("--client", choices=["builtin", "aiohttp"], default="builtin",
+                        help="the HTTP client of `segrelay deliver` (SEGRELAY_HTTP_CLIENT)")
     args = parser.parse_args()
     settings = SETTINGS[args.vendors]
     with tempfile.TemporaryDirectory() as raw_tmp:
@@ -128,22 +145,25 @@ def main() -> None:
         try:
             bodies = events(args.n)
             items = requests(bodies, url, settings)
-            results = {}
-            for name, client in (("raw aiohttp", raw_aiohttp), ("raw httpx", raw_httpx)):
+            results, cpu_per_request = {}, {}
+            for name, client in (("raw segrelay client", raw_builtin), ("raw aiohttp", raw_aiohttp),
+                                 ("raw httpx", raw_httpx)):
                 before = tally(url)["requests"]
-                started = time.monotonic()
+                started, cpu_started = time.monotonic(), time.process_time()
                 asyncio.run(client(items, args.concurrency))
                 results[name] = len(items) / (time.monotonic() - started)
+                cpu_per_request[name] = (time.process_time() - cpu_started) / len(items) * 1e6
                 assert tally(url)["requests"] - before == len(items)
             asyncio.run(queue(tmp / "store.db", bodies, settings))
             httpx.post(url + "/_reset", timeout=10).raise_for_status()
             env = {**os.environ, "SEGRELAY_STORE": f"sqlite:///{tmp / 'store.db'}", "SEGRELAY_SECRET": SECRET,
                    "SEGRELAY_LOG_LEVEL": "warning", "SEGRELAY_VENDOR_CONCURRENCY": str(args.concurrency),
+                   "SEGRELAY_HTTP_CLIENT": args.client,
                    **{f"SEGRELAY_{v.upper()}_URL": url for v in ("segmentstream", "tracify", "audiohook")}}
             proc = subprocess.Popen([sys.executable, "-m", "app", "deliver"], env=env, cwd=tmp)
             try:
                 rate, cpu = drained(url, proc.pid, len(items))
-                results["segrelay deliver (SQLite queue)"] = rate
+                results[f"segrelay deliver ({args.client})"] = rate
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -153,11 +173,12 @@ def main() -> None:
     print(f"\nDelivery of {args.n} events ({per_event} postback{'s' if per_event > 1 else ''} each, "
           f"{args.vendors}) to the stand-in, concurrency {args.concurrency}")
     for name, value in results.items():
-        print(f"{name:<34}{value:>10.0f} postbacks/s")
+        cpu_note = f"  {cpu_per_request[name]:.0f} µs of CPU per request" if name in cpu_per_request else ""
+        print(f"{name:<34}{value:>10.0f} postbacks/s{cpu_note}")
     print(f"segrelay deliver: {rate / per_event:.0f} events/s, {cpu / args.n * 1e6:.0f} µs of its CPU per event")
-    ours = results["segrelay deliver (SQLite queue)"]
-    print(f"ratio segrelay / raw aiohttp: {ours / results['raw aiohttp']:.2f}; "
-          f"segrelay / raw httpx: {ours / results['raw httpx']:.2f}")
+    ours = results[f"segrelay deliver ({args.client})"]
+    print(f"ratio segrelay deliver / raw segrelay client: {ours / results['raw segrelay client']:.2f}; "
+          f"/ raw aiohttp: {ours / results['raw aiohttp']:.2f}; / raw httpx: {ours / results['raw httpx']:.2f}")
 
 
 if __name__ == "__main__":
