@@ -241,6 +241,18 @@ async def test_a_silent_server_times_out_within_the_read_timeout(
     await http.close()
 
 
+async def test_a_deadline_checked_after_its_answer_came_leaves_the_connection_alone(
+        serve: Callable[..., asyncio.Future[Server]]) -> None:
+    server = await serve()
+    http = client()
+    await http.request("POST", f"http://127.0.0.1:{server.port}/", {}, b"x")
+    (pool, _), = http._pools.values()
+    pool.idle[0]._time_out()  # the sweeper's tick ran between the answer and the exchange's end
+    await http.request("POST", f"http://127.0.0.1:{server.port}/", {}, b"x")
+    assert server.connections == 1
+    await http.close()
+
+
 async def test_an_answer_for_nobody_condemns_the_connection(serve: Callable[..., asyncio.Future[Server]]) -> None:
     server = await serve(lambda head, _: OK + OK)  # two answers to one request
     http = client()

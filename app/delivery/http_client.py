@@ -12,8 +12,10 @@ Content-Length, chunked or by the connection's end; 1xx interim answers skipped;
 answer kept (the rest read and dropped); a connect deadline, and a deadline for the whole answer counted from the
 moment the request is written.
 
-What it does not: redirects (a vendor's 3xx is its answer), proxies, cookies, compression (it asks for `identity`),
-HTTP/2, pipelining. A request is never re-sent by this client: when a connection fails, the caller decides.
+The caller checks header values (no control characters: transport.refuse_unsafe_headers); this client checks
+the URL. What it does not: redirects (a vendor's 3xx is its answer), proxies, cookies, compression (it asks for
+`identity`), HTTP/2, pipelining. A request is never re-sent by this client: when a connection fails, the caller
+decides.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(error)
 
     def _time_out(self) -> None:
-        self._fail(NoAnswer(f"no complete answer within {self._read_timeout:g} s"))
+        if self._waiter is not None:  # not when the answer came in the same turn as the deadline's check
+            self._fail(NoAnswer(f"no complete answer within {self._read_timeout:g} s"))
 
     async def exchange(self, data: bytes, loop: asyncio.AbstractEventLoop, deadlines: Sweeper,
                        read_timeout: float) -> Answer:
