@@ -8,10 +8,12 @@ request it read, so reuse, limits and what went over the wire are checked from t
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,6 +279,46 @@ async def test_a_cancelled_request_closes_its_connection(serve: Callable[..., as
         await task
     assert (await http.request("POST", f"http://127.0.0.1:{server.port}/", {}, b"x")).status == 200
     assert server.connections == 2  # the cancelled exchange's connection was not reused
+    await http.close()
+
+
+async def test_a_hosts_addresses_are_looked_up_once_and_tried_in_turn(
+        serve: Callable[..., asyncio.Future[Server]]) -> None:
+    server = await serve(lambda head, _: b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+    lookups: list[str] = []  # a new connection for every request, one look-up for all
+
+    async def resolve(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        lookups.append(host)
+        return [(socket.AF_INET, ("127.0.0.2", port)), (socket.AF_INET, ("127.0.0.1", port))]  # nobody on .2
+
+    http = HttpClient(limit=2, connect_timeout=2, read_timeout=2, max_body=100, resolve=resolve)
+    for _ in range(3):
+        assert (await http.request("POST", f"http://vendor.example:{server.port}/", {}, b"x")).status == 200
+    assert lookups == ["vendor.example"] and server.connections == 3
+    assert server.requests[0].split(b"\r\n")[1] == f"host: vendor.example:{server.port}".encode()
+    await http.close()
+
+
+async def test_a_failed_connect_looks_the_name_up_again() -> None:
+    lookups: list[str] = []
+    port = free_port()
+
+    async def resolve(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        lookups.append(host)
+        return [(socket.AF_INET, ("127.0.0.1", port))]
+
+    http = HttpClient(limit=2, connect_timeout=2, read_timeout=2, max_body=100, resolve=resolve)
+    for _ in range(2):
+        with pytest.raises(ConnectFailed, match="ConnectionRefusedError"):
+            await http.request("POST", f"http://vendor.example:{port}/", {}, b"x")
+    assert lookups == ["vendor.example", "vendor.example"]
+    await http.close()
+
+
+async def test_a_name_that_does_not_resolve_is_a_connect_failure() -> None:
+    http = client()
+    with pytest.raises(ConnectFailed, match="gaierror"):
+        await http.request("POST", "http://no-such-host.invalid/", {}, b"x")
     await http.close()
 
 

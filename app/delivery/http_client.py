@@ -6,7 +6,8 @@ does nothing a postback does not need, takes about 25. The README's 0.12.0 bench
 stays selectable (`SEGRELAY_HTTP_CLIENT=aiohttp`).
 
 What it does: one pool per origin (scheme, host, port) of at most `limit` connections, reused while the server
-keeps them alive (LIFO: the warmest first) and closed once idle for `idle_seconds`; TLS with certificate and
+keeps them alive (LIFO: the warmest first) and closed once idle for `idle_seconds`; the host's addresses looked up
+at most every `dns_seconds` and tried in turn (again at once after a failed connect); TLS with certificate and
 host name checks (`ssl.create_default_context()`: the system's CAs, or `SSL_CERT_FILE`); bodies framed by
 Content-Length, chunked or by the connection's end; 1xx interim answers skipped; at most `max_body` bytes of an
 answer kept (the rest read and dropped); a connect deadline, and a deadline for the whole answer counted from the
@@ -21,10 +22,12 @@ decides.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httptools
@@ -32,6 +35,7 @@ import httptools
 from app.deadlines import Sweeper, sweeper
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+Resolver = Callable[[str, int], Awaitable[list[tuple[int, tuple[Any, ...]]]]]  # host, port -> (family, sockaddr)
 TARGET_SAFE = "/?=&%:@!$'()*+,;~-._[]"  # what may stay as it is in a request target; '%' keeps escapes escaped
 
 
@@ -182,6 +186,8 @@ class _Pool:
         self.tls = client.tls if scheme == "https" else None
         self.idle: list[_Connection] = []
         self.slots = asyncio.Semaphore(client.limit)
+        self.addresses: list[tuple[int, str]] = []
+        self.addresses_until = 0.0
 
     async def send(self, data: bytes) -> Answer:
         client = self.client
@@ -208,20 +214,38 @@ class _Pool:
         return None
 
     async def _connect(self) -> _Connection:
+        """A new connection to the first of the host's addresses that answers, within the connect timeout."""
         client = self.client
+        failure = "no address"
         try:
             async with asyncio.timeout(client.connect_timeout):
-                _, connection = await client.loop.create_connection(
-                    lambda: _Connection(client.max_body), self.host, self.port, ssl=self.tls,
-                    server_hostname=self.host if self.tls is not None else None)
+                for family, address in await self._addresses():
+                    try:
+                        _, connection = await client.loop.create_connection(
+                            lambda: _Connection(client.max_body), address, self.port, family=family, ssl=self.tls,
+                            server_hostname=self.host if self.tls is not None else None)
+                        return connection
+                    except ssl.SSLError as exc:
+                        failure = f"{type(exc).__name__}: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
+                        break  # the server answered: another address of it would present the same certificate
+                    except OSError as exc:
+                        failure = f"{type(exc).__name__}: {exc.strerror or exc}"
         except TimeoutError:
-            raise ConnectFailed(f"TimeoutError: no connection within {client.connect_timeout:g} s") from None
-        except ssl.SSLError as exc:
-            detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
-            raise ConnectFailed(f"{type(exc).__name__}: {detail}") from None
-        except OSError as exc:
-            raise ConnectFailed(f"{type(exc).__name__}: {exc.strerror or exc}") from None
-        return connection
+            failure = f"TimeoutError: no connection within {client.connect_timeout:g} s"
+        self.addresses_until = 0.0  # look the name up again next time: it may have moved
+        raise ConnectFailed(failure)
+
+    async def _addresses(self) -> list[tuple[int, str]]:
+        """The host's addresses, looked up at most every `dns_seconds` (aiohttp kept them 300 s too): a vendor that
+        closes every connection must not cost a DNS query per request."""
+        if time.monotonic() >= self.addresses_until:
+            try:
+                found = await self.client.resolve(self.host, self.port)
+            except OSError as exc:
+                raise ConnectFailed(f"{type(exc).__name__}: {exc.strerror or exc}") from None
+            self.addresses = list(dict.fromkeys((family, str(sockaddr[0])) for family, sockaddr in found))
+            self.addresses_until = time.monotonic() + self.client.dns_seconds
+        return self.addresses
 
     def close(self) -> None:
         for connection in self.idle:
@@ -233,9 +257,11 @@ class HttpClient:
     """Pooled keep-alive HTTP/1.1 requests from one event loop (a delivery process's)."""
 
     def __init__(self, *, limit: int, connect_timeout: float, read_timeout: float, max_body: int,
-                 idle_seconds: float = 30.0, tls: ssl.SSLContext | None = None) -> None:
+                 idle_seconds: float = 30.0, dns_seconds: float = 300.0, tls: ssl.SSLContext | None = None,
+                 resolve: Resolver | None = None) -> None:
         self.limit, self.connect_timeout, self.read_timeout = limit, connect_timeout, read_timeout
-        self.max_body, self.idle_seconds = max_body, idle_seconds
+        self.max_body, self.idle_seconds, self.dns_seconds = max_body, idle_seconds, dns_seconds
+        self.resolve: Resolver = resolve or self._getaddrinfo
         self.tls = tls if tls is not None else ssl.create_default_context()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines: Sweeper | None = None
@@ -246,6 +272,10 @@ class HttpClient:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
+
+    async def _getaddrinfo(self, host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        found = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [(family, sockaddr) for family, _, _, _, sockaddr in found]
 
     @property
     def deadlines(self) -> Sweeper:
