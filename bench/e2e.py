@@ -3,7 +3,8 @@
 Every event is an Order Completed with settings for all three vendors (four postbacks: SegmentStream track and
 data stream, Tracify, Audiohook). wrk posts for --seconds, then the benchmark waits until every accepted event has
 reached the stand-in for every postback. Printed, from one run:
-  accepted/s, p50/p99 (wrk), time from the start of the load to the last delivery, sustained events/s
+  accepted/s, p50/p99 (wrk), time from the start of the load to the last delivery (and to the 99th percentile of
+  deliveries: a gap between the two is a tail of late postbacks), sustained events/s
   (accepted / that time), lost and duplicate postbacks (counted by the stand-in, by order id), server CPU per
   event (the accept side: HTTP processes and, on SQLite, the accept writer; and the delivery processes, from
   /proc), and the bare Starlette accept rate (same uvicorn, same body, same wrk) as the reference.
@@ -149,9 +150,12 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         sent = sum(sum(c.values()) for c in seen["postbacks"].values())
         distinct = sum(len(c) for c in seen["postbacks"].values())
         drained = seen["last"] - started
+        arrivals = sorted(seen["arrivals"])
+        most = arrivals[int(len(arrivals) * 0.99) - 1] - started if arrivals else 0.0
         return {
             "accepted": accepted, "accepted_per_s": load["rps"], "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
             "non_2xx": load["non_2xx"], "load_s": args.seconds, "last_delivery_after_s": round(drained, 2),
+            "p99_delivery_after_s": round(most, 2),
             "sustained_events_per_s": round(accepted / drained, 1), "lost": max(0, expected - distinct),
             "duplicates": sent - distinct,
             "http_processes": sum(1 for p in http_pids if command(p)[3] != "accept-writer"),

@@ -3,7 +3,7 @@
 It answers every POST at once (200, `{"status": true}`, keep-alive) and counts each postback by the unique order id
 the benchmark puts in every event (`bench-...`), per vendor path, so duplicates and losses are exact. A Tracify
 batch counts each of its events. POST /_reset forgets them; GET /_count returns them as JSON:
-{"requests": n, "postbacks": {"<kind>": {"<order id>": times}}, "first": t0, "last": t1}
+{"requests": n, "postbacks": {"<kind>": {"<order id>": times}}, "first": t0, "last": t1, "arrivals": [t, ...]}
 
     python bench/standin.py --port N
 """
@@ -27,6 +27,7 @@ class Tally:
         self.requests = 0
         self.postbacks: dict[str, Counter[bytes]] = defaultdict(Counter)
         self.first = self.last = 0.0
+        self.arrivals: list[float] = []  # when each postback arrived (a Tracify batch: each of its events)
 
 
 TALLY = Tally()
@@ -68,6 +69,7 @@ class StandIn(asyncio.Protocol):
             return
         if head.startswith(b"GET /_count"):
             answer = orjson.dumps({"requests": TALLY.requests, "first": TALLY.first, "last": TALLY.last,
+                                   "arrivals": TALLY.arrivals,
                                    "postbacks": {k: {o.decode(): n for o, n in c.items()}
                                                  for k, c in TALLY.postbacks.items()}})
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
@@ -82,6 +84,7 @@ class StandIn(asyncio.Protocol):
         # One postback per request, naming its order once or twice; a Tracify batch names each of its events.
         for order in orders if kind_of(path) == "tracify" else set(orders):
             counter[order] += 1
+            TALLY.arrivals.append(now)
         self.transport.write(OK)
 
 
