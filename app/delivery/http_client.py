@@ -61,14 +61,13 @@ class BadRequest(ValueError):
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: one request at a time, its answer parsed as it arrives."""
 
-    def __init__(self, max_body: int) -> None:
-        self.max_body = max_body
+    def __init__(self, client: HttpClient) -> None:
+        self.client = client
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Answer] | None = None
-        self._read_timeout = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -125,7 +124,7 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
-        room = self.max_body - self._size
+        room = self.client.max_body - self._size
         if room > 0:
             self._chunks.append(body if len(body) <= room else body[:room])
         self._size += len(body)
@@ -153,16 +152,16 @@ class _Connection(asyncio.Protocol):
 
     def _time_out(self) -> None:
         if self._waiter is not None:  # not when the answer came in the same turn as the deadline's check
-            self._fail(NoAnswer(f"no complete answer within {self._read_timeout:g} s"))
+            self._fail(NoAnswer(f"no complete answer within {self.client.read_timeout:g} s"))
 
-    async def exchange(self, data: bytes, loop: asyncio.AbstractEventLoop, deadlines: Sweeper,
-                       read_timeout: float) -> Answer:
+    async def exchange(self, data: bytes) -> Answer:
         assert self.transport is not None, "exchange() on a connection that was never made"
+        client = self.client
         self._reset()
-        waiter: asyncio.Future[Answer] = loop.create_future()
+        waiter: asyncio.Future[Answer] = client.loop.create_future()
         self._waiter = waiter
-        self._read_timeout = read_timeout
-        deadlines.add(self, read_timeout, self._time_out)
+        deadlines = client.deadlines
+        deadlines.add(self, client.read_timeout, self._time_out)
         try:
             self.transport.write(data)
             return await waiter
@@ -190,12 +189,11 @@ class _Pool:
         self.addresses_until = 0.0
 
     async def send(self, data: bytes) -> Answer:
-        client = self.client
         async with self.slots:
             connection = self._idle_connection()
             if connection is None:
                 connection = await self._connect()
-            answer = await connection.exchange(data, client.loop, client.deadlines, client.read_timeout)
+            answer = await connection.exchange(data)
             if not connection.closed:
                 connection.idle_since = time.monotonic()
                 self.idle.append(connection)
@@ -222,14 +220,14 @@ class _Pool:
                 for family, address in await self._addresses():
                     try:
                         _, connection = await client.loop.create_connection(
-                            lambda: _Connection(client.max_body), address, self.port, family=family, ssl=self.tls,
+                            lambda: _Connection(client), address, self.port, family=family, ssl=self.tls,
                             server_hostname=self.host if self.tls is not None else None)
                         return connection
                     except ssl.SSLError as exc:
-                        failure = f"{type(exc).__name__}: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
+                        failure = _reason(exc)
                         break  # the server answered: another address of it would present the same certificate
                     except OSError as exc:
-                        failure = f"{type(exc).__name__}: {exc.strerror or exc}"
+                        failure = _reason(exc)
         except TimeoutError:
             failure = f"TimeoutError: no connection within {client.connect_timeout:g} s"
         self.addresses_until = 0.0  # look the name up again next time: it may have moved
@@ -242,7 +240,7 @@ class _Pool:
             try:
                 found = await self.client.resolve(self.host, self.port)
             except OSError as exc:
-                raise ConnectFailed(f"{type(exc).__name__}: {exc.strerror or exc}") from None
+                raise ConnectFailed(_reason(exc)) from None
             self.addresses = list(dict.fromkeys((family, str(sockaddr[0])) for family, sockaddr in found))
             self.addresses_until = time.monotonic() + self.client.dns_seconds
         return self.addresses
@@ -313,6 +311,13 @@ class HttpClient:
         for pool, _ in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+def _reason(exc: OSError) -> str:
+    """Why a connection could not be made: the error's kind and the system's (or TLS's) words for it."""
+    if isinstance(exc, ssl.SSLError):
+        return f"{type(exc).__name__}: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
 def _split(url: str) -> tuple[str, str]:
