@@ -17,7 +17,6 @@ from app import metrics
 from app.auth import Authenticator
 from app.config import Config
 from app.crypto import Sealer
-from app.deadlines import Deadline
 from app.errors import BadRequestError, ContractError, UnavailableError
 from app.event import call_type, parse_event
 from app.identity import IdentityBook
@@ -81,12 +80,6 @@ class Backpressure:
 def store_too_slow() -> UnavailableError:
     """The 503 for a store slower than SEGRELAY_ACCEPT_TIMEOUT_SECONDS."""
     return UnavailableError("Storage is slow to answer; retry later", retry_after=5)
-
-
-def store_deadline(seconds: float) -> Deadline:
-    """A store call that takes longer than SEGRELAY_ACCEPT_TIMEOUT_SECONDS is a 503 (checked by one timer per event
-    loop, not one per request: app/deadlines.py)."""
-    return Deadline(seconds, error=store_too_slow)
 
 
 class Ingest:
@@ -166,10 +159,13 @@ class Ingest:
         jobs = [NewJob(t.vendor, t.target, name, t.batch_key) for t in routing.targets]
         # Segment gives up after ~10 s: answer 503 well before. If the write still lands later, Segment's retry of
         # this messageId is answered as a duplicate, so the event is kept exactly once.
-        async with store_deadline(self.config.accept_timeout_seconds):
+        try:
             fresh = await self.store.accept(key.tenant, event.message_id, payload, jobs, now=now,
                                             ttl=self.config.idempotency_seconds,
-                                            skips=[(k.vendor, k.reason) for k in routing.skips])
+                                            skips=[(k.vendor, k.reason) for k in routing.skips],
+                                            timeout=self.config.accept_timeout_seconds)
+        except TimeoutError:
+            raise store_too_slow() from None
         if not fresh:
             metrics.add(metrics.DUPLICATES)
             return Answer(200, {"message": "duplicate", "messageId": event.message_id}, kind)

@@ -62,6 +62,15 @@ async def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
     assert sorted(send.calls[0]) == [1, 2] and len(send.calls) == 1  # the write that was given up on was still made (its caller answered 503)
 
 
+async def test_a_call_past_its_timeout_fails_alone_and_its_late_result_is_dropped() -> None:
+    send = Recorder(delay=0.3)
+    batch = TurnBatch(send, limit=64)
+    results = await asyncio.gather(batch(1, timeout=0.05), batch(2), return_exceptions=True)
+    assert isinstance(results[0], TimeoutError)
+    assert results[1] == 4  # the batch's answer came, after the first caller had timed out
+    assert sorted(send.calls[0]) == [1, 2] and len(send.calls) == 1
+
+
 async def test_a_wrong_number_of_results_is_an_error_not_a_misattributed_answer() -> None:
     async def short(items: list[int]) -> list[int]:
         return items[:1]

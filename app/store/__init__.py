@@ -140,11 +140,12 @@ class Store(Protocol):
     async def revoke_key(self, key_id: str) -> bool: ...
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> bool:
         """Remember (tenant, message_id) for ttl seconds, store the payload once and queue its jobs, atomically.
         `skips` (vendor, reason) are kept for `trace` as long as the idempotency record.
 
-        False, and nothing stored, when the pair was already seen within its ttl.
+        False, and nothing stored, when the pair was already seen within its ttl. TimeoutError when the store has
+        not answered within `timeout` seconds: the write may still land (a retry of the event is then a duplicate).
         """
         ...
 

@@ -33,6 +33,7 @@ import struct
 import time
 from typing import Any, cast
 
+from app.deadlines import within
 from app.store import StoreError, StoreUnavailableError
 
 log = logging.getLogger("segrelay.store")
@@ -77,7 +78,8 @@ class AcceptWriterClient(asyncio.Protocol):
         self._incoming = bytearray()
         self._next_id = 0
 
-    async def call(self, request: tuple[Any, ...]) -> Any:
+    async def call(self, request: tuple[Any, ...], timeout: float | None = None) -> Any:
+        """The writer's answer to `request`; TimeoutError past `timeout` (the writer may still store it)."""
         if self._transport is None:
             await self._connect()
         elif self._transport.get_write_buffer_size() > MAX_BACKLOG:  # a stalled writer (a stuck disk): bounded
@@ -90,9 +92,9 @@ class AcceptWriterClient(asyncio.Protocol):
         if len(self._outgoing) == 1:
             loop.call_soon(self._flush)
         try:
-            return await future
+            return await within(future, timeout)
         finally:
-            self._waiting.pop(request_id, None)  # also when the caller gave up (its deadline)
+            self._waiting.pop(request_id, None)  # also when the caller gave up or timed out
 
     async def _connect(self) -> None:
         if self._connecting is None:

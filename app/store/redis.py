@@ -316,12 +316,12 @@ class RedisStore:
     # accept ----------------------------------------------------------------------------------------------
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> bool:
         event = [now, ttl, new_id(), tenant, message_id, payload,
                  orjson.dumps([[new_id(), job.vendor, job.target, job.event_name, job.batch_key] for job in jobs]),
                  orjson.dumps(skips)]
         try:
-            return await self._accepts((f"{P}seen:{tenant}:{message_id}", event))
+            return await self._accepts((f"{P}seen:{tenant}:{message_id}", event), timeout)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
 

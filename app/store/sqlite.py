@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from app.deadlines import within
 from app.keys import KeyRecord
 from app.store import (
     ALL_TENANTS,
@@ -203,12 +204,13 @@ class _Writer:
     def commits(self) -> int:
         return self.committer.commits
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def call(self, fn: Callable[[sqlite3.Connection], T], timeout: float | None = None) -> T:
+        """`fn`'s result once its transaction has committed; TimeoutError past `timeout` (it may commit later)."""
         if not self._thread.is_alive():
             raise StoreError("sqlite store is closed")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._ops.put((fn, fut))
-        return await fut
+        return await within(fut, timeout)
 
     async def close(self) -> None:
         if self._thread.is_alive():
@@ -413,11 +415,13 @@ class SQLiteStore:
         return count > 0
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = ()) -> bool:
+                     ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> bool:
         rows = [(j.vendor, j.target, j.event_name, j.batch_key) for j in jobs]
         if self._accepts is not None:  # the accept writer process (app/store/accept_writer.py)
-            return bool(await self._accepts.call((tenant, message_id, payload, rows, now, ttl, list(skips))))
-        return await self._call(lambda c: accept_op(c, tenant, message_id, payload, rows, now, ttl, skips))
+            return bool(await self._accepts.call((tenant, message_id, payload, rows, now, ttl, list(skips)),
+                                                 timeout=timeout))
+        return await self._writer.call(lambda c: accept_op(c, tenant, message_id, payload, rows, now, ttl, skips),
+                                       timeout=timeout)
 
     def _read_identities(self, sql: str, args: Sequence[Any]) -> list[Any]:
         """A read of the identities file on this thread's reader; a failure is a store error (503), never a 500."""

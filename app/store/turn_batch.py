@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from app.deadlines import within
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -24,7 +26,8 @@ class TurnBatch(Generic[T, R]):
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._calls: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, item: T) -> R:
+    async def __call__(self, item: T, timeout: float | None = None) -> R:
+        """`item`'s result; TimeoutError past `timeout` (its batch's call may still be made and land)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.append((item, future))
@@ -32,7 +35,7 @@ class TurnBatch(Generic[T, R]):
             loop.call_soon(self._flush)  # after every request of this turn has had its say
         elif len(self._waiting) >= self.limit:
             self._flush()
-        return await future
+        return await within(future, timeout)
 
     def _flush(self) -> None:
         if not self._waiting:  # already sent in full
