@@ -138,11 +138,14 @@ class Config:
 
 
 def default_http_processes(store: str = DEFAULT_STORE, accept_writer: bool = True) -> int:
-    """One HTTP process per core, up to 4: answering Segment is CPU-bound, and one Python process uses one core. On
-    SQLite the accept writer takes a core's share: one fewer (measured on 2 cores, accept path alone: one HTTP
-    process and the writer took 8,300 events/s at 160 µs of CPU each, two and the writer 6,431 at 223 µs)."""
+    """One HTTP process per core, up to 4, less one: answering Segment is CPU-bound, one Python process uses one
+    core, and the rest of segrelay needs a core's share. On SQLite the accept writer takes it (measured on 2 cores,
+    accept path alone: one HTTP process and the writer took 8,300 events/s at 160 µs of CPU each, two and the
+    writer 6,431 at 223 µs); on Redis the delivery processes and, on one machine, Redis itself (2 cores, accept
+    path alone, in turn: one HTTP process 0.19x and 0.19x of bare Starlette at 186 and 193 µs per event, two 0.15x
+    and 0.16x at 245 and 232 µs; end to end the same). SQLite without the accept writer: one per core."""
     cores = max(1, min(os.cpu_count() or 1, 4))
-    return max(1, cores - 1) if store.startswith("sqlite:///") and accept_writer else cores
+    return cores if store.startswith("sqlite:///") and not accept_writer else max(1, cores - 1)
 
 
 def default_identity_cache_seconds(store: str, http_processes: int) -> float:

@@ -91,10 +91,11 @@ def test_http_processes_and_the_identity_cache_they_allow() -> None:
 
     base = {"SEGRELAY_SECRET": SECRET, "SEGRELAY_STORE": "sqlite:///x.db"}
     cores = min(os.cpu_count() or 1, 4)
-    # On SQLite the accept writer takes a core's share; without it, or on Redis, one HTTP process per core.
+    # The accept writer on SQLite, delivery and Redis on Redis, take a core's share; SQLite without the writer: one
+    # HTTP process per core.
     assert Config.from_env(base).http_processes == default_http_processes() == max(1, cores - 1)
     assert Config.from_env({**base, "SEGRELAY_ACCEPT_WRITER": "off"}).http_processes == cores
-    assert Config.from_env({**base, "SEGRELAY_STORE": "redis://127.0.0.1:6379/0"}).http_processes == cores
+    assert Config.from_env({**base, "SEGRELAY_STORE": "redis://127.0.0.1:6379/0"}).http_processes == max(1, cores - 1)
     assert Config.from_env({**base, "SEGRELAY_HTTP_PROCESSES": "1"}).identity_cache_seconds == 60
     assert Config.from_env({**base, "SEGRELAY_HTTP_PROCESSES": "3"}).identity_cache_seconds == 5
     assert Config.from_env({**base, "SEGRELAY_HTTP_PROCESSES": "3",
