@@ -132,3 +132,34 @@ async def test_the_one_byte_file_of_an_earlier_version_grows_to_every_slot(tmp_p
         await asyncio.wait_for(store.ping(), 5)
     finally:
         await store.close()
+
+
+async def test_a_delivery_store_waits_for_the_lock_without_blocking_its_event_loop(
+        stores: tuple[SQLiteStore, SQLiteStore], tmp_path: Path) -> None:
+    """A delivery process's writes run on its event loop (`_LoopWriter`): waiting for the lock is an await, so its
+    requests to vendors go on meanwhile, and the lock is then held only for the statements themselves."""
+    _, delivery = stores
+    holder = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    ping = asyncio.create_task(delivery.ping())
+    ticks = 0
+    for _ in range(20):
+        await asyncio.sleep(0.005)
+        ticks += 1
+    assert ticks == 20 and not ping.done()  # the loop ran on while the write waited
+    holder.execute("COMMIT")
+    await asyncio.wait_for(ping, 5)
+    holder.close()
+
+
+async def test_a_delivery_stores_writes_of_one_turn_share_a_transaction_and_a_failing_one_fails_alone(
+        stores: tuple[SQLiteStore, SQLiteStore]) -> None:
+    _, delivery = stores
+    before = delivery.commits
+    await asyncio.gather(*(delivery.ping() for _ in range(5)))
+    assert delivery.commits == before + 1
+    results = await asyncio.gather(delivery.ping(), delivery._call(lambda c: c.execute("SELECT * FROM nowhere")),
+                                   delivery.ping(), return_exceptions=True)
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], StoreError) and "nowhere" in str(results[1])
+    assert delivery.commits == before + 3  # the group failed, then each went alone: the two good ones committed

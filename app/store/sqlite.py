@@ -1,12 +1,15 @@
-"""The embedded store: one SQLite file in WAL mode, one writer thread per process with group commit.
+"""The embedded store: one SQLite file in WAL mode, one writer per process with group commit.
 
-Every operation runs on the writer thread. The thread takes whatever has queued up (up to `MAX_GROUP`
-operations) and commits them in one transaction: one fsync serves many concurrent requests, and the event loop
-never blocks on the disk. A caller learns success only after COMMIT returns; if the group fails, each operation is
-redone in a transaction of its own, so only a failing one fails.
+In an HTTP process every operation runs on a writer thread. The thread takes whatever has queued up (up to
+`MAX_GROUP` operations) and commits them in one transaction: one fsync serves many concurrent requests, and the
+event loop never blocks on the disk. In a delivery process (`durable=False`) they run on the event loop itself
+(`_LoopWriter`): what queued up meanwhile, in one transaction, its statements run without a pause once the write
+lock is held (no fsync to wait for there), while waiting for the lock is an await. A caller learns success only
+after COMMIT returns; if the group fails, each operation is redone in a transaction of its own, so only a failing
+one fails.
 
 The HTTP process and the delivery processes of `segrelay serve` share the file: SQLite serialises their writers
-(the writer thread retries BEGIN every half millisecond rather than SQLite's busy handler, whose sleeps grow to
+(a writer retries BEGIN every half millisecond rather than SQLite's busy handler, whose sleeps grow to
 100 ms and would show as long tails), and the HTTP processes go first: while one waits for the lock it says so in
 its byte of a small file beside the database (`<name>-priority`); delivery processes do not begin meanwhile, and
 another HTTP process that has just committed lets it have the next turn.
@@ -148,30 +151,43 @@ class Committer:
         A caller learns success only once its transaction has committed: results are collected first and handed
         out after COMMIT returns. A failed COMMIT (a full disk, an I/O error) fails every operation in it.
         """
-        conn = self.conn
         try:
-            self._begin(conn)
-            values = [fn(conn) for fn, _ in group]
-            conn.execute("COMMIT")
-            self.commits += 1
-            return [(token, value, None) for (_, token), value in zip(group, values, strict=True)]
+            self._begin(self.conn)
         except Exception as exc:
-            _rollback(conn)
+            _rollback(self.conn)
             if len(group) == 1:
                 return [(group[0][1], None, _error(exc))]
+        else:
+            done = self.run_begun(group)
+            if not isinstance(done, BaseException):
+                return done
+            if len(group) == 1:
+                return [(group[0][1], None, _error(done))]
         results: list[tuple[Any, Any, StoreError | None]] = []
-        for fn, token in group:
+        for operation in group:
             try:
-                self._begin(conn)
-                value = fn(conn)
-                conn.execute("COMMIT")
-                self.commits += 1
+                self._begin(self.conn)
             except Exception as exc:
-                _rollback(conn)
-                results.append((token, None, _error(exc)))
-            else:
-                results.append((token, value, None))
+                _rollback(self.conn)
+                results.append((operation[1], None, _error(exc)))
+                continue
+            alone = self.run_begun([operation])
+            results += [(operation[1], None, _error(alone))] if isinstance(alone, BaseException) else alone
         return results
+
+    def run_begun(self, group: Sequence[tuple[Callable[[sqlite3.Connection], Any], Any]]
+                  ) -> list[Any] | BaseException:
+        """The group in the transaction just begun: (token, value, None) per operation once COMMIT has returned,
+        or the exception that made it roll back."""
+        conn = self.conn
+        try:
+            values = [fn(conn) for fn, _ in group]
+            conn.execute("COMMIT")
+        except Exception as exc:
+            _rollback(conn)
+            return exc
+        self.commits += 1
+        return [(token, value, None) for (_, token), value in zip(group, values, strict=True)]
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE. A delivery writer first gives way to the HTTP processes; any writer lets another waiting
@@ -242,6 +258,106 @@ class _Writer:
         self.committer.conn.close()
 
 
+class _LoopWriter:
+    """A delivery process's writes, on its event loop's own thread: the operations that queued up meanwhile (up to
+    `max_group`) in one transaction, run without a pause once SQLite's write lock is held. Waiting for the lock,
+    and giving way to the accept writer first (`WriterPriority`), is an `await`, never a block.
+
+    On a writer thread (`_Writer`), every SQLite step gives up Python's GIL, and taking it back waits for the event
+    loop's thread, busy rendering at a lower CPU priority: a delivery transaction then held the write lock for 20 to
+    160 ms at times, while the accept writer, and Segment's requests, waited for it (timed inside both writers in a
+    patched copy, `bench/e2e.py`). Here the lock is held only for the statements' own work."""
+
+    def __init__(self, conn: sqlite3.Connection, *, max_group: int, priority: WriterPriority | None) -> None:
+        self.max_group = max_group
+        self.committer = Committer(conn, priority=priority)
+        self._ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._draining: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def commits(self) -> int:
+        return self.committer.commits
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T], timeout: float | None = None) -> T:
+        """`fn`'s result once its transaction has committed; TimeoutError past `timeout` (it may commit later)."""
+        if self._closed:
+            raise StoreError("sqlite store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._ops.append((fn, fut))
+        if self._draining is None or self._draining.done():
+            self._draining = loop.create_task(self._drain())
+        return await within(fut, timeout)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._draining is not None:
+            with contextlib.suppress(Exception):
+                await self._draining
+        self.committer.conn.close()
+
+    async def _drain(self) -> None:
+        while self._ops:
+            group, self._ops = self._ops[:self.max_group], self._ops[self.max_group:]
+            try:
+                await self._begin()
+            except Exception as exc:
+                _resolve([(fut, None, _error(exc)) for _, fut in group])
+                continue
+            done = self.committer.run_begun(group)
+            if isinstance(done, BaseException):  # each alone, so that only a failing one fails
+                done = [(group[0][1], None, _error(done))] if len(group) == 1 else await self._each_alone(group)
+            _resolve(done)
+
+    async def _each_alone(self, group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+                          ) -> list[Any]:
+        results: list[Any] = []
+        for operation in group:
+            try:
+                await self._begin()
+            except Exception as exc:
+                results.append((operation[1], None, _error(exc)))
+                continue
+            alone = self.committer.run_begun([operation])
+            results += [(operation[1], None, _error(alone))] if isinstance(alone, BaseException) else alone
+        return results
+
+    async def _begin(self) -> None:
+        """BEGIN IMMEDIATE as `Committer._begin` for a delivery process, its waits awaited."""
+        conn, priority = self.committer.conn, self.committer.priority
+        if priority is not None:
+            await _give_way_awaiting(priority.wanted, GIVE_WAY_SECONDS)
+            await _give_way_awaiting(priority.others_waiting, TURN_SECONDS)
+        deadline = 0.0
+        try:
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    now = time.monotonic()
+                    if not deadline:
+                        deadline = now + LOCK_TIMEOUT
+                        if priority is not None:
+                            priority.want(True)
+                    if now >= deadline:
+                        raise
+                await asyncio.sleep(LOCK_POLL)
+        finally:
+            if deadline and priority is not None:
+                priority.want(False)
+
+
+async def _give_way_awaiting(waiting: Callable[[], bool], seconds: float) -> None:
+    """`_give_way` for the event loop's thread (the flag is another process's byte: no event to wait on)."""
+    until = time.monotonic() + seconds
+    while waiting() and time.monotonic() < until:  # noqa: ASYNC110
+        await asyncio.sleep(LOCK_POLL)
+
+
 class WriterPriority:
     """A small file beside the database, shared by every process that writes to it: each process has a byte (its
     slot: HTTP processes in the first PRIORITY_SLOTS, delivery processes in the DELIVERY_SLOTS after them), set while
@@ -303,9 +419,12 @@ class SQLiteStore:
         _private_file(self.identities_path)
         self.priority = WriterPriority(self.path.with_name(f"{self.path.name}-priority"), slot)
         self.priority.want(False)  # a flag left in this slot by a crashed process
-        self._writer = _Writer(_connect(self.path, durable=durable, prepare=self._prepare), name="sqlite-writer",
-                               max_group=MAX_GROUP if durable else MAX_GROUP_UNDURABLE, priority=self.priority,
-                               urgent=durable)
+        connection = _connect(self.path, durable=durable, prepare=self._prepare)
+        # The HTTP process's writes (keys, settings, identities' counters) on a thread of their own; a delivery
+        # process's on its event loop (`_LoopWriter`).
+        self._writer: _Writer | _LoopWriter = (
+            _Writer(connection, name="sqlite-writer", max_group=MAX_GROUP, priority=self.priority, urgent=True)
+            if durable else _LoopWriter(connection, max_group=MAX_GROUP_UNDURABLE, priority=self.priority))
         # Remembered identities live in a file of their own, committed without an fsync each time: their random
         # keys would otherwise double what every durable commit of the queue writes (and waits for), and a power
         # cut may only cost the last seconds of remembered context, never an event.
