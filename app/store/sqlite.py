@@ -331,20 +331,14 @@ class _LoopWriter:
             await _give_way_awaiting(priority.others_waiting, TURN_SECONDS)
         deadline = 0.0
         try:
-            while True:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
-                        raise
-                    now = time.monotonic()
-                    if not deadline:
-                        deadline = now + LOCK_TIMEOUT
-                        if priority is not None:
-                            priority.want(True)
-                    if now >= deadline:
-                        raise
+            while not _try_begin(conn):
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + LOCK_TIMEOUT
+                    if priority is not None:
+                        priority.want(True)
+                if now >= deadline:
+                    raise sqlite3.OperationalError("database is locked")
                 await asyncio.sleep(LOCK_POLL)
         finally:
             if deadline and priority is not None:
@@ -892,20 +886,25 @@ def _begin(conn: sqlite3.Connection, on_wait: Callable[[], object] | None = None
     """BEGIN IMMEDIATE, waiting for another process's write lock in short, even steps (up to LOCK_TIMEOUT);
     `on_wait` is called once when it has to wait."""
     deadline = 0.0
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            now = time.monotonic()
-            if not deadline and on_wait is not None:
-                on_wait()
-            deadline = deadline or now + LOCK_TIMEOUT
-            if now >= deadline:
-                raise
-            time.sleep(LOCK_POLL)
+    while not _try_begin(conn):
+        now = time.monotonic()
+        if not deadline and on_wait is not None:
+            on_wait()
+        deadline = deadline or now + LOCK_TIMEOUT
+        if now >= deadline:
+            raise sqlite3.OperationalError("database is locked")
+        time.sleep(LOCK_POLL)
+
+
+def _try_begin(conn: sqlite3.Connection) -> bool:
+    """BEGIN IMMEDIATE: True, or False while another process holds the write lock (any other error raises)."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        return False
+    return True
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
