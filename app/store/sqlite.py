@@ -265,8 +265,9 @@ class _LoopWriter:
 
     On a writer thread (`_Writer`), every SQLite step gives up Python's GIL, and taking it back waits for the event
     loop's thread, busy rendering at a lower CPU priority: a delivery transaction then held the write lock for 20 to
-    160 ms at times, while the accept writer, and Segment's requests, waited for it (timed inside both writers in a
-    patched copy, `bench/e2e.py`). Here the lock is held only for the statements' own work."""
+    500 ms at times, while the accept writer, and Segment's requests, waited for it (timed inside both writers in a
+    patched copy, `bench/e2e.py`). Here the lock is held only for the statements' own work (and whatever time the
+    kernel gives the other processes meanwhile)."""
 
     def __init__(self, conn: sqlite3.Connection, *, max_group: int, priority: WriterPriority | None) -> None:
         self.max_group = max_group
@@ -414,8 +415,8 @@ class SQLiteStore:
         self.priority = WriterPriority(self.path.with_name(f"{self.path.name}-priority"), slot)
         self.priority.want(False)  # a flag left in this slot by a crashed process
         connection = _connect(self.path, durable=durable, prepare=self._prepare)
-        # The HTTP process's writes (keys, settings, identities' counters) on a thread of their own; a delivery
-        # process's on its event loop (`_LoopWriter`).
+        # An HTTP process's writes (keys, settings, and accepts when the accept writer is off) on a thread of their
+        # own, which waits for the disk; a delivery process's on its event loop (`_LoopWriter`).
         self._writer: _Writer | _LoopWriter = (
             _Writer(connection, name="sqlite-writer", max_group=MAX_GROUP, priority=self.priority, urgent=True)
             if durable else _LoopWriter(connection, max_group=MAX_GROUP_UNDURABLE, priority=self.priority))
