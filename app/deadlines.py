@@ -19,7 +19,7 @@ from typing import TypeVar
 
 log = logging.getLogger("segrelay.deadlines")
 T = TypeVar("T")
-TICK_SECONDS = 0.05  # how late past its deadline a `Deadline` may end, at most
+TICK_SECONDS = 0.05  # how late past its deadline a future `within` waits for fails, at most
 
 
 class Sweeper:

@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -190,19 +190,10 @@ class Committer:
         return [(token, value, None) for (_, token), value in zip(group, values, strict=True)]
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE. A delivery writer first gives way to the HTTP processes; any writer lets another waiting
-        one of its kind have its turn, then says it is waiting while it waits (see WriterPriority)."""
-        priority = self.priority
-        if priority is None:
-            _begin(conn)
-            return
-        if not self.urgent:
-            _give_way(priority.wanted, GIVE_WAY_SECONDS)
-        _give_way(priority.others_waiting, TURN_SECONDS)
-        try:
-            _begin(conn, on_wait=lambda: priority.want(True))
-        finally:
-            priority.want(False)
+        """BEGIN IMMEDIATE (`_lock_steps`), sleeping between attempts: this writer's thread has nothing else to do."""
+        with contextlib.closing(_lock_steps(conn, self.priority, urgent=self.urgent)) as steps:
+            for pause in steps:
+                time.sleep(pause)
 
 
 class _Writer:
@@ -325,32 +316,11 @@ class _LoopWriter:
         return results
 
     async def _begin(self) -> None:
-        """BEGIN IMMEDIATE as `Committer._begin` for a delivery process, its waits awaited."""
-        conn, priority = self.committer.conn, self.committer.priority
-        if priority is not None:
-            await _give_way_awaiting(priority.wanted, GIVE_WAY_SECONDS)
-            await _give_way_awaiting(priority.others_waiting, TURN_SECONDS)
-        deadline = 0.0
-        try:
-            while not _try_begin(conn):
-                now = time.monotonic()
-                if not deadline:
-                    deadline = now + LOCK_TIMEOUT
-                    if priority is not None:
-                        priority.want(True)
-                if now >= deadline:
-                    raise sqlite3.OperationalError("database is locked")
-                await asyncio.sleep(LOCK_POLL)
-        finally:
-            if deadline and priority is not None:
-                priority.want(False)
-
-
-async def _give_way_awaiting(waiting: Callable[[], bool], seconds: float) -> None:
-    """`_give_way` for the event loop's thread (the flag is another process's byte: no event to wait on)."""
-    until = time.monotonic() + seconds
-    while waiting() and time.monotonic() < until:  # noqa: ASYNC110
-        await asyncio.sleep(LOCK_POLL)
+        """BEGIN IMMEDIATE (`_lock_steps`), awaiting between attempts: the event loop goes on meanwhile."""
+        committer = self.committer
+        with contextlib.closing(_lock_steps(committer.conn, committer.priority, urgent=committer.urgent)) as steps:
+            for pause in steps:
+                await asyncio.sleep(pause)
 
 
 class WriterPriority:
@@ -467,14 +437,19 @@ class SQLiteStore:
             _rollback(conn)
             raise
 
-    def _reader(self) -> sqlite3.Connection:
-        """A connection for point reads on the caller's own thread: WAL readers never wait for the writer."""
-        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.identities_path.resolve().as_uri() + "?mode=ro", uri=True,
-                                   isolation_level=None, timeout=1.0, check_same_thread=False)
-            self._readers.conn = conn
-        return conn
+    def _query(self, path: Path, sql: str, args: Sequence[Any]) -> list[Any]:
+        """A point read of one of the store's files on the caller's own thread, on a read-only connection kept per
+        thread and file: a WAL reader neither waits for the write lock nor holds it. A failure is a store error
+        (503), never a 500."""
+        readers: dict[Path, sqlite3.Connection] = self._readers.__dict__.setdefault("by_path", {})
+        try:
+            conn = readers.get(path)
+            if conn is None:
+                conn = readers[path] = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
+                                                       isolation_level=None, timeout=1.0, check_same_thread=False)
+            return conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise _error(exc) from None
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._writer.call(fn)
@@ -499,11 +474,8 @@ class SQLiteStore:
     async def close(self) -> None:
         if self._accepts is not None:
             self._accepts.close()
-        for name in ("conn", "queue"):
-            reader = getattr(self._readers, name, None)
-            if reader is not None:
-                reader.close()
-                setattr(self._readers, name, None)
+        for reader in self._readers.__dict__.pop("by_path", {}).values():  # this thread's; others close with it
+            reader.close()
         await self._writer.close()
         await self._identity_writer.close()
         self.priority.close()
@@ -538,25 +510,13 @@ class SQLiteStore:
                                        timeout=timeout)
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        """A short read of the queue's file on this thread's read-only connection: a WAL reader neither waits for
-        the write lock nor holds it. (Through the writer, in a write transaction, such reads held SQLite's write
-        lock for 5-11 ms at times while the accept writer waited: timed in a patched copy, `bench/e2e.py`.)"""
-        conn: sqlite3.Connection | None = getattr(self._readers, "queue", None)
-        try:
-            if conn is None:
-                conn = self._readers.queue = sqlite3.connect(
-                    self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=1.0,
-                    check_same_thread=False)
-            return conn.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise _error(exc) from None
+        """A short read of the queue's file (`_query`). Through the writer, in a write transaction, such reads held
+        SQLite's write lock for 5-11 ms at times while the accept writer waited (timed in a patched copy,
+        `bench/e2e.py`)."""
+        return self._query(self.path, sql, args)
 
     def _read_identities(self, sql: str, args: Sequence[Any]) -> list[Any]:
-        """A read of the identities file on this thread's reader; a failure is a store error (503), never a 500."""
-        try:
-            return self._reader().execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise _error(exc) from None
+        return self._query(self.identities_path, sql, args)
 
     async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
         sql = f"SELECT key, record FROM identities WHERE key IN ({_marks(len(keys))}) AND expires_at > ?"  # noqa: S608
@@ -777,7 +737,7 @@ def _connect(path: Path, *, durable: bool, prepare: Callable[[sqlite3.Connection
     if mmap:
         conn.execute("PRAGMA mmap_size=268435456")  # reads through a 256 MB map instead of read() calls
     prepare(conn)
-    conn.execute("PRAGMA busy_timeout=0")  # from here on, _begin() waits for the lock
+    conn.execute("PRAGMA busy_timeout=0")  # from here on, a writer waits for the lock itself (_lock_steps)
     return conn
 
 
@@ -876,25 +836,37 @@ def _private_file(path: Path) -> None:
             path.chmod(0o600)
 
 
-def _give_way(waiting: Callable[[], bool], seconds: float) -> None:
-    """Wait while another writer says it is waiting for the lock, `seconds` at most (a flag left by a crash)."""
+def _lock_steps(conn: sqlite3.Connection, priority: WriterPriority | None, *,
+                urgent: bool) -> Generator[float, None, None]:
+    """BEGIN IMMEDIATE for a writer, as the pauses to wait between attempts: a writer thread sleeps them, a delivery
+    process's event loop awaits them. A delivery writer (not `urgent`) first gives way to the HTTP processes; any
+    writer lets another waiting one of its kind have its turn, then says it is waiting while it waits (see
+    WriterPriority), in short, even steps up to LOCK_TIMEOUT."""
+    if priority is not None:
+        if not urgent:
+            yield from _give_way(priority.wanted, GIVE_WAY_SECONDS)
+        yield from _give_way(priority.others_waiting, TURN_SECONDS)
+    deadline = 0.0
+    try:
+        while not _try_begin(conn):
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + LOCK_TIMEOUT
+                if priority is not None:
+                    priority.want(True)
+            if now >= deadline:
+                raise sqlite3.OperationalError("database is locked")
+            yield LOCK_POLL
+    finally:
+        if priority is not None:
+            priority.want(False)
+
+
+def _give_way(waiting: Callable[[], bool], seconds: float) -> Generator[float, None, None]:
+    """Pauses while another writer says it is waiting for the lock, `seconds` at most (a flag left by a crash)."""
     until = time.monotonic() + seconds
     while waiting() and time.monotonic() < until:
-        time.sleep(LOCK_POLL)
-
-
-def _begin(conn: sqlite3.Connection, on_wait: Callable[[], object] | None = None) -> None:
-    """BEGIN IMMEDIATE, waiting for another process's write lock in short, even steps (up to LOCK_TIMEOUT);
-    `on_wait` is called once when it has to wait."""
-    deadline = 0.0
-    while not _try_begin(conn):
-        now = time.monotonic()
-        if not deadline and on_wait is not None:
-            on_wait()
-        deadline = deadline or now + LOCK_TIMEOUT
-        if now >= deadline:
-            raise sqlite3.OperationalError("database is locked")
-        time.sleep(LOCK_POLL)
+        yield LOCK_POLL
 
 
 def _try_begin(conn: sqlite3.Connection) -> bool:
