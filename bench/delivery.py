@@ -10,6 +10,10 @@ CPU per request. Rates are the stand-in's own arrival times (first to last). `--
 deliver` with SEGRELAY_HTTP_CLIENT=aiohttp.
 
     python bench/delivery.py [--n 5000] [--concurrency 32] [--vendors segmentstream|all] [--client builtin|aiohttp]
+                             [--processes N]
+
+`--processes N` drains the queue with N delivery processes together, as `serve` runs them (each with its slot at
+SQLite's write lock); the CPU per event is theirs summed.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from app.event import parse_event
 from app.outgoing import OutgoingRequest, render
 from app.settings import resolve
 from app.store import NewJob
-from app.store.sqlite import SQLiteStore
+from app.store.sqlite import PRIORITY_SLOTS, SQLiteStore
 from app.stored import pack_event
 from app.translate import active_vendors, translate
 from handlers import BY_SLUG, Postback
@@ -114,18 +118,18 @@ async def raw_httpx(items: list[OutgoingRequest], concurrency: int) -> None:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def drained(url: str, pid: int, n: int, timeout: float = 600) -> tuple[float, float]:
+def drained(url: str, pids: list[int], n: int, timeout: float = 600) -> tuple[float, float]:
     """Once the stand-in (reset before) has seen n distinct postbacks: their rate (first to last arrival) and the
-    CPU seconds the process spent from the first arrival to the last."""
+    CPU seconds the processes spent from the first arrival to the last."""
     deadline = time.monotonic() + timeout
     cpu_at_first, got = None, 0
     while time.monotonic() < deadline:
         seen = tally(url)
         got = sum(len(counted) for counted in seen["postbacks"].values())
         if got and cpu_at_first is None:
-            cpu_at_first = cpu_seconds(pid)
+            cpu_at_first = sum(map(cpu_seconds, pids))
         if got >= n:
-            return n / (seen["last"] - seen["first"]), cpu_seconds(pid) - (cpu_at_first or 0.0)
+            return n / (seen["last"] - seen["first"]), sum(map(cpu_seconds, pids)) - (cpu_at_first or 0.0)
         time.sleep(0.1)
     raise SystemExit(f"only {got} of {n} postbacks arrived")
 
@@ -135,6 +139,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--vendors", choices=["segmentstream", "all"], default="segmentstream")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="delivery processes draining the queue together, as serve runs them (default 1)")
     parser.add_argument("--client", choices=["builtin", "aiohttp"], default="builtin",
                         help="the HTTP client of `segrelay deliver` (SEGRELAY_HTTP_CLIENT)")
     args = parser.parse_args()
@@ -160,13 +166,19 @@ def main() -> None:
                    "SEGRELAY_LOG_LEVEL": "warning", "SEGRELAY_VENDOR_CONCURRENCY": str(args.concurrency),
                    "SEGRELAY_HTTP_CLIENT": args.client,
                    **{f"SEGRELAY_{v.upper()}_URL": url for v in ("segmentstream", "tracify", "audiohook")}}
-            proc = subprocess.Popen([sys.executable, "-m", "app", "deliver"], env=env, cwd=tmp)
+            # One process, or several as serve runs them, each with its slot at SQLite's write lock (app/supervisor.py).
+            shared = [["--slot", str(PRIORITY_SLOTS + i)]
+                      for i in range(args.processes)] if args.processes > 1 else [[]]
+            procs = [subprocess.Popen([sys.executable, "-m", "app", "deliver", *extra], env=env, cwd=tmp)
+                     for extra in shared]
             try:
-                rate, cpu = drained(url, proc.pid, len(items))
+                rate, cpu = drained(url, [proc.pid for proc in procs], len(items))
                 results[f"segrelay deliver ({args.client})"] = rate
             finally:
-                proc.terminate()
-                proc.wait(30)
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    proc.wait(30)
         finally:
             vendor.terminate()
     per_event = len(items) // args.n
