@@ -4,7 +4,7 @@ A timer per request (`asyncio.timeout()`, `loop.call_later()` and its cancel) co
 and it had two: the store's deadline (SEGRELAY_ACCEPT_TIMEOUT_SECONDS) and the time to read a request
 (SEGRELAY_REQUEST_READ_SECONDS). Neither needs that precision: here a request only notes its deadline in a dict,
 and one timer per event loop and cadence, running while any deadline is noted, calls what is past due. The
-README's 0.10.0 figures give what it changed.
+bench/HISTORY.md's 0.10.0 figures give what it changed.
 
 `within` is `asyncio.wait_for()` for a future that a store resolves (TimeoutError when past due; the store's write may
 still land later); `Sweeper` calls a function at a deadline (the request-read limit, vendor requests' deadlines).

@@ -48,7 +48,7 @@ def access(fields: dict[str, Any]) -> None:
     of the same event-loop turn in one write.
 
     The logging module costs about 40 µs a line, a tenth of the accept path; a write of its own per line cost a
-    system call per request (the README's 0.10.0 figures). The lines of a turn leave at its end, before any line
+    system call per request (bench/HISTORY.md's 0.10.0 figures). The lines of a turn leave at its end, before any line
     the logging module writes (`_Stdout`), and at exit. Callers pass only safe fields (never keys, settings,
     emails, IPs or user agents).
     """

@@ -3,7 +3,7 @@
 Why it exists: delivery is bound by CPU, and the HTTP client was the largest part of it. aiohttp took 75-80 µs
 of CPU per request here alone and 100-150 inside a delivery process; this client, which parses answers with
 httptools (llhttp, the parser uvicorn uses) and does nothing a postback does not need, takes about 20 alone.
-The README's 0.12.0 benchmarks give the figures; aiohttp stays selectable (`SEGRELAY_HTTP_CLIENT=aiohttp`).
+bench/HISTORY.md's 0.12.0 figures give the measurements; aiohttp stays selectable (`SEGRELAY_HTTP_CLIENT=aiohttp`).
 
 What it does: one pool per origin (scheme, host, port) of at most `limit` connections, reused while the server
 keeps them alive (LIFO: the warmest first) and closed once idle for `idle_seconds`; the host's addresses looked up

@@ -216,7 +216,7 @@ class Deliverer:
         """Render the postbacks of the jobs just leased and kept, one after the other. Rendered inside each send's
         task instead, between one request's aiohttp calls and the next's, the same work took 1.1-1.4 times as long
         (the processor's caches: `Renderer.render` timed inside a delivery process), and delivery 11-12 % more CPU
-        per event end to end (the README's 0.9.0 figures)."""
+        per event end to end (bench/HISTORY.md's 0.9.0 figures)."""
         self._forget(slug, excess)
         handed_back = {job.id for job in excess}
         rendered = self._rendered[slug]
