@@ -167,10 +167,10 @@ def main() -> None:
                    "SEGRELAY_HTTP_CLIENT": args.client,
                    **{f"SEGRELAY_{v.upper()}_URL": url for v in ("segmentstream", "tracify", "audiohook")}}
             # One process, or several as serve runs them, each with its slot at SQLite's write lock (app/supervisor.py).
-            shared = [["--slot", str(PRIORITY_SLOTS + i)]
+            slots = [["--slot", str(PRIORITY_SLOTS + i)]
                       for i in range(args.processes)] if args.processes > 1 else [[]]
             procs = [subprocess.Popen([sys.executable, "-m", "app", "deliver", *extra], env=env, cwd=tmp)
-                     for extra in shared]
+                     for extra in slots]
             try:
                 rate, cpu = drained(url, [proc.pid for proc in procs], len(items))
                 results[f"segrelay deliver ({args.client})"] = rate
