@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,9 +136,13 @@ class Segrelay:
         # One HTTP process unless a test asks for more: bounds such as SEGRELAY_MAX_CONNECTIONS and
         # SEGRELAY_MAX_INFLIGHT_BYTES, and what a process has cached or remembered, are per HTTP process, and which
         # process a new connection reaches is the kernel's choice (tests/test_http_processes_e2e.py covers several).
+        # serve's temporary directories (the accept writer's socket, the metrics' files) in one of the test's own:
+        # a service a test kills (SIGKILL) cannot remove them, and cleanup() does. Short, for the socket's path.
+        self.tmpdir = tempfile.mkdtemp(prefix="segrelay-test-")
         self.env = {**os.environ, "SEGRELAY_STORE": f"sqlite:///{tmp / 'store.db'}", "SEGRELAY_SECRET": SECRET,
                     "SEGRELAY_RETRY_BASE_SECONDS": "0.2", "SEGRELAY_RETRY_MAX_SECONDS": "1",
-                    "SEGRELAY_KEY_CACHE_SECONDS": "0", "SEGRELAY_HTTP_PROCESSES": "1", **(env or {})}
+                    "SEGRELAY_KEY_CACHE_SECONDS": "0", "SEGRELAY_HTTP_PROCESSES": "1", "TMPDIR": self.tmpdir,
+                    **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.key = ""
 
@@ -187,12 +192,14 @@ class Segrelay:
             self.terminate()
 
     def cleanup(self) -> None:
-        """Kill whatever is still running (a test that failed half-way) and close the log."""
+        """Kill whatever is still running (a test that failed half-way), close the log, remove serve's temporary
+        directories."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
         if self.proc is not None and not self.log.closed:
             self.log.close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def logs(self) -> str:
         return (self.tmp / f"{self.name}.log").read_text()

@@ -105,6 +105,7 @@ def test_redis_that_could_lose_events_is_refused_unless_accepted(tmp_path: Path)
             assert "store may lose accepted events" in service.logs()
         finally:
             service.stop()
+            service.cleanup()
     finally:
         redis.stop()
 
