@@ -22,13 +22,14 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from app.version import VERSION
 
-_PID = [os.getpid()]  # this process's id, kept up to date across a fork (there is none in segrelay, but a library may)
-os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # Under `serve` every write to a metric asks which process it is in (prometheus_client's multiprocess mode): by
     # default a getpid() system call each time, the most frequent system call of the HTTP and delivery processes
-    # (strace, bench/e2e.py's load: about four per accepted event). The process id kept above answers the same.
+    # (strace, bench/e2e.py's load: about four per accepted event). The process id kept here answers the same, kept
+    # up to date across a fork (there is none in segrelay, but a library may fork).
     # In a tight loop: a counter's inc() 2.1 -> 1.1 µs, a histogram's observe() 4.3 -> 2.5 µs.
+    _PID = [os.getpid()]
+    os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
     values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _PID[0])  # type: ignore[no-untyped-call]
 
 REQUESTS = Counter("segrelay_requests", "Requests to /segment by call type and status code",

@@ -9,10 +9,11 @@ after COMMIT returns; if the group fails, each operation is redone in a transact
 one fails.
 
 The HTTP process and the delivery processes of `segrelay serve` share the file: SQLite serialises their writers
-(a writer retries BEGIN every half millisecond rather than SQLite's busy handler, whose sleeps grow to
-100 ms and would show as long tails), and the HTTP processes go first: while one waits for the lock it says so in
-its byte of a small file beside the database (`<name>-priority`); delivery processes do not begin meanwhile, and
-another HTTP process that has just committed lets it have the next turn.
+(a writer retries BEGIN itself rather than through SQLite's busy handler, whose sleeps grow to 100 ms and would show
+as long tails: the HTTP side every half millisecond, delivery in pauses growing to 4 ms, `_pauses`), and the HTTP
+processes go first: while one waits for the lock it says so in its byte of a small file beside the database
+(`<name>-priority`); delivery processes do not begin meanwhile, and another HTTP process that has just committed
+lets it have the next turn.
 The HTTP process commits with synchronous=FULL (an accepted event survives power loss); the delivery processes may
 use NORMAL, since losing their last completions to a power cut only means sending them again.
 Ids are AUTOINCREMENT, never reused: a late answer for a job, or a cached event, can never meet a newer one.
