@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from app.store import NewJob, StoreUnavailableError
-from app.store.sqlite import SQLiteStore
+from app.store.sqlite import SQLiteStore, accept_op
 
 
 class FailingCommits:
@@ -99,3 +99,39 @@ def test_database_files_and_folder_are_private(tmp_path: Path) -> None:
         assert (path.parent / name).stat().st_mode & 0o777 == 0o600, name
     assert path.parent.stat().st_mode & 0o777 == 0o700
     asyncio.run(store.close())
+
+
+def test_a_group_redone_one_by_one_counts_and_points_only_at_what_was_stored(tmp_path: Path) -> None:
+    """A transaction's accepts write their counters once, just before COMMIT, and learn their event ids from
+    AUTOINCREMENT's sequence: when one operation of the group fails, the group rolls back and each is redone alone,
+    and neither counters nor ids may carry anything of the rolled-back attempt."""
+    path = tmp_path / "store.db"
+    SQLiteStore(str(path))  # the schema
+    committer = SQLiteStore(str(path), durable=True).accept_committer()
+    jobs = [("tracify", "events", "Order Completed", ""), ("audiohook", "pixel", "Order Completed", "")]
+
+    def accept(message_id: str) -> Any:
+        return lambda c: accept_op(c, "acme", message_id, b"sealed", jobs, 1.0, 60.0, [])
+
+    def broken(c: sqlite3.Connection) -> None:
+        raise sqlite3.IntegrityError("a broken operation")
+
+    together = committer.run([(accept("a"), "a"), (accept("b"), "b"), (accept("a"), "a again")])
+    assert [value for _, value, _ in together] == [True, True, False] and committer.commits == 1  # one transaction
+    results = committer.run([(accept("c"), "c"), (accept("d"), "d"), (broken, "x"), (accept("c"), "c again"),
+                             (accept("e"), "e")])
+    assert [(token, value, type(error).__name__ if error else None) for token, value, error in results] == [
+        ("c", True, None), ("d", True, None), ("x", None, "StoreError"), ("c again", False, None), ("e", True, None)]
+    conn = committer.conn
+    assert dict(conn.execute("SELECT name, value FROM counters")) == {
+        "pending:tracify": 5, "pending:audiohook": 5, "bytes:acme": 5 * 2 * 6, "bytes:*": 5 * 2 * 6}
+    # Each idempotency record points at its own event, and ids go on from the sequence after the rollback.
+    pointed = conn.execute("SELECT s.message_id, e.message_id, e.id FROM seen s JOIN events e ON e.id = s.event_id"
+                           " ORDER BY e.id").fetchall()
+    assert [(m, n, i) for m, n, i in pointed] == [("a", "a", 1), ("b", "b", 2), ("c", "c", 3), ("d", "d", 4),
+                                                  ("e", "e", 5)]
+    assert conn.execute("SELECT count(*), count(DISTINCT event_id) FROM jobs").fetchone() == (10, 5)
+    # Once gone, an event's id is never given again (its outcomes stay keyed by it).
+    conn.execute("DELETE FROM events")
+    assert committer.run([(accept("f"), "f")])[0][1] is True
+    assert conn.execute("SELECT id FROM events").fetchall() == [(6,)]
