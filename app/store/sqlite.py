@@ -147,12 +147,9 @@ class WriterConnection(sqlite3.Connection):
         self.bumps: dict[str, int] = {}
         self.next_event_id: int | None = None
 
-    def begin_deferring(self) -> None:
-        self.deferring, self.next_event_id = True, None
-        self.bumps.clear()
-
-    def end_deferring(self) -> None:
-        self.deferring, self.next_event_id = False, None
+    def defer(self, on: bool) -> None:
+        """Begin (True) or end (False) a transaction whose accepts leave their counters and next id here."""
+        self.deferring, self.next_event_id = on, None
         self.bumps.clear()
 
 
@@ -205,7 +202,7 @@ class Committer:
         deferring = conn if isinstance(conn, WriterConnection) else None
         try:
             if deferring is not None:
-                deferring.begin_deferring()
+                deferring.defer(True)
             values = [fn(conn) for fn, _ in group]
             if deferring is not None and deferring.bumps:
                 _bump(conn, list(deferring.bumps.items()))
@@ -215,7 +212,7 @@ class Committer:
             return exc
         finally:
             if deferring is not None:
-                deferring.end_deferring()
+                deferring.defer(False)
         self.commits += 1
         return [(token, value, None) for (_, token), value in zip(group, values, strict=True)]
 
