@@ -76,6 +76,26 @@ async def test_accepts_of_one_turn_are_each_stored_as_if_alone(store: Store) -> 
     assert sorted(j.payload for j in leased) == [b"p-0", b"p-1", b"p-3"]
 
 
+async def test_counters_of_accepts_made_together_sum_over_tenants_and_vendors(store: Store) -> None:
+    """Redis sums the counters of one script call and writes them at its end: a duplicate among them adds
+    nothing, and each tenant and vendor gets what its own events queued."""
+    now = time.time()
+    calls = [("acme", "c1", b"aa", [job("segmentstream", "track"), job("tracify")]),
+             ("beta", "c1", b"bbbb", [job("tracify")]),
+             ("acme", "c1", b"aa", [job("segmentstream", "track"), job("tracify")]),  # a duplicate
+             ("acme", "c2", b"a", [job("audiohook", "pixel")])]
+    results = await asyncio.gather(*(store.accept(tenant, m, p, jobs, now=now, ttl=60, skips=[("audiohook", "off")])
+                                     for tenant, m, p, jobs in calls))
+    assert results == [True, True, False, True]
+    counts = await store.counts()
+    assert counts.pending == {"segmentstream": 1, "tracify": 2, "audiohook": 1}
+    assert counts.queued_bytes == {"acme": 5, "beta": 4, "*": 9}
+    states = {(o.tenant, o.vendor, o.target): o.state for o in await store.trace("c1")}
+    assert states == {("acme", "segmentstream", "track"): "queued", ("acme", "tracify", "events"): "queued",
+                      ("acme", "audiohook", ""): "skipped", ("beta", "tracify", "events"): "queued",
+                      ("beta", "audiohook", ""): "skipped"}
+
+
 async def test_names_reasons_and_keys_in_any_script_survive_the_store(store: Store) -> None:
     """Event names, batch keys and skip reasons are the customer's text: quotes, newlines, accents, emoji, and a
     separator or JSON of their own come back as they were sent (Redis carries them to its script as JSON)."""
