@@ -131,13 +131,33 @@ def folded(value: Any) -> dict[str, Any]:
     """
     if not isinstance(value, dict):
         return {}
-    out: dict[str, Any] = {}
+    if len(value) <= MAX_KEYS:
+        try:  # the usual object: every key seen before, no two folding alike (one dict look-up per key)
+            out = {_FOLDED_KEYS[key]: item for key, item in value.items()}
+        except KeyError:
+            _learn_keys(value)
+        else:
+            if len(out) == len(value):
+                return out
+    out = {}
     items = value.items() if len(value) <= MAX_KEYS else itertools.islice(value.items(), MAX_KEYS)
     for key, item in items:
         name = fold(key) if len(key) <= MAX_KEY_LENGTH else ""
         if name not in out or is_empty(out[name]):
             out[name] = item
     return out
+
+
+_FOLDED_KEYS: dict[str, str] = {}  # key -> its folded form, for keys of at most MAX_KEY_LENGTH characters
+MAX_FOLDED_KEYS = 8192  # keys remembered at most: a flood of made-up keys empties it, and it fills again
+
+
+def _learn_keys(value: dict[str, Any]) -> None:
+    if len(_FOLDED_KEYS) + len(value) > MAX_FOLDED_KEYS:
+        _FOLDED_KEYS.clear()
+    for key in value:
+        if len(key) <= MAX_KEY_LENGTH:
+            _FOLDED_KEYS[key] = fold(key)
 
 
 def is_empty(value: Any) -> bool:
@@ -296,10 +316,10 @@ def url_params(page_url: str | None, search: Any, campaign: dict[str, Any]) -> d
             pairs = [(k, v) for k, _, v in (p.partition("=") for p in query.split("&")) if v]
         for key, value in pairs:
             params.setdefault(key, value)
-    for source, utm in _CAMPAIGN_TO_UTM:
-        filled = text(campaign.get(source))
-        if filled is not None and utm not in params:
-            params[utm] = filled
+    if campaign:
+        for source, utm in _CAMPAIGN_TO_UTM:
+            if utm not in params and (filled := text(campaign.get(source))) is not None:
+                params[utm] = filled
     return params
 
 
@@ -363,7 +383,7 @@ def _require_object(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return folded(value)
 
 
-_TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
+_TIME_FIELDS = tuple((name, fold(name)) for name in ("timestamp", "originalTimestamp", "sentAt", "receivedAt"))
 
 
 def _shown(value: Any) -> str:
@@ -410,8 +430,8 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
 
     warnings: list[str] = []
     ts = None
-    for name in _TIME_FIELDS:
-        value = raw.get(fold(name))
+    for name, folded_name in _TIME_FIELDS:
+        value = raw.get(folded_name)
         ts = parse_timestamp(value)
         if ts is not None:
             break
@@ -454,7 +474,11 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
             bad_currency, currency = currency[:20], None
             warnings.append(f"'currency' {_shown(bad_currency)} is not an ISO 4217 code: not used")
     library = folded(context.get("library"))
-    library_name = "/".join(x for x in (text(library.get("name")), text(library.get("version"))) if x)
+    library_name, library_version = text(library.get("name")), text(library.get("version"))
+    if library_name and library_version:
+        library_name += "/" + library_version
+    else:
+        library_name = library_name or library_version
 
     return Event(
         type=kind,

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from app import event as event_module
 from app.auth import api_key_from_header
 from app.errors import BadRequestError, UnauthorizedError, UnsupportedTypeError
 from app.event import MAX_KEY_LENGTH, MAX_KEYS, fold, folded, parse_event
@@ -108,9 +109,19 @@ def test_unsupported_types() -> None:
 
 
 def test_folded_keys_first_non_empty_wins() -> None:
-    assert folded({"orderId": "", "order_id": "N2", "OrderID": "N3"}) == {"orderid": "N2"}
-    assert folded({"order_id": None, "orderId": "N4"}) == {"orderid": "N4"}
-    assert folded({"Revenue": 10, "revenue": 20}) == {"revenue": 10}
+    for _ in range(2):  # keys first seen, then remembered (folded with one look-up each)
+        assert folded({"orderId": "", "order_id": "N2", "OrderID": "N3"}) == {"orderid": "N2"}
+        assert folded({"order_id": None, "orderId": "N4"}) == {"orderid": "N4"}
+        assert folded({"Revenue": 10, "revenue": 20}) == {"revenue": 10}
+        assert folded({"Order-ID": "N5", "total": 3}) == {"orderid": "N5", "total": 3}
+
+
+def test_remembered_keys_are_bounded() -> None:
+    for round_ in range(event_module.MAX_FOLDED_KEYS // MAX_KEYS + 2):  # past the bound: it empties
+        many = {f"made_up_{round_}_{i}": i for i in range(MAX_KEYS)}
+        assert folded(many) == {f"madeup{round_}{i}": i for i in range(MAX_KEYS)}
+        assert len(event_module._FOLDED_KEYS) <= event_module.MAX_FOLDED_KEYS
+    assert folded({"userId": "u"}) == {"userid": "u"}
     assert folded(["not", "an", "object"]) == {} and folded(None) == {}
 
 
