@@ -66,8 +66,8 @@ ACCEPT_BATCH = 64  # accepts per script call at most (those of one event loop tu
 # then its sealed payload (bytes, which JSON cannot carry). Returns 1 (new) or 0 (a duplicate) per event, in order:
 # each event is stored as if alone, and a messageId twice in one batch is new only the first time. The counters
 # are summed over the call and written once at its end, and an event's trace rows in one HSET: per event, the
-# script's commands went from 22 to 13 and redis-server's CPU per accept fell by about a tenth. (redis-py packed about 19 µs
-# of arguments per event when each field was an argument of its own.)
+# script's commands went from 22 to 13 and redis-server's CPU per accept fell by about a tenth. (redis-py packed
+# about 19 µs of arguments per event when each field was an argument of its own.)
 _ACCEPT = """
 local pending, queued_bytes, total = {}, {}, 0  -- counters, summed over the call and written once at its end
 local function accept(seen_key, now_text, ttl_text, event_id, tenant, message_id, payload, jobs, skips)
