@@ -56,9 +56,10 @@ class Sweeper:
 _SWEEPERS: dict[tuple[asyncio.AbstractEventLoop, float], Sweeper] = {}
 
 
-def sweeper(tick: float = TICK_SECONDS) -> Sweeper:
-    """The running event loop's sweeper of this cadence."""
-    loop = asyncio.get_running_loop()
+def sweeper(tick: float = TICK_SECONDS, loop: asyncio.AbstractEventLoop | None = None) -> Sweeper:
+    """The event loop's sweeper of this cadence (the running loop's unless one is given: on Python 3.11 asking for
+    the running loop is a getpid() system call)."""
+    loop = loop or asyncio.get_running_loop()
     found = _SWEEPERS.get((loop, tick))
     if found is None:
         for old in [key for key in _SWEEPERS if key[0].is_closed()]:  # loops of finished asyncio.run() calls
@@ -74,7 +75,7 @@ async def within(future: asyncio.Future[T], seconds: float | None) -> T:
     a block-level deadline that cancels the task, cost the accept path about 6 µs an event)."""
     if seconds is None:
         return await future
-    deadlines = sweeper()
+    deadlines = sweeper(loop=future.get_loop())
     deadlines.add(future, seconds, lambda: _time_out(future))
     try:
         return await future

@@ -72,6 +72,7 @@ class AcceptWriterClient(asyncio.Protocol):
     def __init__(self, path: str) -> None:
         self.path = path
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Future[None] | None = None
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._outgoing: list[bytes] = []
@@ -84,7 +85,7 @@ class AcceptWriterClient(asyncio.Protocol):
             await self._connect()
         elif self._transport.get_write_buffer_size() > MAX_BACKLOG:  # a stalled writer (a stuck disk): bounded
             raise StoreUnavailableError("sqlite: the accept writer is not keeping up")
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()  # the connection's: asking is a getpid() call on Python 3.11
         request_id = self._next_id = self._next_id + 1
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting[request_id] = future
@@ -106,8 +107,9 @@ class AcceptWriterClient(asyncio.Protocol):
                 self._connecting = None
 
     async def _open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().create_unix_connection(lambda: self, self.path)
+            await self._loop.create_unix_connection(lambda: self, self.path)
         except OSError as exc:
             raise StoreUnavailableError(f"sqlite: the accept writer process is not answering ({exc.strerror or exc})"
                                         ) from None
