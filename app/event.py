@@ -6,7 +6,6 @@ separator-insensitive: `orderId`, `order_id` and `OrderID` all fold to `orderid`
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import re
@@ -80,10 +79,20 @@ EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
 
-@functools.lru_cache(maxsize=8192)
+_FOLDED_KEYS: dict[str, str] = {}  # key -> its folded form, for keys of at most MAX_KEY_LENGTH characters
+MAX_FOLDED_KEYS = 8192  # keys remembered at most: a flood of made-up keys empties it, and it fills again
+
+
 def fold(key: str) -> str:
-    """`orderId`, `order_id`, `Order-ID` -> `orderid`."""
-    return _FOLD.sub("", key.lower())
+    """`orderId`, `order_id`, `Order-ID` -> `orderid`, remembered (`folded` reads what is remembered directly)."""
+    found = _FOLDED_KEYS.get(key)
+    if found is None:
+        found = _FOLD.sub("", key.lower())
+        if len(key) <= MAX_KEY_LENGTH:
+            if len(_FOLDED_KEYS) >= MAX_FOLDED_KEYS:
+                _FOLDED_KEYS.clear()
+            _FOLDED_KEYS[key] = found
+    return found
 
 
 def is_email(value: str | None) -> bool:
@@ -135,7 +144,7 @@ def folded(value: Any) -> dict[str, Any]:
         try:  # the usual object: every key seen before, no two folding alike (one dict look-up per key)
             out = {_FOLDED_KEYS[key]: item for key, item in value.items()}
         except KeyError:
-            _learn_keys(value)
+            pass  # a key not seen before: the loop below folds it and remembers it
         else:
             if len(out) == len(value):
                 return out
@@ -146,18 +155,6 @@ def folded(value: Any) -> dict[str, Any]:
         if name not in out or is_empty(out[name]):
             out[name] = item
     return out
-
-
-_FOLDED_KEYS: dict[str, str] = {}  # key -> its folded form, for keys of at most MAX_KEY_LENGTH characters
-MAX_FOLDED_KEYS = 8192  # keys remembered at most: a flood of made-up keys empties it, and it fills again
-
-
-def _learn_keys(value: dict[str, Any]) -> None:
-    if len(_FOLDED_KEYS) + len(value) > MAX_FOLDED_KEYS:
-        _FOLDED_KEYS.clear()
-    for key in value:
-        if len(key) <= MAX_KEY_LENGTH:
-            _FOLDED_KEYS[key] = fold(key)
 
 
 def is_empty(value: Any) -> bool:
