@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -68,6 +70,7 @@ def require_wrk() -> str:
 def wrk(url: str, body: str, headers: dict[str, str], *, seconds: int, connections: int,
         threads: int = 1) -> dict[str, float]:
     """Run wrk against url/segment with a unique messageId per request; req/s and latency percentiles in ms."""
+    wrk_cpu_before = _children_cpu()  # wrk is the only child that ends meanwhile: its CPU is the difference
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
         lines = [WRK_SCRIPT, f"wrk.method = 'POST'\nwrk.body = {json.dumps(body)}"]
@@ -83,6 +86,7 @@ def wrk(url: str, body: str, headers: dict[str, str], *, seconds: int, connectio
         value, unit = float(match.group(1)), match.group(2)
         figures[f"p{pct}_ms"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
     figures["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    figures["wrk_cpu_s"] = _children_cpu() - wrk_cpu_before
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     figures["non_2xx"] = float(non2xx.group(1)) if non2xx else 0.0
     return figures
@@ -92,6 +96,28 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def scheduler_seconds(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of all the process's threads so far, from
+    /proc/<pid>/task/*/schedstat."""
+    running = waiting = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            on_cpu, queued, _ = (task / "schedstat").read_text().split()
+            running, waiting = running + int(on_cpu), waiting + int(queued)
+    return running / 1e9, waiting / 1e9
+
+
+def machine_idle_seconds() -> float:
+    """CPU-seconds every core of the machine spent idle (or waiting for the disk) so far, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(args: list[str], env: dict[str, str], ready: str, log: Path) -> subprocess.Popen[bytes]:

@@ -1,8 +1,8 @@
 """Ingest benchmark: POST /segment through the full durable accept path vs a bare Starlette app.
 
 Both run under the same uvicorn (same loop and HTTP implementation), receive the same body and headers from wrk on
-loopback, and are measured in the same run: bare Starlette in one process, segrelay as `segrelay serve` ships (one
-HTTP process per core; `--http-processes N` to choose). segrelay runs with SEGRELAY_DELIVERY=off so
+loopback, and are measured in the same run: bare Starlette in one process, segrelay as `segrelay serve` ships (its
+default number of HTTP processes; `--http-processes N` to choose). segrelay runs with SEGRELAY_DELIVERY=off so
 the figure is the accept path alone: auth, settings, normalisation, routing for three vendors (four
 postbacks), identity stitching, encryption, durable group commit. Every request is a new message; with
 `--visitors unique` each also comes from a new visitor (unique userId and anonymousId: for stitching the costly case,
@@ -10,16 +10,25 @@ every look-up misses the store and both ids are written), with `--visitors retur
 visitors whose events come again and again. `--stitching both` measures the setting on and off side by side;
 server CPU per request from /proc, summed over segrelay's HTTP processes and, on SQLite, its accept writer.
 
+`--breakdown` also prints where the machine's cores went during each run: every segrelay process's (and
+redis-server's) share of a core on it and waiting for it (the kernel's schedstat), wrk's own, and the cores left idle.
+`--floors` also measures the same serve's cheapest answers: a screen call (501: the key check, the body, its JSON,
+the call type, the answer and its log line) and an unknown key (401: the key check alone), each against the bare
+Starlette figure it prints.
+
     python bench/ingest.py [--store sqlite|redis|both] [--stitching on|off|both] [--visitors unique|returning]
                            [--rounds N] [--seconds 10] [--connections 32] [--fixture F] [--http-processes N]
+                           [--breakdown] [--floors]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import (
@@ -28,10 +37,13 @@ from common import (
     SECRET,
     RedisServer,
     basic,
+    command,
     cpu_seconds,
     free_port,
     http_and_delivery_pids,
+    machine_idle_seconds,
     print_table,
+    scheduler_seconds,
     serve_segrelay,
     settings_header,
     start,
@@ -51,7 +63,8 @@ def body(fixture: str = "order_completed.json", visitors: str = "unique") -> str
     return json.dumps(event)
 
 
-def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: bool = True) -> dict[str, float]:
+def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: bool = True,
+                 redis_pid: int | None = None) -> dict[str, float]:
     # Default log level: one JSON line per request, as in production.
     env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_DELIVERY": "off",
            "SEGRELAY_MAX_QUEUE_MB": "100000", "SEGRELAY_MIN_FREE_DISK_MB": "0"}
@@ -66,13 +79,40 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
         wrk(url, event, headers, seconds=2, connections=args.connections)  # warm-up
         pids = http_and_delivery_pids(proc.pid)[0]
         before = sum(cpu_seconds(p) for p in pids)
+        names = {p: "accept writer" if command(p)[3] == "accept-writer" else "HTTP process" for p in pids}
+        if redis_pid is not None:
+            names[redis_pid] = "redis-server"
+        scheduled, idle, started = {p: scheduler_seconds(p) for p in names}, machine_idle_seconds(), time.monotonic()
         figures = wrk(url, event, headers, seconds=args.seconds, connections=args.connections)
+        elapsed = time.monotonic() - started
         requests = figures["rps"] * args.seconds
         figures["cpu_us"] = (sum(cpu_seconds(p) for p in pids) - before) / max(requests, 1) * 1e6
         figures["processes"] = len(pids)
+        figures["idle_cores"] = (machine_idle_seconds() - idle) / elapsed
+        figures["wrk_cores"] = figures["wrk_cpu_s"] / elapsed
+        for pid, name in names.items():
+            (on_cpu, queued), (on_cpu_before, queued_before) = scheduler_seconds(pid), scheduled[pid]
+            figures[f"busy {name} {pid}"] = (on_cpu - on_cpu_before) / elapsed
+            figures[f"queued {name} {pid}"] = (queued - queued_before) / elapsed
+        if args.floors:
+            figures.update(floors(url, event, headers, args))
         return figures
     finally:
         stop(proc)
+
+
+def floors(url: str, event: str, headers: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
+    """The same serve's cheapest answers, each after a warm-up: a screen call (501: auth, the body, its JSON, the
+    call type, the answer and its log line) and an unknown key (401: auth alone, the body unread)."""
+    screen = event.replace('"type": "track"', '"type": "screen"')
+    if screen == event:
+        raise SystemExit("--floors needs a track event as --fixture")
+    unknown = {**headers, "Authorization": basic("sr_unknown_key")}
+    rates = {}
+    for name, body, sent in (("501", screen, headers), ("401", event, unknown)):
+        wrk(url, body, sent, seconds=2, connections=args.connections)
+        rates[f"floor {name}"] = wrk(url, body, sent, seconds=args.seconds, connections=args.connections)["rps"]
+    return rates
 
 
 def run_bare(tmp: Path, args: argparse.Namespace, event: str | None = None) -> dict[str, float]:
@@ -109,6 +149,11 @@ def main() -> None:
                         help="a new visitor per request, or a pool of 2,000 returning visitors")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the cases in turn this many times and report each one's median run")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also print each segrelay process's share of a core (on one, and waiting for one), "
+                             "wrk's and the machine's idle cores during the run")
+    parser.add_argument("--floors", action="store_true",
+                        help="also measure the same serve's cheapest answers (501 screen call, 401 unknown key)")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as raw_tmp:
@@ -127,7 +172,8 @@ def main() -> None:
                         store = f"sqlite:///{tmp / f'store-{on}-{round_}.db'}"
                         runs.setdefault(f"SQLite FULL, {label}", []).append(run_segrelay(tmp, store, args, on))
                     if redis is not None:
-                        runs.setdefault(f"Redis AOF, {label}", []).append(run_segrelay(tmp, redis.url, args, on))
+                        figures = run_segrelay(tmp, redis.url, args, on, redis_pid=redis.proc.pid)
+                        runs.setdefault(f"Redis AOF, {label}", []).append(figures)
         finally:
             if redis is not None:
                 redis.stop()
@@ -140,6 +186,16 @@ def main() -> None:
         cpu = sorted(r["cpu_us"] for r in runs[name])
         print(f"{name}: {figures['rps'] / bare['rps']:.2f} x bare Starlette, {cpu[len(cpu) // 2]:.0f} us server CPU "
               f"per request (runs: {', '.join(f'{c:.0f}' for c in cpu)})")
+        if args.breakdown:
+            shares = [f"{key.split(' ', 1)[1].rsplit(' ', 1)[0]} {value:.2f} on a core + "
+                      f"{figures[key.replace('busy', 'queued', 1)]:.2f} waiting for one"
+                      for key, value in figures.items() if key.startswith("busy ")]
+            print(f"  cores during the run: {'; '.join(shares)}; wrk {figures['wrk_cores']:.2f}; "
+                  f"idle {figures['idle_cores']:.2f} (of {os.cpu_count()})")
+        if args.floors:
+            print(f"  the same serve's cheapest answers: 501 (a screen call) {figures['floor 501']:.0f} req/s = "
+                  f"{figures['floor 501'] / bare['rps']:.2f} x; 401 (an unknown key) {figures['floor 401']:.0f} "
+                  f"req/s = {figures['floor 401'] / bare['rps']:.2f} x")
 
 
 if __name__ == "__main__":
