@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.store.sqlite import PRIORITY_SLOTS
+from app.store.sqlite_writers import PRIORITY_SLOTS
 
 ACCEPT_WRITER_SLOT = PRIORITY_SLOTS - 1  # after the HTTP processes' slots (SEGRELAY_HTTP_PROCESSES <= 63)
 

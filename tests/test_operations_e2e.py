@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.store.sqlite import PRIORITY_SLOTS
+from app.store.sqlite_writers import PRIORITY_SLOTS
 from app.version import VERSION
 from tests.support import (
     ROOT,

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 
 from app.store import StoreError
-from app.store.sqlite import (
+from app.store.sqlite import SQLiteStore
+from app.store.sqlite_writers import (
     DELIVERY_SLOTS,
     GIVE_WAY_SECONDS,
     LOCK_POLL,
     LOCK_POLL_MAX,
     PRIORITY_SLOTS,
     TURN_SECONDS,
-    SQLiteStore,
-    _give_way,
-    _lock_steps,
+    give_way,
+    lock_steps,
 )
 
 
@@ -146,7 +146,7 @@ async def test_the_one_byte_file_of_an_earlier_version_grows_to_every_slot(tmp_p
 
 async def test_a_delivery_store_waits_for_the_lock_without_blocking_its_event_loop(
         stores: tuple[SQLiteStore, SQLiteStore], tmp_path: Path) -> None:
-    """A delivery process's writes run on its event loop (`_LoopWriter`): waiting for the lock is an await, so its
+    """A delivery process's writes run on its event loop (`LoopWriter`): waiting for the lock is an await, so its
     requests to vendors go on meanwhile, and the lock is then held only for the statements themselves."""
     _, delivery = stores
     holder = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
@@ -185,12 +185,12 @@ def test_delivery_waits_for_the_lock_in_growing_steps_and_the_http_side_in_short
     try:
         for urgent, expected in ((False, [LOCK_POLL * 2 ** n for n in range(4)] + [LOCK_POLL_MAX] * 2),
                                  (True, [LOCK_POLL] * 6)):
-            steps = _lock_steps(waiter, None, urgent=urgent)
+            steps = lock_steps(waiter, None, urgent=urgent)
             assert [next(steps) for _ in range(6)] == expected
             steps.close()
             # So do its pauses while it gives way to a waiting HTTP process or lets another delivery process have
             # its turn: at a steady 0.5 ms a delivery process looked about 60 times per transaction.
-            turns = _give_way(lambda: True, TURN_SECONDS, urgent)
+            turns = give_way(lambda: True, TURN_SECONDS, urgent)
             assert [next(turns) for _ in range(6)] == expected
     finally:
         holder.execute("ROLLBACK")

@@ -242,7 +242,7 @@ async def check_durability(store: Store, *, allow_unsafe: bool) -> None:
 def open_store(url: str, *, consumer: str = "", durable: bool = True, slot: int | None = None,
                accept_writer: str | None = None) -> Store:
     """durable=False lets SQLite skip the fsync of this connection's commits (delivery's own bookkeeping); `slot`
-    numbers the processes that share one SQLite file (their turns at its write lock; app/store/sqlite.py);
+    numbers the processes that share one SQLite file (their turns at its write lock; app/store/sqlite_writers.py);
     `accept_writer`: the socket of the process that stores accepts for every HTTP process (SQLite)."""
     if url.startswith("sqlite:///"):
         from app.store.sqlite import SQLiteStore

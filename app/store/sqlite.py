@@ -1,21 +1,12 @@
-"""The embedded store: one SQLite file in WAL mode, one writer per process with group commit.
+"""The embedded store: one SQLite file in WAL mode, shared by `segrelay serve`'s processes.
 
-In an HTTP process every operation runs on a writer thread. The thread takes whatever has queued up (up to
-`MAX_GROUP` operations) and commits them in one transaction: one fsync serves many concurrent requests, and the
-event loop never blocks on the disk. In a delivery process (`durable=False`) they run on the event loop itself
-(`_LoopWriter`): what queued up meanwhile, in one transaction, its statements run without a pause once the write
-lock is held (no fsync to wait for there), while waiting for the lock is an await. A caller learns success only
-after COMMIT returns; if the group fails, each operation is redone in a transaction of its own, so only a failing
-one fails.
+What it stores and how it finds it. How writes reach the file (group commit, one writer at a time across processes,
+the HTTP side first) is app/store/sqlite_writers.py: an HTTP process writes on a writer thread, a delivery process
+on its event loop, and on `serve` the HTTP processes' accepts go to the accept writer (app/store/accept_writer.py),
+which runs `accept_op` for all of them. The HTTP side commits with synchronous=FULL (an accepted event survives power
+loss); the delivery processes may use NORMAL, since losing their last completions to a power cut only means sending
+them again.
 
-The HTTP process and the delivery processes of `segrelay serve` share the file: SQLite serialises their writers
-(a writer retries BEGIN itself rather than through SQLite's busy handler, whose sleeps grow to 100 ms and would show
-as long tails: the HTTP side every half millisecond, delivery in pauses growing to 4 ms, `_pauses`), and the HTTP
-processes go first: while one waits for the lock it says so in its byte of a small file beside the database
-(`<name>-priority`); delivery processes do not begin meanwhile, and another HTTP process that has just committed
-lets it have the next turn.
-The HTTP process commits with synchronous=FULL (an accepted event survives power loss); the delivery processes may
-use NORMAL, since losing their last completions to a power cut only means sending them again.
 Ids are AUTOINCREMENT, never reused: a late answer for a job, or a cached event, can never meet a newer one.
 Every query is served by an index: due jobs per vendor, leased jobs, dead letters, expired idempotency records, an
 event's jobs; an event goes with its last job; counts come from the `counters` table, kept in the same transactions.
@@ -26,20 +17,14 @@ idempotency record (`segrelay trace`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import mmap
 import os
-import queue
 import sqlite3
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from app.deadlines import within
 from app.keys import KeyRecord
 from app.store import (
     ALL_TENANTS,
@@ -52,22 +37,28 @@ from app.store import (
     Outcome,
     QueueStats,
     StoreError,
-    StoreUnavailableError,
     VendorStats,
 )
 from app.store.accept_writer import AcceptWriterClient
+from app.store.sqlite_writers import (
+    DELIVERY_SLOTS,
+    MAX_GROUP,
+    MAX_GROUP_UNDURABLE,
+    PRIORITY_SLOTS,
+    Committer,
+    LoopWriter,
+    ThreadWriter,
+    WriterConnection,
+    WriterPriority,
+    bump_counters,
+    connect_writer,
+    private_file,
+    rollback,
+    store_error,
+)
 from handlers import VENDORS
 
 T = TypeVar("T")
-MAX_GROUP = 512  # operations per transaction for the HTTP process (accepts: one fsync serves them all)
-MAX_GROUP_UNDURABLE = 64  # for a delivery process: short transactions, so accepts never wait long for the lock
-LOCK_TIMEOUT = 30.0  # seconds a write waits for another process's lock before it fails (503)
-LOCK_POLL = 0.0005  # seconds between attempts at the write lock: the HTTP side's, and delivery's first
-LOCK_POLL_MAX = 0.004  # delivery's longest, its pauses doubling from LOCK_POLL (`_pauses`)
-GIVE_WAY_SECONDS = 0.05  # how long a delivery process lets the HTTP processes go first, at most, per transaction
-TURN_SECONDS = 0.02  # how long an HTTP process lets another waiting HTTP process have its turn, at most
-PRIORITY_SLOTS = 64  # HTTP processes that can share one database file (each says it waits in its own byte)
-DELIVERY_SLOTS = 64  # ... and delivery processes, in the bytes after those
 CHUNK = 500  # rows per statement where lease and complete name many rows at once
 # Expired rows of one kind deleted per transaction (delivery calls housekeeping every second): each holds the write
 # lock that accepts wait for, 0.8 ms at the median for 500 rows (2,000 took 2.8 ms, up to 11.7).
@@ -132,269 +123,6 @@ _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message
                " e.payload, j.attempts, j.created_at, j.size FROM jobs j JOIN events e ON e.id = j.event_id")
 
 
-class _Stop:
-    pass
-
-
-class WriterConnection(sqlite3.Connection):
-    """A writer's connection, and what its open transaction's accepts leave to write at COMMIT (`accept_op`):
-    their counter changes, summed into one statement for the whole transaction instead of one per accept, and the
-    next event id, read once per transaction instead of written back to each idempotency record."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.deferring = False  # inside `Committer.run_begun`, which writes `bumps` before its COMMIT
-        self.bumps: dict[str, int] = {}
-        self.next_event_id: int | None = None
-
-    def defer(self, on: bool) -> None:
-        """Begin (True) or end (False) a transaction whose accepts leave their counters and next id here."""
-        self.deferring, self.next_event_id = on, None
-        self.bumps.clear()
-
-
-class Committer:
-    """One connection's transactions: a group of operations in one transaction, each alone if the group fails.
-
-    Used by a `_Writer`'s thread, and by the accept writer process (app/store/accept_writer.py) on its own."""
-
-    def __init__(self, conn: sqlite3.Connection, *, priority: WriterPriority | None = None,
-                 urgent: bool = False) -> None:
-        self.conn, self.priority, self.urgent = conn, priority, urgent
-        self.commits = 0  # transactions committed (group commit makes this much smaller than operations)
-
-    def run(self, group: Sequence[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list[Any]:
-        """Run the group (operations, each with a token) in one transaction; if it fails, redo each operation in
-        its own transaction. Returns (token, value, error) per operation.
-
-        A caller learns success only once its transaction has committed: results are collected first and handed
-        out after COMMIT returns. A failed COMMIT (a full disk, an I/O error) fails every operation in it.
-        """
-        try:
-            self._begin(self.conn)
-        except Exception as exc:
-            _rollback(self.conn)
-            if len(group) == 1:
-                return [(group[0][1], None, _error(exc))]
-        else:
-            done = self.run_begun(group)
-            if not isinstance(done, BaseException):
-                return done
-            if len(group) == 1:
-                return [(group[0][1], None, _error(done))]
-        results: list[tuple[Any, Any, StoreError | None]] = []
-        for operation in group:
-            try:
-                self._begin(self.conn)
-            except Exception as exc:
-                _rollback(self.conn)
-                results.append((operation[1], None, _error(exc)))
-                continue
-            alone = self.run_begun([operation])
-            results += [(operation[1], None, _error(alone))] if isinstance(alone, BaseException) else alone
-        return results
-
-    def run_begun(self, group: Sequence[tuple[Callable[[sqlite3.Connection], Any], Any]]
-                  ) -> list[Any] | BaseException:
-        """The group in the transaction just begun: (token, value, None) per operation once COMMIT has returned,
-        or the exception that made it roll back."""
-        conn = self.conn
-        deferring = conn if isinstance(conn, WriterConnection) else None
-        try:
-            if deferring is not None:
-                deferring.defer(True)
-            values = [fn(conn) for fn, _ in group]
-            if deferring is not None and deferring.bumps:
-                _bump(conn, list(deferring.bumps.items()))
-            conn.execute("COMMIT")
-        except Exception as exc:
-            _rollback(conn)
-            return exc
-        finally:
-            if deferring is not None:
-                deferring.defer(False)
-        self.commits += 1
-        return [(token, value, None) for (_, token), value in zip(group, values, strict=True)]
-
-    def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE (`_lock_steps`), sleeping between attempts: this writer's thread has nothing else to do."""
-        with contextlib.closing(_lock_steps(conn, self.priority, urgent=self.urgent)) as steps:
-            for pause in steps:
-                time.sleep(pause)
-
-
-class _Writer:
-    """One connection and the one thread that uses it: operations queue up and commit in groups."""
-
-    def __init__(self, conn: sqlite3.Connection, *, name: str, max_group: int,
-                 priority: WriterPriority | None = None, urgent: bool = False) -> None:
-        self.max_group = max_group
-        self.committer = Committer(conn, priority=priority, urgent=urgent)
-        self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    @property
-    def commits(self) -> int:
-        return self.committer.commits
-
-    async def call(self, fn: Callable[[sqlite3.Connection], T], timeout: float | None = None) -> T:
-        """`fn`'s result once its transaction has committed; TimeoutError past `timeout` (it may commit later)."""
-        if not self._thread.is_alive():
-            raise StoreError("sqlite store is closed")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._ops.put((fn, fut))
-        return await within(fut, timeout)
-
-    async def close(self) -> None:
-        if self._thread.is_alive():
-            self._ops.put(_Stop())
-            await asyncio.to_thread(self._thread.join)
-
-    def _run(self) -> None:
-        while True:
-            item = self._ops.get()
-            if isinstance(item, _Stop):
-                break
-            group = [item]
-            while len(group) < self.max_group:
-                try:
-                    nxt = self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(nxt, _Stop):
-                    self._ops.put(nxt)
-                    break
-                group.append(nxt)
-            results = self.committer.run(group)
-            by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-            for entry in results:
-                by_loop.setdefault(entry[0].get_loop(), []).append(entry)
-            for loop, entries in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # the loop closed while we worked
-                    loop.call_soon_threadsafe(_resolve, entries)
-        self.committer.conn.close()
-
-
-class _LoopWriter:
-    """A delivery process's writes, on its event loop's own thread: the operations that queued up meanwhile (up to
-    `max_group`) in one transaction, run without a pause once SQLite's write lock is held. Waiting for the lock,
-    and giving way to the accept writer first (`WriterPriority`), is an `await`, never a block.
-
-    On a writer thread (`_Writer`), every SQLite step gives up Python's GIL, and taking it back waits for the event
-    loop's thread, busy rendering at a lower CPU priority: a delivery transaction then held the write lock for 20 to
-    500 ms at times, while the accept writer, and Segment's requests, waited for it (timed inside both writers in a
-    patched copy, `bench/e2e.py`). Here the lock is held only for the statements' own work (and whatever time the
-    kernel gives the other processes meanwhile)."""
-
-    def __init__(self, conn: sqlite3.Connection, *, max_group: int, priority: WriterPriority | None) -> None:
-        self.max_group = max_group
-        self.committer = Committer(conn, priority=priority)
-        self._ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._draining: asyncio.Task[None] | None = None
-        self._closed = False
-
-    @property
-    def commits(self) -> int:
-        return self.committer.commits
-
-    async def call(self, fn: Callable[[sqlite3.Connection], T], timeout: float | None = None) -> T:
-        """`fn`'s result once its transaction has committed; TimeoutError past `timeout` (it may commit later)."""
-        if self._closed:
-            raise StoreError("sqlite store is closed")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._ops.append((fn, fut))
-        if self._draining is None or self._draining.done():
-            self._draining = loop.create_task(self._drain())
-        return await within(fut, timeout)
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._draining is not None:
-            with contextlib.suppress(Exception):
-                await self._draining
-        self.committer.conn.close()
-
-    async def _drain(self) -> None:
-        while self._ops:
-            group, self._ops = self._ops[:self.max_group], self._ops[self.max_group:]
-            try:
-                await self._begin()
-            except Exception as exc:
-                _resolve([(fut, None, _error(exc)) for _, fut in group])
-                continue
-            done = self.committer.run_begun(group)
-            if isinstance(done, BaseException):  # each alone, so that only a failing one fails
-                done = [(group[0][1], None, _error(done))] if len(group) == 1 else await self._each_alone(group)
-            _resolve(done)
-
-    async def _each_alone(self, group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
-                          ) -> list[Any]:
-        results: list[Any] = []
-        for operation in group:
-            try:
-                await self._begin()
-            except Exception as exc:
-                results.append((operation[1], None, _error(exc)))
-                continue
-            alone = self.committer.run_begun([operation])
-            results += [(operation[1], None, _error(alone))] if isinstance(alone, BaseException) else alone
-        return results
-
-    async def _begin(self) -> None:
-        """BEGIN IMMEDIATE (`_lock_steps`), awaiting between attempts: the event loop goes on meanwhile."""
-        committer = self.committer
-        with contextlib.closing(_lock_steps(committer.conn, committer.priority, urgent=committer.urgent)) as steps:
-            for pause in steps:
-                await asyncio.sleep(pause)
-
-
-class WriterPriority:
-    """A small file beside the database, shared by every process that writes to it: each process has a byte (its
-    slot: HTTP processes in the first PRIORITY_SLOTS, delivery processes in the DELIVERY_SLOTS after them), set while
-    it waits for SQLite's write lock. The delivery processes do not begin a transaction while an HTTP process waits,
-    since its callers wait for their 202 (for at most GIVE_WAY_SECONDS, so a flag left by a crash only slows them),
-    and a process that has just committed lets a waiting one of its kind go next (TURN_SECONDS at most).
-
-    Without it, a writer that commits and begins again at once wins the lock over one polling for it every
-    LOCK_POLL, again and again: accepts waited up to 50-110 ms for the lock while delivery ran, and p99 accept
-    latency was 35-60 ms instead of about 20 ms; two HTTP processes without turns had a p99 of 118 ms; two delivery
-    processes without turns waited 10-35 % of the time for each other, up to 190 ms at once, and their dispatchers
-    with them (`bench/e2e.py`)."""
-
-    def __init__(self, path: Path, slot: int = 0) -> None:
-        if not 0 <= slot < PRIORITY_SLOTS + DELIVERY_SLOTS:
-            raise StoreError(f"sqlite: writer slot {slot} is out of range (0-{PRIORITY_SLOTS + DELIVERY_SLOTS - 1})")
-        self.slot = slot
-        size = PRIORITY_SLOTS + DELIVERY_SLOTS
-        # The slots of this process's kind: HTTP processes take turns among themselves, and so do delivery processes.
-        self._group = (0, PRIORITY_SLOTS) if slot < PRIORITY_SLOTS else (PRIORITY_SLOTS, size)
-        _private_file(path)
-        with path.open("r+b") as handle:
-            found = handle.seek(0, os.SEEK_END)
-            if found < size:
-                handle.write(b"\0" * (size - found))
-                handle.flush()
-            self._map = mmap.mmap(handle.fileno(), size)
-
-    def want(self, waiting: bool) -> None:
-        self._map[self.slot] = 1 if waiting else 0
-
-    def wanted(self) -> bool:
-        """Some HTTP process waits for the lock."""
-        return self._map.find(b"\1", 0, PRIORITY_SLOTS) >= 0
-
-    def others_waiting(self) -> bool:
-        """A process of this one's kind (HTTP or delivery), other than this one, waits for the lock."""
-        start, end = self._group
-        first = self._map.find(b"\1", start, end)
-        return first >= 0 and (first != self.slot or self._map.find(b"\1", first + 1, end) >= 0)
-
-    def close(self) -> None:
-        self._map.close()
-
-
 class SQLiteStore:
     def __init__(self, path: str, *, durable: bool = True, slot: int | None = None,
                  accept_writer: str | None = None) -> None:
@@ -407,21 +135,21 @@ class SQLiteStore:
         self.path = Path(path)
         self.identities_path = self.path.with_name(f"{self.path.stem}-identities{self.path.suffix or '.db'}")
         self.durable = durable
-        _private_file(self.path)
-        _private_file(self.identities_path)
+        private_file(self.path)
+        private_file(self.identities_path)
         self.priority = WriterPriority(self.path.with_name(f"{self.path.name}-priority"), slot)
         self.priority.want(False)  # a flag left in this slot by a crashed process
-        connection = _connect(self.path, durable=durable, prepare=self._prepare)
+        connection = connect_writer(self.path, durable=durable, prepare=self._prepare)
         # An HTTP process's writes (keys, settings, and accepts when the accept writer is off) on a thread of their
-        # own, which waits for the disk; a delivery process's on its event loop (`_LoopWriter`).
-        self._writer: _Writer | _LoopWriter = (
-            _Writer(connection, name="sqlite-writer", max_group=MAX_GROUP, priority=self.priority, urgent=True)
-            if durable else _LoopWriter(connection, max_group=MAX_GROUP_UNDURABLE, priority=self.priority))
+        # own, which waits for the disk; a delivery process's on its event loop (`LoopWriter`).
+        self._writer: ThreadWriter | LoopWriter = (
+            ThreadWriter(connection, name="sqlite-writer", max_group=MAX_GROUP, priority=self.priority, urgent=True)
+            if durable else LoopWriter(connection, max_group=MAX_GROUP_UNDURABLE, priority=self.priority))
         # Remembered identities live in a file of their own, committed without an fsync each time: their random
         # keys would otherwise double what every durable commit of the queue writes (and waits for), and a power
         # cut may only cost the last seconds of remembered context, never an event.
-        self._identity_writer = _Writer(
-            _connect(self.identities_path, durable=False, prepare=lambda c: c.executescript(IDENTITY_SCHEMA),
+        self._identity_writer = ThreadWriter(
+            connect_writer(self.identities_path, durable=False, prepare=lambda c: c.executescript(IDENTITY_SCHEMA),
                      mmap=False),
             name="sqlite-identities", max_group=MAX_GROUP)
         self._readers = threading.local()  # read-only connections per thread: identities, and short reads of the queue
@@ -461,7 +189,7 @@ class SQLiteStore:
                     conn.execute(statement)
             conn.execute("COMMIT")
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             raise
 
     def _query(self, path: Path, sql: str, args: Sequence[Any]) -> list[Any]:
@@ -476,14 +204,14 @@ class SQLiteStore:
                                                        isolation_level=None, timeout=1.0, check_same_thread=False)
             return conn.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
-            raise _error(exc) from None
+            raise store_error(exc) from None
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._writer.call(fn)
 
     def accept_committer(self) -> Committer:
         """A connection of its own for the accept writer process, with this store's turn at the write lock."""
-        return Committer(_connect(self.path, durable=True, prepare=lambda c: None), priority=self.priority,
+        return Committer(connect_writer(self.path, durable=True, prepare=lambda c: None), priority=self.priority,
                          urgent=True)
 
     @property
@@ -559,7 +287,7 @@ class SQLiteStore:
         def op(c: sqlite3.Connection) -> int:
             gone = sum(c.execute("DELETE FROM identities WHERE key = ?", (bytes.fromhex(key),)).rowcount
                        for key in set(keys))
-            _bump(c, [("identities", -gone)])
+            bump_counters(c, [("identities", -gone)])
             return gone
         return await self._identity_writer.call(op)
 
@@ -592,7 +320,7 @@ class SQLiteStore:
             for ids in _chunks(events):  # an event goes with its last job (a dead letter keeps it for a replay)
                 c.execute(f"DELETE FROM events WHERE id IN ({_marks(len(ids))}) AND NOT EXISTS"  # noqa: S608
                           " (SELECT 1 FROM jobs WHERE jobs.event_id = events.id)", ids)
-            _bump(c, _leaving(done))
+            bump_counters(c, _leaving(done))
         await self._call(op)
 
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None:
@@ -610,7 +338,7 @@ class SQLiteStore:
                 "UPDATE jobs SET leased = 0, dead = 1, attempts = ?, last_status = ?, last_body = ?, died_at = ?"
                 " WHERE id = ? AND dead = 0", (job.attempts + 1, status, body, now, int(job.id))).rowcount
             if moved:
-                _bump(c, [*_leaving([job]), (f"dead:{job.vendor}", 1)])
+                bump_counters(c, [*_leaving([job]), (f"dead:{job.vendor}", 1)])
         await self._call(op)
 
     async def dead_letters(self, vendor: str | None = None, limit: int = 100) -> list[DeadLetter]:
@@ -636,7 +364,7 @@ class SQLiteStore:
             for _, vendor, tenant, size in rows:
                 bumps.update({f"pending:{vendor}": 1, f"dead:{vendor}": -1, f"bytes:{tenant}": size,
                               f"bytes:{ALL_TENANTS}": size})
-            _bump(c, list(bumps.items()))
+            bump_counters(c, list(bumps.items()))
             return len(rows)
         return await self._call(op)
 
@@ -729,7 +457,7 @@ class SQLiteStore:
             evicted = c.execute("DELETE FROM identities WHERE id IN (SELECT id FROM identities ORDER BY expires_at"
                                 " LIMIT ?)", (excess,)).rowcount if excess else 0
             if expired or evicted:
-                _bump(c, [("identities", -expired - evicted)])
+                bump_counters(c, [("identities", -expired - evicted)])
             return max(expired, evicted)
 
         def expire_seen(c: sqlite3.Connection) -> int:
@@ -751,22 +479,6 @@ class SQLiteStore:
         """At boot of the delivery process: leases held by a previous (dead) one become due now."""
         return await self._call(lambda c: c.execute(
             "UPDATE jobs SET leased = 0, due_at = ? WHERE leased = 1 AND dead = 0", (now,)).rowcount)
-
-
-def _connect(path: Path, *, durable: bool, prepare: Callable[[sqlite3.Connection], object],
-             mmap: bool = True) -> sqlite3.Connection:
-    """A writer's connection: WAL, its synchronous level, big caches; `prepare` creates or migrates the schema
-    while SQLite's own busy handler still waits for other processes."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_TIMEOUT,
-                           factory=WriterConnection)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-    conn.execute("PRAGMA cache_size=-65536")  # 64 MB of pages per connection: index pages stay hot at depth
-    if mmap:
-        conn.execute("PRAGMA mmap_size=268435456")  # reads through a 256 MB map instead of read() calls
-    prepare(conn)
-    conn.execute("PRAGMA busy_timeout=0")  # from here on, a writer waits for the lock itself (_lock_steps)
-    return conn
 
 
 def accept_op(c: sqlite3.Connection, tenant: str, message_id: str, payload: bytes,
@@ -825,19 +537,11 @@ def _bump_at_commit(c: sqlite3.Connection, bumps: Sequence[tuple[str, int]]) -> 
     """Counter changes written with the transaction's others just before COMMIT (`Committer.run_begun`), or now on
     a connection that is not a `WriterConnection`."""
     if not isinstance(c, WriterConnection) or not c.deferring:
-        _bump(c, bumps)
+        bump_counters(c, bumps)
         return
     pending = c.bumps
     for name, amount in bumps:
         pending[name] = pending.get(name, 0) + amount
-
-
-def _bump(c: sqlite3.Connection, bumps: Sequence[tuple[str, int]]) -> None:
-    """Counter changes (name, amount to add), in one statement."""
-    if bumps:
-        c.execute("INSERT INTO counters VALUES " + ", ".join(["(?, ?)"] * len(bumps))  # noqa: S608
-                  + " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                  [v for bump in bumps for v in bump])
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -867,7 +571,7 @@ def _remember(c: sqlite3.Connection, identities: Sequence[Identity]) -> None:
                   " SET record = excluded.record, expires_at = excluded.expires_at",
                   [(key, i.record, i.expires_at) for key, i in latest.items()])
     if len(keys) > known:
-        _bump(c, [("identities", len(keys) - known)])
+        bump_counters(c, [("identities", len(keys) - known)])
 
 
 def _leaving(jobs: Iterable[Job]) -> list[tuple[str, int]]:
@@ -882,98 +586,6 @@ def _leaving(jobs: Iterable[Job]) -> list[tuple[str, int]]:
     return [*((f"pending:{vendor}", -count) for vendor, count in per_vendor.items()),
             *((f"bytes:{tenant}", -size) for tenant, size in per_tenant.items()),
             (f"bytes:{ALL_TENANTS}", -sum(per_tenant.values()))]
-
-
-def _private_file(path: Path) -> None:
-    """The database folder (0700) and file (0600) are private; SQLite gives -wal and -shm the file's mode."""
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700)
-    with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    with contextlib.suppress(OSError):  # not ours to change (a mounted volume): best effort
-        if path.stat().st_mode & 0o077:
-            path.chmod(0o600)
-
-
-def _lock_steps(conn: sqlite3.Connection, priority: WriterPriority | None, *,
-                urgent: bool) -> Generator[float, None, None]:
-    """BEGIN IMMEDIATE for a writer, as the pauses to wait between attempts: a writer thread sleeps them, a delivery
-    process's event loop awaits them. A delivery writer (not `urgent`) first gives way to the HTTP processes; any
-    writer lets another waiting one of its kind have its turn, then says it is waiting while it waits (see
-    WriterPriority), in short steps (`_pauses`) up to LOCK_TIMEOUT."""
-    if priority is not None:
-        if not urgent:
-            yield from _give_way(priority.wanted, GIVE_WAY_SECONDS, urgent)
-        yield from _give_way(priority.others_waiting, TURN_SECONDS, urgent)
-    deadline, pauses = 0.0, _pauses(urgent)
-    try:
-        while not _try_begin(conn):
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + LOCK_TIMEOUT
-                if priority is not None:
-                    priority.want(True)
-            if now >= deadline:
-                raise sqlite3.OperationalError("database is locked")
-            yield next(pauses)
-    finally:
-        if priority is not None:
-            priority.want(False)
-
-
-def _give_way(waiting: Callable[[], bool], seconds: float, urgent: bool) -> Generator[float, None, None]:
-    """Pauses while another writer says it is waiting for the lock, `seconds` at most (a flag left by a crash)."""
-    until, pauses = time.monotonic() + seconds, _pauses(urgent)
-    while waiting() and time.monotonic() < until:
-        yield next(pauses)
-
-
-def _pauses(urgent: bool) -> Iterator[float]:
-    """The pauses of one wait: LOCK_POLL each for the HTTP side (an accept is waiting); for delivery, doubling up to
-    LOCK_POLL_MAX, since every look costs its event loop a turn and, at the lock, a failed BEGIN's system calls.
-    At a steady LOCK_POLL a delivery process looked about 60 times per transaction under bench/e2e.py's load."""
-    pause = LOCK_POLL
-    while True:
-        yield pause
-        if not urgent:
-            pause = min(pause * 2, LOCK_POLL_MAX)
-
-
-def _try_begin(conn: sqlite3.Connection) -> bool:
-    """BEGIN IMMEDIATE: True, or False while another process holds the write lock (any other error raises)."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if "locked" not in str(exc) and "busy" not in str(exc):
-            raise
-        return False
-    return True
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    """Undo an open transaction; SQLite may already have rolled it back after a failed COMMIT."""
-    if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-
-
-def _error(exc: BaseException) -> StoreError:
-    """Locked, busy, full or failing disks are passing conditions (503); anything else is our bug (500)."""
-    if isinstance(exc, sqlite3.OperationalError):
-        return StoreUnavailableError(f"sqlite: {exc}")
-    if isinstance(exc, sqlite3.Error):
-        return StoreError(f"sqlite: {exc}")
-    return StoreError(f"sqlite: {type(exc).__name__} in a store operation")
-
-
-def _resolve(entries: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for fut, result, error in entries:
-        if fut.done():
-            continue
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
 
 
 def _key(row: Sequence[Any]) -> KeyRecord:
