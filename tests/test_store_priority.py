@@ -4,6 +4,7 @@ processes of one kind take turns."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,8 @@ from app.store.sqlite_writers import (
     LOCK_POLL_MAX,
     PRIORITY_SLOTS,
     TURN_SECONDS,
+    Committer,
+    collector_paused,
     give_way,
     lock_steps,
 )
@@ -196,3 +199,48 @@ def test_delivery_waits_for_the_lock_in_growing_steps_and_the_http_side_in_short
         holder.execute("ROLLBACK")
         holder.close()
         waiter.close()
+
+
+async def test_no_garbage_collection_while_a_process_holds_the_write_lock(
+        stores: tuple[SQLiteStore, SQLiteStore]) -> None:
+    """A collection inside a transaction held the write lock for its whole length, and every accept waited: the
+    collector waits while a writer holds the lock, in both kinds of writer, and runs again once it is released."""
+    http, delivery = stores
+    seen: list[bool] = []
+
+    def look(c: sqlite3.Connection) -> None:
+        assert c.in_transaction
+        seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    await http._call(look)  # the HTTP process's writer thread
+    await delivery._call(look)  # a delivery process's event loop
+    assert seen == [False, False]
+    assert gc.isenabled()
+
+
+def test_paused_collection_resumes_once_after_nested_pauses_and_never_if_it_was_off() -> None:
+    with collector_paused():
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer pause is still on
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
+
+
+def test_a_failing_transaction_resumes_the_collector(tmp_path: Path) -> None:
+    committer = Committer(sqlite3.connect(tmp_path / "plain.db", isolation_level=None))
+    committer.conn.execute("BEGIN IMMEDIATE")
+
+    def fail(c: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    assert isinstance(committer.run_begun([(fail, "token")]), sqlite3.OperationalError)
+    assert gc.isenabled()
+    committer.conn.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import mmap
 import os
 import queue
@@ -46,6 +47,35 @@ DELIVERY_SLOTS = 64  # ... and delivery processes, in the bytes after those
 
 class _Stop:
     pass
+
+
+_PAUSED = {"depth": 0, "resume": False}  # writers of this process inside `collector_paused`, and the collector's state
+_PAUSED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's garbage collector waits while this process holds SQLite's write lock; what it would have collected
+    meanwhile is collected at the next allocation after.
+
+    Every other writer of the file waits for the lock, the accept writer (and Segment's requests) first. A delivery
+    process keeps thousands of parsed events: a young collection that happened to fall inside one of its
+    transactions walked 50,000 objects, 15-25 ms of its CPU at its lower priority, and held the lock that long
+    (timers in a patched copy, `bench/e2e.py`: each such collection was a stall of every accept in flight).
+    Nested and concurrent pauses (a process's writer thread and its event loop) resume the collector once, at the
+    last one's end, and only if it was running before the first."""
+    with _PAUSED_LOCK:
+        if _PAUSED["depth"] == 0:
+            _PAUSED["resume"] = gc.isenabled()
+            gc.disable()
+        _PAUSED["depth"] += 1
+    try:
+        yield
+    finally:
+        with _PAUSED_LOCK:
+            _PAUSED["depth"] -= 1
+            if _PAUSED["depth"] == 0 and _PAUSED["resume"]:
+                gc.enable()
 
 
 class WriterConnection(sqlite3.Connection):
@@ -113,19 +143,20 @@ class Committer:
         or the exception that made it roll back."""
         conn = self.conn
         deferring = conn if isinstance(conn, WriterConnection) else None
-        try:
-            if deferring is not None:
-                deferring.defer(True)
-            values = [fn(conn) for fn, _ in group]
-            if deferring is not None and deferring.bumps:
-                bump_counters(conn, list(deferring.bumps.items()))
-            conn.execute("COMMIT")
-        except Exception as exc:
-            rollback(conn)
-            return exc
-        finally:
-            if deferring is not None:
-                deferring.defer(False)
+        with collector_paused():  # the write lock is held from BEGIN to here: no collection inside it
+            try:
+                if deferring is not None:
+                    deferring.defer(True)
+                values = [fn(conn) for fn, _ in group]
+                if deferring is not None and deferring.bumps:
+                    bump_counters(conn, list(deferring.bumps.items()))
+                conn.execute("COMMIT")
+            except Exception as exc:
+                rollback(conn)
+                return exc
+            finally:
+                if deferring is not None:
+                    deferring.defer(False)
         self.commits += 1
         return [(token, value, None) for (_, token), value in zip(group, values, strict=True)]
 
