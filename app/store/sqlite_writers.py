@@ -59,9 +59,10 @@ def collector_paused() -> Iterator[None]:
     meanwhile is collected at the next allocation after.
 
     Every other writer of the file waits for the lock, the accept writer (and Segment's requests) first. A delivery
-    process keeps thousands of parsed events: a young collection that happened to fall inside one of its
-    transactions walked 50,000 objects, 15-25 ms of its CPU at its lower priority, and held the lock that long
-    (timers in a patched copy, `bench/e2e.py`: each such collection was a stall of every accept in flight).
+    process keeps thousands of parsed events, and its young collections took 15-270 ms of wall time at its lower
+    priority: one that fell inside a transaction held the lock as long (timers and a collector callback in a
+    patched copy under `bench/e2e.py`: a `lease` of 22 ms with a collection inside; statements of one operation
+    taking 16-29 ms of CPU, each a stall of every accept in flight).
     Nested and concurrent pauses (a process's writer thread and its event loop) resume the collector once, at the
     last one's end, and only if it was running before the first."""
     with _PAUSED_LOCK:
