@@ -3,10 +3,10 @@ HTTP side first.
 
 A writer's connection (`connect_writer`: WAL, its synchronous level, big caches) runs its operations through a
 `Committer`: whatever has queued up, in one transaction, each operation alone if the group fails, and a caller
-learns success only after COMMIT returns. In an HTTP process (and the accept writer, app/store/accept_writer.py)
-they run on a thread of their own (`ThreadWriter`), so the event loop never blocks on the disk; in a delivery
-process on its event loop (`LoopWriter`), where waiting for the lock is an await and the statements then run
-without a pause.
+learns success only after COMMIT returns. In an HTTP process they run on a thread of their own (`ThreadWriter`),
+so the event loop never blocks on the disk; in a delivery process on its event loop (`LoopWriter`), where waiting
+for the lock is an await and the statements then run without a pause; the accept writer
+(app/store/accept_writer.py), a process with no event loop, drives a `Committer` itself.
 
 SQLite serialises the writers of the file. A writer retries BEGIN itself rather than through SQLite's busy handler,
 whose sleeps grow to 100 ms and would show as long tails: the HTTP side every half millisecond, delivery in pauses
