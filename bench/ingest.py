@@ -79,9 +79,9 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
         wrk(url, event, headers, seconds=2, connections=args.connections)  # warm-up
         pids = http_and_delivery_pids(proc.pid)[0]
         before = sum(cpu_seconds(p) for p in pids)
-        names = {p: "accept writer" if command(p)[3] == "accept-writer" else "HTTP process" for p in pids}
+        names = {p: f"{'accept writer' if command(p)[3] == 'accept-writer' else 'HTTP process'} {p}" for p in pids}
         if redis_pid is not None:
-            names[redis_pid] = "redis-server"
+            names[redis_pid] = f"redis-server {redis_pid}"
         scheduled, idle, started = {p: scheduler_seconds(p) for p in names}, machine_idle_seconds(), time.monotonic()
         figures = wrk(url, event, headers, seconds=args.seconds, connections=args.connections)
         elapsed = time.monotonic() - started
@@ -92,8 +92,8 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
         figures["wrk_cores"] = figures["wrk_cpu_s"] / elapsed
         for pid, name in names.items():
             (on_cpu, queued), (on_cpu_before, queued_before) = scheduler_seconds(pid), scheduled[pid]
-            figures[f"busy {name} {pid}"] = (on_cpu - on_cpu_before) / elapsed
-            figures[f"queued {name} {pid}"] = (queued - queued_before) / elapsed
+            figures[f"busy {name}"] = (on_cpu - on_cpu_before) / elapsed
+            figures[f"queued {name}"] = (queued - queued_before) / elapsed
         if args.floors:
             figures.update(floors(url, event, headers, args))
         return figures
@@ -187,8 +187,8 @@ def main() -> None:
         print(f"{name}: {figures['rps'] / bare['rps']:.2f} x bare Starlette, {cpu[len(cpu) // 2]:.0f} us server CPU "
               f"per request (runs: {', '.join(f'{c:.0f}' for c in cpu)})")
         if args.breakdown:
-            shares = [f"{key.split(' ', 1)[1].rsplit(' ', 1)[0]} {value:.2f} on a core + "
-                      f"{figures[key.replace('busy', 'queued', 1)]:.2f} waiting for one"
+            shares = [f"{key.removeprefix('busy ')} {value:.2f} on a core + "
+                      f"{figures['queued ' + key.removeprefix('busy ')]:.2f} waiting for one"
                       for key, value in figures.items() if key.startswith("busy ")]
             print(f"  cores during the run: {'; '.join(shares)}; wrk {figures['wrk_cores']:.2f}; "
                   f"idle {figures['idle_cores']:.2f} (of {os.cpu_count()})")
