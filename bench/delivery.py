@@ -10,10 +10,13 @@ CPU per request. Rates are the stand-in's own arrival times (first to last). `--
 deliver` with SEGRELAY_HTTP_CLIENT=aiohttp.
 
     python bench/delivery.py [--n 5000] [--concurrency 32] [--vendors segmentstream|all] [--client builtin|aiohttp]
-                             [--processes N]
+                             [--processes N] [--store sqlite|redis] [--no-references]
 
 `--processes N` drains the queue with N delivery processes together, as `serve` runs them (each with its slot at
-SQLite's write lock); the CPU per event is theirs summed.
+SQLite's write lock); the CPU per event is theirs summed. `--store redis` queues the events in a private
+redis-server (AOF, appendfsync always) instead, and also prints redis-server's CPU per event and the commands
+it ran per event (`INFO commandstats`, delivery only: the counts are reset once the queue is full).
+`--no-references` skips the raw clients (raw httpx alone takes minutes for large N).
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import httpx
 import orjson
-from common import ALL_VENDORS, ROOT, SECRET, cpu_seconds
+from common import ALL_VENDORS, ROOT, SECRET, RedisServer, cpu_seconds
 from e2e import standin, tally
 
 from app.crypto import Sealer
@@ -39,7 +43,8 @@ from app.delivery.http_client import HttpClient
 from app.event import parse_event
 from app.outgoing import OutgoingRequest, render
 from app.settings import resolve
-from app.store import NewJob
+from app.store import NewJob, Store
+from app.store.redis import RedisStore
 from app.store.sqlite import PRIORITY_SLOTS, SQLiteStore
 from app.stored import pack_event
 from app.translate import active_vendors, translate
@@ -67,8 +72,10 @@ def requests(bodies: list[bytes], url: str, settings: Settings) -> list[Outgoing
     return [render(BY_SLUG[p.vendor], [p], url) for body in bodies for p in postbacks(body, settings)]
 
 
-async def queue(path: Path, bodies: list[bytes], settings: Settings) -> None:
-    store, sealer = SQLiteStore(str(path)), Sealer(SECRET.encode())
+async def queue(location: str, bodies: list[bytes], settings: Settings) -> None:
+    """The events, accepted as the accept path stores them, in a SQLite file (a path) or Redis (a redis:// url)."""
+    store: Store = RedisStore(location) if location.startswith("redis://") else SQLiteStore(location)
+    sealer = Sealer(SECRET.encode())
     now = time.time()
     packed = orjson.dumps(dict(settings))
     jobs = [NewJob(p.vendor, p.target, "Order Completed", p.batch_key) for p in postbacks(bodies[0], settings)]
@@ -143,32 +150,41 @@ def main() -> None:
                         help="delivery processes draining the queue together, as serve runs them (default 1)")
     parser.add_argument("--client", choices=["builtin", "aiohttp"], default="builtin",
                         help="the HTTP client of `segrelay deliver` (SEGRELAY_HTTP_CLIENT)")
+    parser.add_argument("--store", choices=["sqlite", "redis"], default="sqlite",
+                        help="where the events are queued (redis: a private redis-server, AOF always)")
+    parser.add_argument("--no-references", action="store_true",
+                        help="skip the raw clients: only `segrelay deliver`")
     args = parser.parse_args()
     settings = SETTINGS[args.vendors]
     with tempfile.TemporaryDirectory() as raw_tmp:
         tmp = Path(raw_tmp)
         vendor, url = standin(tmp)
+        redis = RedisServer(tmp) if args.store == "redis" else None
         try:
             bodies = events(args.n)
             items = requests(bodies, url, settings)
             results, cpu_per_request = {}, {}
-            for name, client in (("raw segrelay client", raw_builtin), ("raw aiohttp", raw_aiohttp),
-                                 ("raw httpx", raw_httpx)):
+            for name, client in () if args.no_references else (
+                    ("raw segrelay client", raw_builtin), ("raw aiohttp", raw_aiohttp), ("raw httpx", raw_httpx)):
                 before = tally(url)["requests"]
                 started, cpu_started = time.monotonic(), time.process_time()
                 asyncio.run(client(items, args.concurrency))
                 results[name] = len(items) / (time.monotonic() - started)
                 cpu_per_request[name] = (time.process_time() - cpu_started) / len(items) * 1e6
                 assert tally(url)["requests"] - before == len(items)
-            asyncio.run(queue(tmp / "store.db", bodies, settings))
+            location = redis.url if redis else str(tmp / "store.db")
+            asyncio.run(queue(location, bodies, settings))
             httpx.post(url + "/_reset", timeout=10).raise_for_status()
-            env = {**os.environ, "SEGRELAY_STORE": f"sqlite:///{tmp / 'store.db'}", "SEGRELAY_SECRET": SECRET,
-                   "SEGRELAY_LOG_LEVEL": "warning", "SEGRELAY_VENDOR_CONCURRENCY": str(args.concurrency),
-                   "SEGRELAY_HTTP_CLIENT": args.client,
+            env = {**os.environ, "SEGRELAY_STORE": location if redis else f"sqlite:///{location}",
+                   "SEGRELAY_SECRET": SECRET, "SEGRELAY_LOG_LEVEL": "warning",
+                   "SEGRELAY_VENDOR_CONCURRENCY": str(args.concurrency), "SEGRELAY_HTTP_CLIENT": args.client,
                    **{f"SEGRELAY_{v.upper()}_URL": url for v in ("segmentstream", "tracify", "audiohook")}}
             # One process, or several as serve runs them, each with its slot at SQLite's write lock (app/supervisor.py).
             slots = [["--slot", str(PRIORITY_SLOTS + i)]
-                      for i in range(args.processes)] if args.processes > 1 else [[]]
+                     for i in range(args.processes)] if args.processes > 1 and not redis else [[]] * args.processes
+            if redis:
+                redis_cli(redis, "CONFIG", "RESETSTAT")
+            redis_cpu = cpu_seconds(redis.proc.pid) if redis else 0.0
             procs = [subprocess.Popen([sys.executable, "-m", "app", "deliver", *extra], env=env, cwd=tmp)
                      for extra in slots]
             try:
@@ -179,18 +195,46 @@ def main() -> None:
                     proc.terminate()
                 for proc in procs:
                     proc.wait(30)
+            if redis:
+                redis_cpu = cpu_seconds(redis.proc.pid) - redis_cpu
+                commands = command_counts(redis_cli(redis, "INFO", "commandstats"))
         finally:
             vendor.terminate()
+            if redis:
+                redis.stop()
     per_event = len(items) // args.n
     print(f"\nDelivery of {args.n} events ({per_event} postback{'s' if per_event > 1 else ''} each, "
-          f"{args.vendors}) to the stand-in, concurrency {args.concurrency}")
+          f"{args.vendors}) from {args.store} to the stand-in, concurrency {args.concurrency}, "
+          f"{args.processes} process{'es' if args.processes > 1 else ''}")
     for name, value in results.items():
         cpu_note = f"  {cpu_per_request[name]:.0f} µs of CPU per request" if name in cpu_per_request else ""
         print(f"{name:<34}{value:>10.0f} postbacks/s{cpu_note}")
     print(f"segrelay deliver: {rate / per_event:.0f} events/s, {cpu / args.n * 1e6:.0f} µs of its CPU per event")
-    ours = results[f"segrelay deliver ({args.client})"]
-    print(f"ratio segrelay deliver / raw segrelay client: {ours / results['raw segrelay client']:.2f}; "
-          f"/ raw aiohttp: {ours / results['raw aiohttp']:.2f}; / raw httpx: {ours / results['raw httpx']:.2f}")
+    if redis:
+        total = sum(commands.values())
+        shown = ", ".join(f"{name} {count / args.n:.1f}" for name, count in commands.most_common(12))
+        print(f"redis-server: {redis_cpu / args.n * 1e6:.0f} µs of its CPU per event (from the first delivery's "
+              f"start to the last), {total / args.n:.1f} commands per event: {shown}")
+    if not args.no_references:
+        ours = results[f"segrelay deliver ({args.client})"]
+        print(f"ratio segrelay deliver / raw segrelay client: {ours / results['raw segrelay client']:.2f}; "
+              f"/ raw aiohttp: {ours / results['raw aiohttp']:.2f}; / raw httpx: {ours / results['raw httpx']:.2f}")
+
+
+def redis_cli(redis: RedisServer, *command: str) -> str:
+    """One command to the private redis-server, its answer as text."""
+    return subprocess.run(["redis-cli", "-p", str(redis.port), *command], capture_output=True, text=True,
+                          check=True, timeout=30).stdout
+
+
+def command_counts(commandstats: str) -> Counter[str]:
+    """`INFO commandstats` as calls per command (script calls and the commands they ran, both counted)."""
+    counts: Counter[str] = Counter()
+    for line in commandstats.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, fields = line.removeprefix("cmdstat_").partition(":")
+            counts[name] = int(fields.split(",")[0].removeprefix("calls="))
+    return counts
 
 
 if __name__ == "__main__":
