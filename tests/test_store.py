@@ -13,6 +13,7 @@ import pytest
 
 from app.keys import KeyRecord
 from app.store import Identity, NewJob, Store, open_store
+from app.store.redis import RedisStore
 from app.store.sqlite import SQLiteStore
 
 
@@ -247,6 +248,37 @@ async def test_one_payload_per_event_and_counters_follow_every_move(store: Store
     assert counts.queued_bytes["acme"] == 100
     (again,) = await store.lease("segmentstream", now=now, limit=10, lease_seconds=30)
     assert again.payload == payload and again.target == "data_stream"
+
+
+async def test_one_completion_of_many_jobs_sums_every_counter_and_keeps_an_event_until_its_last_job(
+        store: Store) -> None:
+    """Completions come in batches (app/delivery/completions.py): jobs of several events and tenants, two of one
+    event, one already completed. Each counter moves once per job that was still there, and an event stays
+    while one of its jobs is left."""
+    now = time.time()
+    await store.accept("acme", "m1", b"a" * 100, [job("segmentstream", "track"), job("segmentstream", "data_stream"),
+                                                  job("tracify")], now=now, ttl=60)
+    await store.accept("beta", "m2", b"b" * 10, [job("segmentstream", "track")], now=now, ttl=60)
+    leased = await store.lease("segmentstream", now=now, limit=10, lease_seconds=30)
+    assert len(leased) == 3
+    beta = next(j for j in leased if j.tenant == "beta")
+    await store.complete([beta], status=200, now=now)
+    await store.complete(leased, status=204, now=now + 1)  # beta's again: it changes nothing
+    counts = await store.counts()
+    assert counts.pending == {"segmentstream": 0, "tracify": 1}
+    assert counts.queued_bytes == {"acme": 100, "beta": 0, "*": 100}
+    states = {(o.vendor, o.target): (o.state, o.status) for o in await store.trace("m1", "acme")}
+    assert states == {("segmentstream", "track"): ("delivered", 204),
+                      ("segmentstream", "data_stream"): ("delivered", 204), ("tracify", "events"): ("queued", None)}
+    assert [(o.state, o.status) for o in await store.trace("m2", "beta")] == [("delivered", 200)]
+    (tracify,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    assert tracify.payload == b"a" * 100 and tracify.message_id == "m1"  # the event stayed for its last job
+    await store.complete([tracify], status=200, now=now + 2)
+    counts = await store.counts()
+    assert counts.pending == {"segmentstream": 0, "tracify": 0}
+    assert counts.queued_bytes == {"acme": 0, "beta": 0, "*": 0}
+    if isinstance(store, RedisStore):  # the event went with its last job (SQLite: test_an_event_goes_with_its...)
+        assert await store.client.keys("segrelay:event:*") == []
 
 
 async def test_oldest_due_is_how_long_the_head_of_each_queue_has_waited(store: Store) -> None:
