@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from app.keys import KeyRecord
 from app.store import Identity, NewJob, Store, open_store
 from app.store.redis import RedisStore
 from app.store.sqlite import SQLiteStore
+from tests.support import RedisServer
 
 
 @pytest.fixture
@@ -134,6 +136,36 @@ async def test_an_expired_lease_makes_the_job_due_again(store: Store) -> None:
     await asyncio.sleep(0.7)  # Redis measures idle time on its own clock
     (again,) = await store.lease("tracify", now=time.time(), limit=10, lease_seconds=0.5)
     assert again.message_id == first.message_id and again.attempts == 0
+
+
+async def test_a_dead_replicas_jobs_are_taken_over_without_a_look_at_every_lease(redis_server: RedisServer) -> None:
+    """Redis: a replica that died with jobs leased; another takes them over once idle past the lease, a look through
+    the pending list at a time (the cursor goes on where the last look ended), then looks again only a quarter of a
+    lease later (`RedisStore.lease`)."""
+    url = f"redis://127.0.0.1:{redis_server.port}/12"
+    redis.Redis.from_url(url).flushdb()
+    dead, alive = RedisStore(url, consumer="dead"), RedisStore(url, consumer="alive")
+    try:
+        now = time.time()
+        for n in range(3):
+            await dead.accept("acme", f"m{n}", b"sealed", [job()], now=now, ttl=60)
+        assert len(await dead.lease("tracify", now=now, limit=10, lease_seconds=0.5)) == 3
+        assert await alive.lease("tracify", now=now, limit=10, lease_seconds=0.5) == []  # not idle yet
+        await asyncio.sleep(0.7)
+        now = time.time()
+        taken = [j for _ in range(3) for j in await alive.lease("tracify", now=now, limit=1, lease_seconds=0.5)]
+        assert sorted(j.message_id for j in taken) == ["m0", "m1", "m2"]
+        assert all(j.attempts == 0 for j in taken)
+        client = redis.Redis.from_url(url)
+        client.config_resetstat()
+        for _ in range(5):  # the whole list was seen: no look until a quarter of a lease later
+            assert await alive.lease("tracify", now=now + 0.1, limit=10, lease_seconds=0.5) == []
+        assert "cmdstat_xautoclaim" not in client.info("commandstats")
+        assert await alive.lease("tracify", now=now + 0.2, limit=10, lease_seconds=0.5) == []
+        assert client.info("commandstats")["cmdstat_xautoclaim"]["calls"] == 1
+    finally:
+        await dead.close()
+        await alive.close()
 
 
 async def test_retry_counts_an_attempt_and_waits_until_due(store: Store) -> None:
