@@ -7,7 +7,8 @@ reached the stand-in for every postback. Printed, from one run:
   deliveries: a gap between the two is a tail of late postbacks), sustained events/s
   (accepted / that time), lost and duplicate postbacks (counted by the stand-in, by order id), server CPU per
   event (the accept side: HTTP processes and, on SQLite, the accept writer; and the delivery processes, from
-  /proc), and the bare Starlette accept rate (same uvicorn, same body, same wrk) as the reference.
+  /proc; on Redis also redis-server's, over the load and the drain), and the bare Starlette accept rate (same
+  uvicorn, same body, same wrk) as the reference.
 
     python bench/e2e.py [--store sqlite|redis|both] [--seconds 10] [--connections 32] [--prefill N]
 
@@ -112,7 +113,8 @@ asyncio.run(main())
     os.sync()  # the gigabytes just written reach the disk now, not during the measured load
 
 
-def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: str) -> dict[str, Any]:
+def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: str,
+                 redis_pid: int | None = None) -> dict[str, Any]:
     env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_MAX_QUEUE_MB": "100000",
            "SEGRELAY_TENANT_QUEUE_SHARE": "1", "SEGRELAY_MIN_FREE_DISK_MB": "0",
            **{f"SEGRELAY_{v.upper()}_URL": vendor_url for v in ("segmentstream", "tracify", "audiohook")}}
@@ -130,6 +132,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         http_pids, delivery_pids = http_and_delivery_pids(proc.pid)
         pids = http_pids + delivery_pids
         cpu_before = {p: cpu_seconds(p) for p in pids}
+        redis_before = cpu_seconds(redis_pid) if redis_pid else 0.0
         before = 0
         started = time.time()
         load = wrk(url, event_body(), headers, seconds=args.seconds,
@@ -147,6 +150,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         time.sleep(1.0)  # anything sent twice arrives now
         seen = tally(vendor_url)
         cpu_all = {p: cpu_seconds(p) - cpu_before[p] for p in pids}
+        redis_cpu = cpu_seconds(redis_pid) - redis_before if redis_pid else 0.0
         sent = sum(sum(c.values()) for c in seen["postbacks"].values())
         distinct = sum(len(c) for c in seen["postbacks"].values())
         drained = seen["last"] - started
@@ -161,6 +165,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
             "http_processes": sum(1 for p in http_pids if command(p)[3] != "accept-writer"),
             "http_cpu_us_per_event": round(sum(cpu_load[p] for p in http_pids) / max(accepted, 1) * 1e6, 1),
             "delivery_cpu_us_per_event": round(sum(cpu_all[p] for p in delivery_pids) / max(accepted, 1) * 1e6, 1),
+            **({"redis_cpu_us_per_event": round(redis_cpu / max(accepted, 1) * 1e6, 1)} if redis_pid else {}),
         }
     finally:
         stop(proc)
@@ -191,7 +196,7 @@ def main() -> None:
                 (tmp / "redis").mkdir()
                 redis = RedisServer(tmp / "redis")  # AOF, appendfsync always
                 try:
-                    results["segrelay, Redis"] = run_segrelay(tmp, redis.url, args, vendor_url)
+                    results["segrelay, Redis"] = run_segrelay(tmp, redis.url, args, vendor_url, redis.proc.pid)
                 finally:
                     redis.stop()
         finally:
