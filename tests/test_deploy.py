@@ -86,7 +86,7 @@ def test_overlay_invariants(overlay: str, server: Segrelay) -> None:
     config = one(docs, "ConfigMap", "segrelay-config")["data"]
     drain = int(config["SEGRELAY_DRAIN_SECONDS"])
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    uvicorn_graceful = 5  # timeout_graceful_shutdown in app/cli.py
+    uvicorn_graceful = 5  # timeout_graceful_shutdown in app/serve_commands.py
     assert pod["spec"]["terminationGracePeriodSeconds"] >= pre_stop + uvicorn_graceful + drain
 
     security, pod_security = container["securityContext"], pod["spec"]["securityContext"]
