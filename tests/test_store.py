@@ -285,8 +285,8 @@ async def test_one_payload_per_event_and_counters_follow_every_move(store: Store
 async def test_one_completion_of_many_jobs_sums_every_counter_and_keeps_an_event_until_its_last_job(
         store: Store) -> None:
     """Completions come in batches (app/delivery/completions.py): jobs of several events and tenants, two of one
-    event, one already completed. Each counter moves once per job that was still there, and an event stays
-    while one of its jobs is left."""
+    event, one already completed, one named twice. Each counter moves once per job that was still there, and an
+    event stays while one of its jobs is left."""
     now = time.time()
     await store.accept("acme", "m1", b"a" * 100, [job("segmentstream", "track"), job("segmentstream", "data_stream"),
                                                   job("tracify")], now=now, ttl=60)
@@ -295,7 +295,8 @@ async def test_one_completion_of_many_jobs_sums_every_counter_and_keeps_an_event
     assert len(leased) == 3
     beta = next(j for j in leased if j.tenant == "beta")
     await store.complete([beta], status=200, now=now)
-    await store.complete(leased, status=204, now=now + 1)  # beta's again: it changes nothing
+    twice = next(j for j in leased if j.tenant == "acme")
+    await store.complete([*leased, twice], status=204, now=now + 1)  # beta's again, one twice: each counted once
     counts = await store.counts()
     assert counts.pending == {"segmentstream": 0, "tracify": 1}
     assert counts.queued_bytes == {"acme": 100, "beta": 0, "*": 100}

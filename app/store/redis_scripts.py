@@ -62,13 +62,14 @@ return fresh
 # the message id from the lease instead of a look-up, a job went from 12 commands to about 3 (`bench/delivery.py
 # --store redis` prints the commands per event).
 COMPLETE = """
-local done, pending, queued_bytes, total, left, entries, gone = 0, {}, {}, 0, {}, {}, {}
+local done, pending, queued_bytes, total, left, entries, gone, counted = 0, {}, {}, 0, {}, {}, {}, {}
 for i = 4, #ARGV, 4 do
   local job_key, stream = 'segrelay:job:' .. ARGV[i], 'segrelay:stream:' .. ARGV[i + 1]
   entries[stream] = entries[stream] or {}
   table.insert(entries[stream], ARGV[i + 2])
   local job = redis.call('HMGET', job_key, 'event', 'vendor', 'tenant', 'size', 'died_at', 'target', 'attempts')
-  if job[1] and not job[5] then
+  if job[1] and not job[5] and not counted[job_key] then  -- a job named twice in one call counts once
+    counted[job_key] = true
     table.insert(gone, job_key)
     redis.call('HSET', 'segrelay:trace:' .. ARGV[i + 3], job[3] .. '|' .. job[2] .. '|' .. job[6],
       cjson.encode({s = 'delivered', st = tonumber(ARGV[2]), a = tonumber(job[7]) + 1, at = tonumber(ARGV[3])}))
