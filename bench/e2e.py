@@ -7,8 +7,9 @@ reached the stand-in for every postback. Printed, from one run:
   deliveries: a gap between the two is a tail of late postbacks), sustained events/s
   (accepted / that time), lost and duplicate postbacks (counted by the stand-in, by order id), server CPU per
   event (the accept side: HTTP processes and, on SQLite, the accept writer; and the delivery processes, from
-  /proc; on Redis also redis-server's, over the load and the drain), and the bare Starlette accept rate (same
-  uvicorn, same body, same wrk) as the reference.
+  /proc; on Redis also redis-server's, over the load and the drain), the server's own request durations (p99, the
+  longest, how many over 25 ms: from serve's request lines) and the bare Starlette accept rate (same uvicorn, same
+  body, same wrk) as the reference.
 
     python bench/e2e.py [--store sqlite|redis|both] [--seconds 10] [--connections 32] [--prefill N]
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 from common import (
     ALL_VENDORS,
     ROOT,
@@ -113,6 +115,17 @@ asyncio.run(main())
     os.sync()  # the gigabytes just written reach the disk now, not during the measured load
 
 
+def server_durations(log: Path) -> list[float]:
+    """The server's own durations of POST /segment (its request lines), sorted: how long each request took inside
+    segrelay, without wrk's and the network's share (a stall inside the server shows here as a run of long ones)."""
+    durations = []
+    with open(log, "rb") as lines:
+        for line in lines:
+            if b'"segrelay.access"' in line and b'"/segment"' in line:
+                durations.append(float(orjson.loads(line)["duration_ms"]))
+    return sorted(durations)
+
+
 def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: str,
                  redis_pid: int | None = None) -> dict[str, Any]:
     env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_MAX_QUEUE_MB": "100000",
@@ -156,6 +169,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         drained = seen["last"] - started
         arrivals = sorted(seen["arrivals"])
         most = arrivals[int(len(arrivals) * 0.99) - 1] - started if arrivals else 0.0
+        server = server_durations(tmp / "segrelay.log")
         return {
             "accepted": accepted, "accepted_per_s": load["rps"], "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
             "non_2xx": load["non_2xx"], "load_s": args.seconds, "last_delivery_after_s": round(drained, 2),
@@ -166,6 +180,9 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
             "http_cpu_us_per_event": round(sum(cpu_load[p] for p in http_pids) / max(accepted, 1) * 1e6, 1),
             "delivery_cpu_us_per_event": round(sum(cpu_all[p] for p in delivery_pids) / max(accepted, 1) * 1e6, 1),
             **({"redis_cpu_us_per_event": round(redis_cpu / max(accepted, 1) * 1e6, 1)} if redis_pid else {}),
+            "server_p99_ms": server[int(len(server) * 0.99) - 1] if server else 0.0,
+            "server_max_ms": server[-1] if server else 0.0,
+            "server_over_25ms": sum(1 for ms in server if ms > 25),
         }
     finally:
         stop(proc)
