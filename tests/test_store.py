@@ -14,7 +14,7 @@ import redis
 
 from app.keys import KeyRecord
 from app.store import Identity, NewJob, Store, open_store
-from app.store.redis import RedisStore
+from app.store.redis import LEASE_BATCH, RedisStore
 from app.store.sqlite import SQLiteStore
 from tests.support import RedisServer
 
@@ -166,6 +166,24 @@ async def test_a_dead_replicas_jobs_are_taken_over_without_a_look_at_every_lease
     finally:
         await dead.close()
         await alive.close()
+
+
+async def test_a_redis_lease_takes_at_most_a_batch_and_the_next_takes_the_rest(redis_server: RedisServer) -> None:
+    """Redis: a lease script call holds redis-server (and every accept behind it) for each job it takes, so one call
+    takes at most LEASE_BATCH jobs, whatever the caller asks; the next call takes the rest."""
+    url = f"redis://127.0.0.1:{redis_server.port}/12"
+    redis.Redis.from_url(url).flushdb()
+    store = RedisStore(url, consumer="one")
+    try:
+        now = time.time()
+        for n in range(LEASE_BATCH + 10):
+            await store.accept("acme", f"m{n}", b"sealed", [job()], now=now, ttl=60)
+        first = await store.lease("tracify", now=now, limit=1000, lease_seconds=30)
+        second = await store.lease("tracify", now=now, limit=1000, lease_seconds=30)
+        assert len(first) == LEASE_BATCH and len(second) == 10
+        assert len({j.id for j in first + second}) == LEASE_BATCH + 10
+    finally:
+        await store.close()
 
 
 async def test_retry_counts_an_attempt_and_waits_until_due(store: Store) -> None:
