@@ -34,8 +34,8 @@ log = logging.getLogger("segrelay.delivery")
 IDLE_POLL = 0.5  # seconds between looks at the queue when nothing woke us
 READY_MIN, READY_MAX = 32, 1000  # jobs leased ahead per vendor, waiting in memory for a slot
 # Jobs per lease, at most (a look past blocked tenants aside): on SQLite a lease reads and updates its rows while it
-# holds the write lock that every accept waits for. Tracify's list (100 to a request) took up to 1,000 at once. A store
-# may take fewer a call (Redis: LEASE_BATCH in app/store/redis.py); the next top-up leases the rest.
+# holds the write lock that every accept waits for. Tracify's list (100 to a request) took up to 1,000 at once. (Redis
+# splits a lease into script calls of LEASE_BATCH jobs, app/store/redis.py.)
 LEASE_MAX = 256
 READY_PER_TENANT = 4  # a tenant's share of that list: this many times its concurrency (times the batch size)
 TENANT_BACKOFF = 1.0  # a job past its tenant's share is due again this much later
