@@ -14,7 +14,7 @@ import redis
 
 from app.keys import KeyRecord
 from app.store import Identity, NewJob, Store, open_store
-from app.store.redis import LEASE_BATCH, RedisStore
+from app.store.redis import RedisStore
 from app.store.sqlite import SQLiteStore
 from tests.support import RedisServer
 
@@ -166,30 +166,6 @@ async def test_a_dead_replicas_jobs_are_taken_over_without_a_look_at_every_lease
     finally:
         await dead.close()
         await alive.close()
-
-
-async def test_a_redis_lease_of_many_jobs_is_several_script_calls_of_a_batch_each(redis_server: RedisServer) -> None:
-    """Redis: a lease script call holds redis-server (and every accept behind it) for each job it takes, so a lease
-    of more than LEASE_BATCH jobs is made of several calls of at most LEASE_BATCH; the caller still gets all it
-    asked for that is due, and a lease that finds the queue short stops at once."""
-    url = f"redis://127.0.0.1:{redis_server.port}/12"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    store = RedisStore(url, consumer="one")
-    try:
-        now = time.time()
-        for n in range(2 * LEASE_BATCH + 10):
-            await store.accept("acme", f"m{n}", b"sealed", [job()], now=now, ttl=60)
-        await store.lease("tracify", now=now, limit=1, lease_seconds=30)  # the group exists, its first look made
-        client.config_resetstat()
-        leased = await store.lease("tracify", now=now, limit=1000, lease_seconds=30)
-        assert len(leased) == 2 * LEASE_BATCH + 9 and len({j.id for j in leased}) == len(leased)
-        assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == 3  # 64 + 64 + the 9 left
-        client.config_resetstat()
-        assert await store.lease("tracify", now=now, limit=LEASE_BATCH, lease_seconds=30) == []
-        assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == 1
-    finally:
-        await store.close()
 
 
 async def test_retry_counts_an_attempt_and_waits_until_due(store: Store) -> None:

@@ -63,11 +63,6 @@ HOUSEKEEPING_ROUNDS = 16  # rounds per housekeeping call, at most (as on SQLite)
 POOL_SIZE = 64  # connections per process; more concurrent calls wait for one (redis-py's own pool fails at 100)
 POOL_WAIT_SECONDS = 10.0  # a call waiting longer for a connection fails as unavailable (503)
 ACCEPT_BATCH = 64  # accepts per script call at most (those of one event loop turn)
-# Jobs per lease script call at most (a lease of more is several calls). A script call holds redis-server, and every
-# accept waiting behind it, for about 20 µs per job it leases: one call of 256 jobs took about 5 ms. With calls of
-# 64 (`bench/e2e.py --store redis`, five pairs against 256): p99 33.6 ms against 42.3 (median; lower in every pair),
-# the server's longest request 68 ms against 98, accepted and sustained events/s within the noise.
-LEASE_BATCH = 64
 
 
 def _s(value: Any) -> str:
@@ -75,6 +70,11 @@ def _s(value: Any) -> str:
 
 
 class RedisStore:
+    # A lease script holds redis-server, and every accept waiting behind it, for about 20 µs per job. Top-ups of 64
+    # (`bench/e2e.py --store redis`, five pairs against 256): p99 33.6 ms against 42.3 (median; lower in every
+    # pair), the server's longest request 68 ms against 98, accepted and sustained events/s within the noise.
+    lease_max = 64
+
     def __init__(self, url: str, *, consumer: str = "") -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=POOL_WAIT_SECONDS, decode_responses=False,
@@ -216,29 +216,22 @@ class RedisStore:
     # queue ---------------------------------------------------------------------------------------------
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
-        """Due jobs, new or retried, and a dead replica's jobs once idle past the lease, in script calls of at most
-        LEASE_BATCH jobs each (redis-server serves the accepts waiting behind one before it runs the next).
+        """Due jobs, new or retried, and a dead replica's jobs once idle past the lease.
 
         The pending list is looked through for idle entries at the first lease, then from where the last look
         ended until it has been seen whole, then again a quarter of a lease later: a dead replica's jobs are taken
         over at most a quarter of a lease after their lease ends (`bench/delivery.py --store redis`: the look at
         every lease took 17-21 µs of redis-server's CPU per job leased, of 32-41)."""
         await self._group(vendor)
-        jobs: list[Job] = []
-        while len(jobs) < limit:
-            asked = min(limit - len(jobs), LEASE_BATCH)
-            cursor, not_before = self._claims.get(vendor, ("0-0", 0.0))
-            looking = now >= not_before
-            found, rows = await self._lease(keys=[], args=[vendor, GROUP, self.consumer, now, asked,
-                                                           int(lease_seconds * 1000), cursor if looking else ""])
-            if looking:
-                ended = _s(found)
-                self._claims[vendor] = ("0-0", now + lease_seconds / 4) if ended == "0-0" else (ended, 0.0)
-            jobs += [Job(_s(r[1]), _s(r[2]), vendor, _s(r[3]), _s(r[4]), _s(r[10]), _s(r[5]), _s(r[6]),
-                         bytes(r[11]), int(r[7]), float(r[8]), int(r[9]), _s(r[0])) for r in rows]
-            if len(rows) < asked:  # nothing more is due now
-                break
-        return jobs
+        cursor, not_before = self._claims.get(vendor, ("0-0", 0.0))
+        looking = now >= not_before
+        found, rows = await self._lease(keys=[], args=[vendor, GROUP, self.consumer, now, limit,
+                                                       int(lease_seconds * 1000), cursor if looking else ""])
+        if looking:
+            ended = _s(found)
+            self._claims[vendor] = ("0-0", now + lease_seconds / 4) if ended == "0-0" else (ended, 0.0)
+        return [Job(_s(r[1]), _s(r[2]), vendor, _s(r[3]), _s(r[4]), _s(r[10]), _s(r[5]), _s(r[6]), bytes(r[11]),
+                    int(r[7]), float(r[8]), int(r[9]), _s(r[0])) for r in rows]
 
     async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:
         args: list[Any] = [GROUP, "" if status is None else status, now]
