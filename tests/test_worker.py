@@ -406,7 +406,7 @@ async def _until(check: Callable[[], bool]) -> bool:
 
 async def test_a_lease_takes_at_most_lease_max_jobs_even_for_a_batched_vendor(store: SQLiteStore) -> None:
     """A lease holds SQLite's write lock while it reads and updates its rows (every accept waits for it): Tracify's
-    ready list, a thousand jobs deep for requests of 100, fills in several leases of at most the store's lease_max."""
+    ready list, a thousand jobs deep for requests of 100, fills in several leases of at most LEASE_MAX."""
     sealer = Sealer(SECRET)
     for n in range(600):
         await accept_page(store, sealer, n)
@@ -420,7 +420,7 @@ async def test_a_lease_takes_at_most_lease_max_jobs_even_for_a_batched_vendor(st
     store.lease = spied  # type: ignore[method-assign]
     deliverer = Deliverer(config(), store, sealer, transport=answering(200, b'{"status": true}'))
     await run_until(deliverer, lambda: _all_sent(store))
-    assert limits and max(limits) <= store.lease_max < 600
+    assert limits and max(limits) <= worker.LEASE_MAX < 600
     assert sum((await store.counts()).pending.values()) == 0
 
 

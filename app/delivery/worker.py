@@ -33,6 +33,9 @@ from handlers import VENDORS, Postback, Skip, Vendor
 log = logging.getLogger("segrelay.delivery")
 IDLE_POLL = 0.5  # seconds between looks at the queue when nothing woke us
 READY_MIN, READY_MAX = 32, 1000  # jobs leased ahead per vendor, waiting in memory for a slot
+# Jobs per lease, at most (a look past blocked tenants aside): on SQLite a lease reads and updates its rows while it
+# holds the write lock that every accept waits for. Tracify's list (100 to a request) took up to 1,000 at once.
+LEASE_MAX = 256
 READY_PER_TENANT = 4  # a tenant's share of that list: this many times its concurrency (times the batch size)
 TENANT_BACKOFF = 1.0  # a job past its tenant's share is due again this much later
 PROBE_SECONDS = 1.0  # how often a vendor blocked on one tenant's limit looks for other tenants' jobs
@@ -176,7 +179,7 @@ class Deliverer:
         share = max(READY_PER_TENANT * self._tenant_limit(tenants) * batch_size, READY_MIN)
         dispatchable = self._dispatchable(slug)
         probing = False
-        wanted = min(READY_MAX - len(ready), share, self.store.lease_max) - dispatchable  # kept at the tenants' share
+        wanted = min(READY_MAX - len(ready), share, LEASE_MAX) - dispatchable  # the list kept at the tenants' share
         if ready and dispatchable == 0:
             # Every ready job waits for its tenant while slots are free. Leasing more of the same would only churn;
             # at most once a second, when the counters show other tenants queued, look past the backlog for their

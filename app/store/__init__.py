@@ -128,10 +128,6 @@ class StoreUnavailableError(StoreError):
 
 
 class Store(Protocol):
-    # Jobs a delivery process's top-up leases at once, at most (a look past blocked tenants aside): each store's own
-    # bound on how long one lease holds up the accepts behind it (SQLite's write lock, redis-server's one thread).
-    lease_max: int
-
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
     async def durability_problems(self) -> list[str]:

@@ -70,11 +70,6 @@ def _s(value: Any) -> str:
 
 
 class RedisStore:
-    # A lease script holds redis-server, and every accept waiting behind it, for about 20 µs per job. Top-ups of 64
-    # (`bench/e2e.py --store redis`, five pairs against 256): p99 33.6 ms against 42.3 (median; lower in every
-    # pair), the server's longest request 68 ms against 98, accepted and sustained events/s within the noise.
-    lease_max = 64
-
     def __init__(self, url: str, *, consumer: str = "") -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=POOL_WAIT_SECONDS, decode_responses=False,

@@ -124,10 +124,6 @@ _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message
 
 
 class SQLiteStore:
-    # A lease reads and updates its rows while it holds the write lock that every accept waits for; Tracify's list
-    # (100 to a request) had leased up to 1,000 at once. 64 was tried in 0.13.5: no gain on the p99.
-    lease_max = 256
-
     def __init__(self, path: str, *, durable: bool = True, slot: int | None = None,
                  accept_writer: str | None = None) -> None:
         """`slot`: this process's byte in the priority file; by default 0 for a durable store (the HTTP side), and
