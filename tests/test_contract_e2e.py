@@ -291,7 +291,7 @@ def test_other_paths_and_methods_answer_json(server: Segrelay) -> None:
 def test_internal_error_gets_500_with_a_generic_message(make_server: type[Segrelay]) -> None:
     service = make_server().start()
     with sqlite3.connect(service.tmp / "store.db") as db:
-        db.execute("CREATE TRIGGER sabotage BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+        db.execute("CREATE TRIGGER sabotage BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
     body = assert_json(service.post(fresh(fixture("order_completed.json")), ALL_VENDORS), 500)
     assert body == {"message": "Internal error in segrelay; Segment will retry this event"}
     assert "disk says no" not in json.dumps(body)

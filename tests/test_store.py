@@ -15,7 +15,7 @@ import redis
 from app.keys import KeyRecord
 from app.store import Identity, NewJob, Store, open_store
 from app.store.redis import RedisStore
-from app.store.sqlite import SQLiteStore
+from app.store.sqlite import SCHEMA, SQLiteStore
 from tests.support import RedisServer
 
 
@@ -436,7 +436,7 @@ async def test_one_housekeeping_call_removes_several_batches_of_expired_records(
     with contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as conn:
         assert conn.execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 0
         assert conn.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] == 0
-        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 4500  # the queue itself is untouched
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 4500  # the queue itself is untouched
 
 
 # The layout of 0.10 and before, as it was created then: outcomes keyed by messageId, events counting their jobs left.
@@ -529,3 +529,70 @@ async def test_an_event_goes_with_its_last_job_and_a_dead_letter_keeps_it(tmp_pa
         await store.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as conn:
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
+
+
+async def test_an_accept_writes_one_event_row_and_the_first_lease_writes_every_vendors_jobs_once(
+        tmp_path: Path) -> None:
+    """The accept path stores an event as one row (its jobs as one column); the jobs' own rows are written by the
+    next lease of any vendor, for every vendor, in the order the events came, and never twice. Until then the
+    event's postbacks still count as queued: in `trace`, `oldest_due`, `stats` and the counters."""
+    path = tmp_path / "store.db"
+    store = SQLiteStore(str(path))
+    now = time.time()
+    try:
+        assert await store.accept("acme", "m1", b"p1", [job("tracify"), job("audiohook", "pixel")], now=now, ttl=60)
+        assert await store.accept("acme", "m2", b"p2", [job("audiohook", "pixel")], now=now + 1, ttl=60)
+        assert await store.accept("acme", "m3", b"p3", [job("segmentstream", "track"),
+                                                        job("segmentstream", "data_stream")], now=now + 2, ttl=60)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 3
+            assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+        assert [(o.vendor, o.target, o.state, o.next_at) for o in await store.trace("m1")] == [
+            ("audiohook", "pixel", "queued", now), ("tracify", "events", "queued", now)]
+        assert await store.oldest_due(now=now + 10) == {"segmentstream": 8.0, "tracify": 10.0, "audiohook": 10.0}
+        assert (await store.counts()).pending == {"tracify": 1, "audiohook": 2, "segmentstream": 2}
+
+        (leased,) = await store.lease("tracify", now=now + 10, limit=5, lease_seconds=30)
+        assert (leased.message_id, leased.payload) == ("m1", b"p1")
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT event_id, vendor, target, created_at, due_at FROM jobs ORDER BY id").fetchall()
+        assert [(event, vendor, target) for event, vendor, target, _, _ in rows] == [
+            (1, "tracify", "events"), (1, "audiohook", "pixel"), (2, "audiohook", "pixel"),
+            (3, "segmentstream", "track"), (3, "segmentstream", "data_stream")]
+        assert [created for _, _, _, created, _ in rows] == [now, now, now + 1, now + 2, now + 2]
+        assert [o.state for o in await store.trace("m1")] == ["queued", "leased"]  # from the job rows now
+
+        assert await store.accept("acme", "m4", b"p4", [job("audiohook", "pixel")], now=now + 3, ttl=60)
+        audiohook = await store.lease("audiohook", now=now + 10, limit=5, lease_seconds=30)
+        assert [j.message_id for j in audiohook] == ["m1", "m2", "m4"]
+        assert await store.lease("tracify", now=now + 10, limit=5, lease_seconds=30) == []  # nothing written twice
+        stats = await store.stats(now=now + 10)
+        assert {vendor: s.due for vendor, s in stats.vendors.items() if s.due} == {"segmentstream": 2}
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 6
+    finally:
+        await store.close()
+
+
+async def test_a_file_of_0_13_5_keeps_its_jobs_and_fans_out_only_what_comes_after(tmp_path: Path) -> None:
+    """Up to 0.13.5 every accept wrote its jobs' rows: opening such a file must neither lose them nor write them
+    again, and events accepted afterwards get theirs from the next lease."""
+    path = tmp_path / "store.db"
+    now = time.time()
+    old_schema = SCHEMA.replace(", routes TEXT, accepted_at REAL", "").replace(
+        "CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;", "")
+    assert "routes" not in old_schema and "cursors" not in old_schema
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript(old_schema)
+        conn.execute("INSERT INTO events (id, tenant, message_id, payload, jobs) VALUES (5, 'acme', 'm-old', x'01', 1)")
+        conn.execute("INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size, created_at,"
+                     " due_at) VALUES (5, 'audiohook', 'pixel', 'acme', 'Order Completed', '', 1, ?, ?)", (now, now))
+    store = SQLiteStore(str(path))
+    try:
+        assert await store.accept("acme", "m-new", b"p", [job("audiohook", "pixel")], now=now, ttl=60)
+        leased = await store.lease("audiohook", now=now + 1, limit=5, lease_seconds=30)
+        assert [(j.message_id, j.event_id) for j in leased] == [("m-old", "5"), ("m-new", "6")]
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 2

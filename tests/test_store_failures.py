@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from app.store import NewJob, StoreUnavailableError
-from app.store.sqlite import SQLiteStore, accept_op
+from app.store.sqlite import SQLiteStore, accept_op, fan_out_op
 
 
 class FailingCommits:
@@ -130,6 +130,7 @@ def test_a_group_redone_one_by_one_counts_and_points_only_at_what_was_stored(tmp
                            " ORDER BY e.id").fetchall()
     assert [(m, n, i) for m, n, i in pointed] == [("a", "a", 1), ("b", "b", 2), ("c", "c", 3), ("d", "d", 4),
                                                   ("e", "e", 5)]
+    assert fan_out_op(conn) == 5  # the stored events' jobs, written when delivery leases
     assert conn.execute("SELECT count(*), count(DISTINCT event_id) FROM jobs").fetchone() == (10, 5)
     # Once gone, an event's id is never given again (its outcomes stay keyed by it).
     conn.execute("DELETE FROM events")

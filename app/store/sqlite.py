@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from app.keys import KeyRecord
 from app.store import (
     ALL_TENANTS,
@@ -64,6 +66,8 @@ CHUNK = 500  # rows per statement where lease and complete name many rows at onc
 # lock that accepts wait for, 0.8 ms at the median for 500 rows (2,000 took 2.8 ms, up to 11.7).
 HOUSEKEEPING_BATCH = 500
 HOUSEKEEPING_ROUNDS = 64  # ... and transactions of one kind per call, at most: 32,000 rows a second per table
+FAN_OUT_EVENTS = 256  # events whose job rows one transaction writes (about 1,000 rows): a few ms with the lock held
+OLDEST_UNFANNED = 64  # events not fanned out yet that `oldest_due` looks at for each vendor's oldest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -75,7 +79,7 @@ CREATE TABLE IF NOT EXISTS seen (
 CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_at);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, message_id TEXT NOT NULL, payload BLOB NOT NULL,
-    jobs INTEGER NOT NULL);
+    jobs INTEGER NOT NULL, routes TEXT, accepted_at REAL);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, event_id INTEGER NOT NULL, vendor TEXT NOT NULL, target TEXT NOT NULL,
     tenant TEXT NOT NULL, event_name TEXT NOT NULL, batch_key TEXT NOT NULL, size INTEGER NOT NULL,
@@ -93,6 +97,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
     PRIMARY KEY (event_id, vendor, target)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outcomes_age ON outcomes (at);
 CREATE TABLE IF NOT EXISTS key_settings (key_id TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 # Up to 0.10, outcomes were keyed by messageId (a random place in the table for every delivered postback), and events
 # were found by an index on messageId and counted down their jobs (a write to the event's page for every delivered
@@ -180,8 +185,15 @@ class SQLiteStore:
             if unpointed:
                 conn.execute("ALTER TABLE seen ADD COLUMN event_id INTEGER")
             conn.execute("DROP INDEX IF EXISTS events_message")
+            events = _columns(conn, "events")
+            if events and "routes" not in events:  # 0.13.5 and before: every event's jobs were written with it
+                conn.execute("ALTER TABLE events ADD COLUMN routes TEXT")
+                conn.execute("ALTER TABLE events ADD COLUMN accepted_at REAL")
             for statement in SCHEMA.split(";"):
                 conn.execute(statement)
+            # Events up to here have their jobs (a new file has none): only later ones are fanned out.
+            conn.execute("INSERT OR IGNORE INTO cursors VALUES ('fanned_out', (SELECT COALESCE(MAX(id), 0)"
+                         " FROM events))")
             if unpointed:
                 conn.execute(POINT_SEEN)
             if old_outcomes:
@@ -296,6 +308,7 @@ class SQLiteStore:
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
         def op(c: sqlite3.Connection) -> list[Job]:
+            fan_out_op(c, max(FAN_OUT_EVENTS, limit))  # the newest accepts' jobs, every vendor's, before looking
             rows = c.execute(_JOB_SELECT + " WHERE j.vendor = ? AND j.dead = 0 AND j.due_at <= ?"
                              " ORDER BY j.due_at LIMIT ?", (vendor, now, limit)).fetchall()
             for ids in _chunks([r[0] for r in rows]):
@@ -382,6 +395,12 @@ class SQLiteStore:
             live = [(t, *row) for t, event_id in events for row in c.execute(
                 "SELECT vendor, target, leased, dead, attempts, last_status, last_body, due_at, died_at FROM jobs"
                 " WHERE event_id = ?", (event_id,))]
+            # An event accepted since delivery last leased has no job rows yet: its jobs are queued.
+            live += [(t, vendor, target, 0, 0, 0, None, "", accepted_at, None)
+                     for t, event_id in events for routes, accepted_at in c.execute(
+                         "SELECT routes, accepted_at FROM events WHERE id = ? AND id > (SELECT value FROM cursors"
+                         " WHERE name = 'fanned_out')", (event_id,))
+                     for vendor, target, *_ in orjson.loads(routes)]
             kept = [(t, *row) for t, event_id in events for row in c.execute(
                 "SELECT vendor, target, state, status, detail, attempts, at FROM outcomes WHERE event_id = ?",
                 (event_id,))]
@@ -418,9 +437,12 @@ class SQLiteStore:
         await self._call(lambda c: c.execute("UPDATE events SET payload = ? WHERE id = ?", (payload, int(event_id))))
 
     async def stats(self, *, now: float) -> QueueStats:
-        rows = await self._call(lambda c: c.execute(
-            "SELECT vendor, SUM(dead = 0 AND leased = 0), SUM(dead = 0 AND leased = 1 AND due_at > ?),"
-            " SUM(dead = 0 AND due_at <= ?), SUM(dead = 1) FROM jobs GROUP BY vendor", (now, now)).fetchall())
+        await self.fan_out()
+        def op(c: sqlite3.Connection) -> list[Any]:
+            return c.execute(
+                "SELECT vendor, SUM(dead = 0 AND leased = 0), SUM(dead = 0 AND leased = 1 AND due_at > ?),"
+                " SUM(dead = 0 AND due_at <= ?), SUM(dead = 1) FROM jobs GROUP BY vendor", (now, now)).fetchall()
+        rows = await self._call(op)
         return QueueStats({r[0]: VendorStats(*(int(x or 0) for x in r[1:])) for r in rows})
 
     async def counts(self) -> Counts:
@@ -434,11 +456,28 @@ class SQLiteStore:
         return counts
 
     async def oldest_due(self, *, now: float) -> dict[str, float]:
+        # Events whose jobs are not written yet (delivery has not leased since they came) are due for their vendors
+        # too: the oldest of them, as far as the first OLDEST_UNFANNED tell.
+        unfanned: dict[str, float] = {}
+        for routes, accepted_at in self._read("SELECT routes, accepted_at FROM events WHERE id > (SELECT value FROM"
+                                              " cursors WHERE name = 'fanned_out') ORDER BY id LIMIT ?",
+                                              (OLDEST_UNFANNED,)):
+            for vendor, *_ in orjson.loads(routes):
+                unfanned.setdefault(vendor, float(accepted_at))
         ages = {}
         for vendor in VENDORS:
             ((due,),) = self._read("SELECT MIN(due_at) FROM jobs WHERE vendor = ? AND dead = 0", (vendor.slug,))
-            ages[vendor.slug] = max(0.0, now - due) if due is not None else 0.0
+            oldest = min((d for d in (due, unfanned.get(vendor.slug)) if d is not None), default=None)
+            ages[vendor.slug] = max(0.0, now - oldest) if oldest is not None else 0.0
         return ages
+
+    async def fan_out(self) -> int:
+        """Write the job rows of every event accepted since delivery last leased (`fan_out_op`), a transaction per
+        FAN_OUT_EVENTS so that accepts take the lock in between; how many events."""
+        total = 0
+        while count := await self._call(fan_out_op):
+            total += count
+        return total
 
     async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400,
                            max_identities: int = MAX_IDENTITIES) -> None:
@@ -484,14 +523,17 @@ class SQLiteStore:
 def accept_op(c: sqlite3.Connection, tenant: str, message_id: str, payload: bytes,
               jobs: Sequence[tuple[str, str, str, str]], now: float, ttl: float,
               skips: Sequence[tuple[str, str]]) -> bool:
-    """Store one accepted event in the open transaction: its idempotency record, the event, its jobs (vendor,
-    target, event name, batch key), its counters and its skips. False when the messageId was seen within the ttl.
+    """Store one accepted event in the open transaction: its idempotency record, the event with its jobs (vendor,
+    target, event name, batch key) as one JSON column, its counters and its skips. False when the messageId was seen
+    within the ttl. The jobs' own rows are written later, off the accept path, by `fan_out_op`.
 
-    Three statements per accept, one per table. On a `WriterConnection` inside `Committer.run_begun`, the
+    Two statements per accept (three with skips). On a `WriterConnection` inside `Committer.run_begun`, the
     counters of every accept in the transaction are written once, just before COMMIT, and the event's id is known
     before the idempotency record is written (AUTOINCREMENT's own sequence, read once per transaction), so the
     record needs no second write to point at its event: the statements of an accept took 16.5 µs of CPU instead
-    of 20.2 (transactions of ten; 0.13.2's benchmark figures)."""
+    of 20.2 (transactions of ten; 0.13.2's benchmark figures). Writing the four job rows of an Order Completed
+    here (until 0.13.5) was the larger part of the accept writer's work: without them the accept path took 0.29-0.30x
+    of bare Starlette instead of 0.23-0.24x (README, 0.13.6)."""
     event_id = _next_event_id(c) if jobs else None
     # Inserted, or replaced an expired record: new. An unexpired record: a duplicate (no row changed).
     fresh = c.execute(
@@ -500,14 +542,11 @@ def accept_op(c: sqlite3.Connection, tenant: str, message_id: str, payload: byte
         (tenant, message_id, now + ttl, event_id, now)).rowcount
     if fresh and jobs:
         size = len(payload)
-        c.execute("INSERT INTO events (id, tenant, message_id, payload, jobs) VALUES (?, ?, ?, ?, ?)",
-                  (event_id, tenant, message_id, payload, len(jobs)))
+        c.execute("INSERT INTO events (id, tenant, message_id, payload, jobs, routes, accepted_at)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (event_id, tenant, message_id, payload, len(jobs), orjson.dumps(jobs).decode(), now))
         if isinstance(c, WriterConnection) and c.deferring and event_id is not None:
             c.next_event_id = event_id + 1
-        c.execute("INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size,"  # noqa: S608
-                  " created_at, due_at) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs)),
-                  [v for vendor, target, name, batch in jobs
-                   for v in (event_id, vendor, target, tenant, name, batch, size, now, now)])
         bumps: dict[str, int] = {}
         for job in jobs:
             counter = f"pending:{job[0]}"
@@ -518,6 +557,25 @@ def accept_op(c: sqlite3.Connection, tenant: str, message_id: str, payload: byte
             c.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, '', 'skipped', NULL, ?, 0, ?)",
                           [(event_id, vendor, reason, now) for vendor, reason in skips])
     return bool(fresh)
+
+
+def fan_out_op(c: sqlite3.Connection, limit: int = FAN_OUT_EVENTS) -> int:
+    """Write the job rows of up to `limit` events accepted since the last fan-out, in the open transaction, in the
+    order they were accepted; how many events that was. Ids only grow and one transaction writes at a time, so
+    every event past the cursor is complete and each is fanned out exactly once."""
+    (cursor,) = c.execute("SELECT value FROM cursors WHERE name = 'fanned_out'").fetchone()
+    count, last = c.execute("SELECT COUNT(*), MAX(id) FROM (SELECT id FROM events WHERE id > ? ORDER BY id LIMIT ?)",
+                            (cursor, limit)).fetchone()
+    if not count:
+        return 0
+    c.execute(
+        "INSERT INTO jobs (event_id, vendor, target, tenant, event_name, batch_key, size, created_at, due_at)"
+        " SELECT e.id, json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), e.tenant,"
+        " json_extract(j.value, '$[2]'), json_extract(j.value, '$[3]'), length(e.payload), e.accepted_at,"
+        " e.accepted_at FROM events e, json_each(e.routes) j WHERE e.id > ? AND e.id <= ? ORDER BY e.id, j.key",
+        (cursor, last))
+    c.execute("UPDATE cursors SET value = ? WHERE name = 'fanned_out'", (last,))
+    return int(count)
 
 
 def _next_event_id(c: sqlite3.Connection) -> int:
