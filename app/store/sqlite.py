@@ -13,6 +13,11 @@ event's jobs; an event goes with its last job; counts come from the `counters` t
 What is written for a delivered postback lands next to the previous one: its outcome is keyed by its event's id
 (increasing), and the event's row is written once more only when it goes. A message's event is found through its
 idempotency record (`segrelay trace`).
+
+An accept writes its event with the event's routes (one JSON column), not its jobs' rows: the next lease of any
+vendor writes them for every event accepted since the last lease (`fan_out_op`), by a cursor in `cursors` that
+moves in the same transaction. Ids only grow and one transaction writes at a time, so an event past the cursor is
+complete, and each is fanned out once.
 """
 
 from __future__ import annotations
