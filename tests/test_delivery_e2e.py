@@ -230,6 +230,32 @@ def test_tracify_postbacks_due_together_share_one_request(fresh_stub: VendorStub
     assert len(fresh_stub.requests("/tracify")) == 1
 
 
+def test_events_accepted_while_delivery_is_off_show_as_queued_and_are_each_sent_once_when_it_starts(
+        fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    """On SQLite an accept stores the event and its routes; the jobs' rows come with the next lease. Until then an
+    operator still sees every postback queued, and once delivery runs each goes exactly once."""
+    service = make_server({"SEGRELAY_DELIVERY": "off"}).start()
+    events = [order() for _ in range(3)]
+    for event in events:
+        assert service.post(event, ALL_VENDORS).status_code == 202
+    traced = json.loads(service.cli("trace", events[0]["messageId"], "--json").stdout)
+    assert sorted((r["vendor"], r["target"], r["state"]) for r in traced) == [
+        ("audiohook", "pixel", "queued"), ("segmentstream", "data_stream", "queued"),
+        ("segmentstream", "track", "queued"), ("tracify", "events", "queued")]
+    assert {vendor: row["pending"] for vendor, row in queue_stats(service).items()} == {
+        "segmentstream": 6, "tracify": 3, "audiohook": 3}
+    service.terminate()
+    service.env["SEGRELAY_DELIVERY"] = "on"
+    service.start()
+    for path in ("/segmentstream/track", "/segmentstream/ds/", "/audiohook"):
+        delivered(fresh_stub, path, 3)
+    assert wait_until(lambda: all(settled(service, v) for v in ("segmentstream", "tracify", "audiohook")))
+    tracify = [e for r in fresh_stub.requests("/tracify") for e in json.loads(r["body"])["events"]]
+    assert len(tracify) == 3
+    for path in ("/segmentstream/track", "/segmentstream/ds/", "/audiohook"):
+        assert len(fresh_stub.requests(path)) == 3, path
+
+
 def test_a_slow_vendor_does_not_delay_the_others(fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
     fresh_stub.script("/audiohook", [{"status": 200, "delay": 8}])
     service = make_server().start()
