@@ -531,47 +531,53 @@ async def test_an_event_goes_with_its_last_job_and_a_dead_letter_keeps_it(tmp_pa
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
 
 
-async def test_an_accept_writes_one_event_row_and_the_first_lease_writes_every_vendors_jobs_once(
-        tmp_path: Path) -> None:
-    """The accept path stores an event as one row (its jobs as one column); the jobs' own rows are written by the
-    next lease of any vendor, for every vendor, in the order the events came, and never twice. Until then the
-    event's postbacks still count as queued: in `trace`, `oldest_due`, `stats` and the counters."""
-    path = tmp_path / "store.db"
-    store = SQLiteStore(str(path))
+async def test_the_first_lease_writes_every_vendors_jobs_of_the_new_events_once(store: Store, store_url: str) -> None:
+    """An accept stores an event with its routes, not its jobs: the next lease of any vendor writes them, for every
+    vendor, in the order the events came, and never twice. Until then the event's postbacks still count as queued:
+    in the counters, `trace`, `oldest_due` and `stats`."""
     now = time.time()
-    try:
-        assert await store.accept("acme", "m1", b"p1", [job("tracify"), job("audiohook", "pixel")], now=now, ttl=60)
-        assert await store.accept("acme", "m2", b"p2", [job("audiohook", "pixel")], now=now + 1, ttl=60)
-        assert await store.accept("acme", "m3", b"p3", [job("segmentstream", "track"),
-                                                        job("segmentstream", "data_stream")], now=now + 2, ttl=60)
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 3
-            assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
-        assert [(o.vendor, o.target, o.state, o.next_at) for o in await store.trace("m1")] == [
-            ("audiohook", "pixel", "queued", now), ("tracify", "events", "queued", now)]
-        assert await store.oldest_due(now=now + 10) == {"segmentstream": 8.0, "tracify": 10.0, "audiohook": 10.0}
-        assert (await store.counts()).pending == {"tracify": 1, "audiohook": 2, "segmentstream": 2}
+    assert await store.accept("acme", "m1", b"p1", [job("tracify"), job("audiohook", "pixel")], now=now, ttl=60)
+    assert await store.accept("acme", "m2", b"p2", [job("audiohook", "pixel")], now=now + 1, ttl=60)
+    assert await store.accept("acme", "m3", b"p3", [job("segmentstream", "track"),
+                                                    job("segmentstream", "data_stream")], now=now + 2, ttl=60)
+    assert unfanned_jobs(store_url) == (3, 0)
+    assert [(o.vendor, o.target, o.state, o.next_at) for o in await store.trace("m1")] == [
+        ("audiohook", "pixel", "queued", now), ("tracify", "events", "queued", now)]
+    assert await store.oldest_due(now=now + 10) == {"segmentstream": 8.0, "tracify": 10.0, "audiohook": 10.0}
+    assert (await store.counts()).pending == {"tracify": 1, "audiohook": 2, "segmentstream": 2}
 
-        (leased,) = await store.lease("tracify", now=now + 10, limit=5, lease_seconds=30)
-        assert (leased.message_id, leased.payload) == ("m1", b"p1")
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            rows = conn.execute("SELECT event_id, vendor, target, created_at, due_at FROM jobs ORDER BY id").fetchall()
-        assert [(event, vendor, target) for event, vendor, target, _, _ in rows] == [
-            (1, "tracify", "events"), (1, "audiohook", "pixel"), (2, "audiohook", "pixel"),
-            (3, "segmentstream", "track"), (3, "segmentstream", "data_stream")]
-        assert [created for _, _, _, created, _ in rows] == [now, now, now + 1, now + 2, now + 2]
-        assert [o.state for o in await store.trace("m1")] == ["queued", "leased"]  # from the job rows now
+    (leased,) = await store.lease("tracify", now=now + 10, limit=5, lease_seconds=30)
+    assert (leased.message_id, leased.payload, leased.created_at) == ("m1", b"p1", now)
+    assert unfanned_jobs(store_url) == (0, 5)
+    assert await store.oldest_due(now=now + 10) == {"segmentstream": 8.0, "tracify": 0.0, "audiohook": 10.0}
 
-        assert await store.accept("acme", "m4", b"p4", [job("audiohook", "pixel")], now=now + 3, ttl=60)
-        audiohook = await store.lease("audiohook", now=now + 10, limit=5, lease_seconds=30)
-        assert [j.message_id for j in audiohook] == ["m1", "m2", "m4"]
-        assert await store.lease("tracify", now=now + 10, limit=5, lease_seconds=30) == []  # nothing written twice
-        stats = await store.stats(now=now + 10)
-        assert {vendor: s.due for vendor, s in stats.vendors.items() if s.due} == {"segmentstream": 2}
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 6
-    finally:
-        await store.close()
+    assert await store.accept("acme", "m4", b"p4", [job("audiohook", "pixel")], now=now + 3, ttl=60)
+    audiohook = await store.lease("audiohook", now=now + 10, limit=5, lease_seconds=30)
+    assert [(j.message_id, j.created_at) for j in audiohook] == [("m1", now), ("m2", now + 1), ("m4", now + 3)]
+    assert await store.lease("tracify", now=now + 10, limit=5, lease_seconds=30) == []  # nothing written twice
+    assert unfanned_jobs(store_url) == (0, 6)
+    assert await store.accept("acme", "m5", b"p5", [job("segmentstream", "track")], now=now + 4, ttl=60)
+    stats = await store.stats(now=now + 10)  # writes the jobs first: exact figures
+    assert {vendor: (s.pending, s.leased, s.due) for vendor, s in stats.vendors.items() if s.pending or s.leased} == {
+        "segmentstream": (3, 0, 3), "tracify": (0, 1, 0), "audiohook": (0, 3, 0)}
+    assert await store.fan_out() == 0
+    segmentstream = await store.lease("segmentstream", now=now + 10, limit=5, lease_seconds=30)
+    assert [(j.message_id, j.target) for j in segmentstream] == [("m3", "track"), ("m3", "data_stream"),
+                                                                 ("m5", "track")]
+    await store.complete([*segmentstream, *audiohook, leased], status=200, now=now + 11)
+    assert await pending(store) == 0
+
+
+def unfanned_jobs(store_url: str) -> tuple[int, int]:
+    """(events whose jobs are not written yet, jobs written), read from the store's own layout."""
+    if store_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(store_url.removeprefix("sqlite:///"))) as conn:
+            (cursor,) = conn.execute("SELECT value FROM cursors WHERE name = 'fanned_out'").fetchone()
+            (waiting,) = conn.execute("SELECT COUNT(*) FROM events WHERE id > ?", (cursor,)).fetchone()
+            (written,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            return int(waiting), int(written)
+    client = redis.Redis.from_url(store_url)
+    return int(client.xlen("segrelay:inbox")), len(client.keys("segrelay:job:*"))
 
 
 async def test_a_file_of_0_13_5_keeps_its_jobs_and_fans_out_only_what_comes_after(tmp_path: Path) -> None:

@@ -200,6 +200,11 @@ class Store(Protocol):
 
     async def replace_payload(self, event_id: str, payload: bytes) -> None: ...
 
+    async def fan_out(self) -> int:
+        """Write the jobs of every event accepted since delivery last leased (a lease does it first, for every
+        vendor); how many events. For operators and benchmarks: delivery needs no call of its own."""
+        ...
+
     async def stats(self, *, now: float) -> QueueStats:
         """Exact figures per vendor, for operators (`segrelay queue stats`): may scan, never on a hot path."""
         ...
