@@ -9,12 +9,10 @@ takes (KEYS, ARGV) and returns.
 # each event is stored as if alone, and a messageId twice in one batch is new only the first time. The counters
 # are summed over the call and written once at its end, and an event's trace rows in one HSET: per event, the
 # script's commands went from 22 to 13 and redis-server's CPU per accept fell by about a tenth. (redis-py packed
-# about 19 µs of arguments per event when each field was an argument of its own.) Since 0.13.6 an event's jobs are
-# not written here: its JSON array is kept on the event ('routes') and an entry in the inbox stream names it (with
-# its vendors and since when it is due), and the next lease writes the jobs (FAN_OUT): 6 commands per event.
+# about 19 µs of arguments per event when each field was an argument of its own.)
 ACCEPT = """
 local pending, queued_bytes, total = {}, {}, 0  -- counters, summed over the call and written once at its end
-local function accept(seen_key, now_text, ttl_text, event_id, tenant, message_id, payload, jobs, skips, routes)
+local function accept(seen_key, now_text, ttl_text, event_id, tenant, message_id, payload, jobs, skips)
   local seen = redis.call('GET', seen_key)
   local now, ttl = tonumber(now_text), tonumber(ttl_text)
   if seen and tonumber(seen) > now then return 0 end
@@ -24,11 +22,14 @@ local function accept(seen_key, now_text, ttl_text, event_id, tenant, message_id
   local size = string.len(payload)
   local trace = 'segrelay:trace:' .. message_id
   redis.call('HSET', 'segrelay:event:' .. event_id, 'tenant', tenant, 'message_id', message_id, 'payload', payload,
-    'left', n, 'routes', routes)
-  local rows, queued, vendors, named = {}, '{"s":"queued","n":' .. now_text .. '}', {}, {}
+    'left', n)
+  local rows, queued = {}, '{"s":"queued","n":' .. now_text .. '}'
   for _, job in ipairs(jobs) do
-    local vendor = job[2]
-    if not named[vendor] then named[vendor], vendors[#vendors + 1] = true, vendor end
+    local id, vendor = job[1], job[2]
+    redis.call('HSET', 'segrelay:job:' .. id, 'event', event_id, 'vendor', vendor, 'target', job[3],
+      'tenant', tenant, 'event_name', job[4], 'batch_key', job[5], 'size', size, 'attempts', 0,
+      'created_at', now_text)
+    redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id, 'due', now_text)
     pending[vendor] = (pending[vendor] or 0) + 1
     rows[#rows + 1] = tenant .. '|' .. vendor .. '|' .. job[3]
     rows[#rows + 1] = queued
@@ -37,7 +38,6 @@ local function accept(seen_key, now_text, ttl_text, event_id, tenant, message_id
     rows[#rows + 1] = tenant .. '|' .. skip[1] .. '|'
     rows[#rows + 1] = cjson.encode({s = 'skipped', d = skip[2], at = now})
   end
-  redis.call('XADD', 'segrelay:inbox', '*', 'event', event_id, 'due', now_text, 'vendors', table.concat(vendors, ','))
   redis.call('HSET', trace, unpack(rows))
   redis.call('PEXPIRE', trace, math.max(1, math.floor(ttl * 1000)))
   queued_bytes[tenant] = (queued_bytes[tenant] or 0) + size * n
@@ -47,7 +47,7 @@ end
 local fresh = {}
 for k = 1, #KEYS do
   local e = cjson.decode(ARGV[2 * k - 1])
-  fresh[k] = accept(KEYS[k], e[1], e[2], e[3], e[4], e[5], ARGV[2 * k], e[6], e[7], ARGV[2 * k - 1])
+  fresh[k] = accept(KEYS[k], e[1], e[2], e[3], e[4], e[5], ARGV[2 * k], e[6], e[7])
 end
 for vendor, count in pairs(pending) do redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. vendor, count) end
 for tenant, added in pairs(queued_bytes) do redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. tenant, added) end
@@ -135,46 +135,13 @@ redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[2], tonumber(job[3]))
 redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', tonumber(job[3]))
 return 1
 """
-# The jobs of up to `limit` events accepted since the last fan-out, for every vendor, in the order they came: a job
-# hash and a stream entry each, due since the event came, as ACCEPT wrote them until 0.13.6. The inbox entries go in
-# the same call, so each event is fanned out once. Returns how many events.
-FAN_OUT_FUNCTION = """
-local function fan_out(limit)
-  local entries = redis.call('XRANGE', 'segrelay:inbox', '-', '+', 'COUNT', limit)
-  if #entries == 0 then return 0 end
-  local done = {}
-  for _, entry in ipairs(entries) do
-    local event_id = entry[2][2]
-    local event_key = 'segrelay:event:' .. event_id
-    local routes = redis.call('HGET', event_key, 'routes')
-    if routes then
-      local e = cjson.decode(routes)
-      local size = redis.call('HSTRLEN', event_key, 'payload')
-      for _, job in ipairs(e[6]) do
-        redis.call('HSET', 'segrelay:job:' .. job[1], 'event', event_id, 'vendor', job[2], 'target', job[3],
-          'tenant', e[4], 'event_name', job[4], 'batch_key', job[5], 'size', size, 'attempts', 0,
-          'created_at', e[1])
-        redis.call('XADD', 'segrelay:stream:' .. job[2], '*', 'id', job[1], 'due', e[1])
-      end
-      redis.call('HDEL', event_key, 'routes')
-    end
-    done[#done + 1] = entry[1]
-  end
-  redis.call('XDEL', 'segrelay:inbox', unpack(done))
-  return #entries
-end
-"""
-# ARGV: how many events at most.
-FAN_OUT = FAN_OUT_FUNCTION + "return fan_out(tonumber(ARGV[1]))\n"
-# ARGV: vendor, group, consumer, now, limit, min idle ms, where to look for idle entries ('' not this time), how many
-# new events to fan out first (FAN_OUT_FUNCTION: every vendor's jobs of the events accepted since the last lease). Due
+# ARGV: vendor, group, consumer, now, limit, min idle ms, where to look for idle entries ('' not this time). Due
 # retries join the stream, a dead replica's idle entries are claimed, new ones read; each comes back with its job and
 # its event's payload, in one round trip. Entries whose job is gone (completed elsewhere, or buried) are acknowledged
 # and dropped. Returns {where the look for idle entries ended ('0-0': the whole pending list seen; '' none made),
 # the jobs}: XAUTOCLAIM walks up to ten entries of the pending list per entry asked for, and made at every lease it
 # took over half of redis-server's CPU for leasing (see RedisStore.lease).
-LEASE = FAN_OUT_FUNCTION + """
-fan_out(tonumber(ARGV[8]))
+LEASE = """
 local vendor, group, consumer = ARGV[1], ARGV[2], ARGV[3]
 local now, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
 local stream, delayed = 'segrelay:stream:' .. vendor, 'segrelay:delayed:' .. vendor
