@@ -102,8 +102,7 @@ async def main():
     for start in range(0, {count}, 2000):
         await asyncio.gather(*(store.accept("prefill", f"p{{i}}", b"x" * 1200, jobs, now=now + 86400, ttl=604800)
                                for i in range(start, min(start + 2000, {count}))))
-    if hasattr(store, "fan_out"):  # SQLite writes the jobs' rows when delivery first leases: before the load
-        await store.fan_out()
+    await store.fan_out()  # SQLite writes the jobs' rows when delivery first leases: before the load
     if hasattr(store, "client"):  # Redis queues every accepted job as due: park them as retries due tomorrow
         while await store.client.eval(PARK, 0, now + 86400):
             pass
