@@ -19,6 +19,7 @@ from app.operator_commands import (
     cmd_translate,
 )
 from app.serve_commands import cmd_accept_writer, cmd_check, cmd_deliver, cmd_serve, cmd_serve_http, cmd_stub
+from app.store import StoreError
 from app.version import VERSION
 from handlers import BY_SLUG
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         result: int = args.run(args)
     except ConfigError as exc:
         print(f"segrelay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:  # a store that cannot be opened or used: what it said, not a traceback
+        print(f"segrelay: store error: {exc}", file=sys.stderr)
         return 2
     return result
 

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
+from app.cli import main
+from app.store import StoreError
+from app.store.sqlite import SQLiteStore, require_json_functions
 from tests.support import ALL_VENDORS, FIXTURES, SECRET, free_port, wait_until
 
 
@@ -203,3 +209,28 @@ def test_every_option_of_every_command_has_help() -> None:
                 missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
         return missing
     assert walk(_parser(), "segrelay") == []
+
+
+class _NoJsonConnection:
+    """A connection to an SQLite built without its JSON functions (what `json_extract` then raises)."""
+
+    def execute(self, sql: str) -> None:
+        raise sqlite3.OperationalError("no such function: json_extract")
+
+
+def test_a_store_error_is_one_line_and_exit_2_and_sqlite_without_json_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(StoreError, match=r"built without its JSON functions, which this store needs"):
+        require_json_functions(_NoJsonConnection())  # type: ignore[arg-type]
+    require_json_functions(sqlite3.connect(":memory:"))  # this machine's SQLite has them
+
+    asyncio.run(SQLiteStore(str(tmp_path / "store.db")).close())  # an existing store, opened again below
+
+    def refused(self: SQLiteStore, conn: sqlite3.Connection) -> None:
+        require_json_functions(_NoJsonConnection())  # type: ignore[arg-type]
+    monkeypatch.setattr(SQLiteStore, "_create", refused)
+    monkeypatch.setenv("SEGRELAY_SECRET", SECRET)
+    monkeypatch.setenv("SEGRELAY_STORE", f"sqlite:///{tmp_path / 'store.db'}")
+    assert main(["keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segrelay: store error: SQLite ") and "Traceback" not in err

@@ -177,6 +177,7 @@ class SQLiteStore:
     def _create(self, conn: sqlite3.Connection) -> None:
         """The tables and indexes, and a file of 0.10 or before moved to this layout, in one transaction (another
         process starting at the same time waits for it, then finds everything in place)."""
+        require_json_functions(conn)
         conn.execute("BEGIN IMMEDIATE")
         try:
             old_outcomes = "message_id" in _columns(conn, "outcomes")
@@ -581,6 +582,15 @@ def fan_out_op(c: sqlite3.Connection, limit: int = FAN_OUT_EVENTS) -> int:
         (cursor, last))
     c.execute("UPDATE cursors SET value = ? WHERE name = 'fanned_out'", (last,))
     return int(count)
+
+
+def require_json_functions(conn: sqlite3.Connection) -> None:
+    """`fan_out_op` reads an event's routes with SQLite's JSON functions: a build without them is refused at once."""
+    try:
+        conn.execute("SELECT json_extract('[1]', '$[0]')")
+    except sqlite3.OperationalError:
+        raise StoreError(f"SQLite {sqlite3.sqlite_version} was built without its JSON functions, which this store "
+                         f"needs (SQLite 3.38 or later has them built in)") from None
 
 
 def _next_event_id(c: sqlite3.Connection) -> int:
