@@ -95,7 +95,7 @@ class SegmentEndpoint:
         await send({"type": "http.response.body", "body": payload})
         elapsed = time.perf_counter() - started
         metrics.add(metrics.labelled(metrics.REQUESTS, kind, str(status)))
-        metrics.REQUEST_SECONDS.observe(elapsed)
+        metrics.observe(metrics.REQUEST_SECONDS, elapsed)
         line: dict[str, Any] = {"method": "POST", "path": "/segment", "status": status, "call_type": kind,
                                 "request_id": rid, "duration_ms": round(elapsed * 1000, 2), **extra}
         if status >= 400:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import bisect
 import os
 import platform
 from typing import Any, TypeVar
@@ -85,30 +86,70 @@ def labelled(metric: M, *values: str) -> M:
 
 
 _ADDED: dict[Any, float] = {}  # counter child -> what this event-loop turn added to it, not yet written
+_OBSERVED: dict[Any, list[float]] = {}  # histogram (child) -> this event-loop turn's observations, not yet written
+
+
+def _written_later() -> bool:
+    """Whether what is recorded now is written at the end of this event-loop turn (False: no event loop)."""
+    if _ADDED or _OBSERVED:
+        return True
+    try:
+        asyncio.get_running_loop().call_soon(flush)
+    except RuntimeError:
+        return False
+    return True
 
 
 def add(child: Any, amount: float = 1.0) -> None:
     """Add to a counter's child at the end of this event-loop turn, together with the turn's other additions to it.
 
     Under `serve` every process's metrics live in shared memory (prometheus_client's multiprocess mode), where each
-    write takes a lock and asks the kernel for the process id: about 1 µs, several times per event. Written once per
-    child and turn instead (32 events to a turn at 32 connections), and at once outside an event loop.
+    write takes a lock: about 1 µs, several times per event. Written once per child and turn instead (32 events to a
+    turn at 32 connections), and at once outside an event loop.
     """
-    if not _ADDED:
-        try:
-            asyncio.get_running_loop().call_soon(flush)
-        except RuntimeError:
-            child.inc(amount)
-            return
+    if not _written_later():
+        child.inc(amount)
+        return
     _ADDED[child] = _ADDED.get(child, 0.0) + amount
 
 
+def observe(histogram: Any, amount: float) -> None:
+    """`histogram.observe(amount)` at the end of this event-loop turn, with the turn's other observations of it: one
+    write of its sum and one of each bucket they fall in, where each observation wrote the sum and a bucket: the
+    accept path alone 0.32 / 0.33 / 0.34x of bare Starlette against 0.30 / 0.29 / 0.32x (README, 0.13.6)."""
+    if not _written_later():
+        histogram.observe(amount)
+        return
+    _OBSERVED.setdefault(histogram, []).append(amount)
+
+
 def flush() -> None:
-    """Write the additions of this event-loop turn (`add`)."""
-    added = list(_ADDED.items())
+    """Write the additions and observations of this event-loop turn (`add`, `observe`)."""
+    added, observed = list(_ADDED.items()), list(_OBSERVED.items())
     _ADDED.clear()
+    _OBSERVED.clear()
     for child, amount in added:
         child.inc(amount)
+    for histogram, amounts in observed:
+        observe_all(histogram, amounts)
+
+
+def observe_all(histogram: Any, amounts: list[float]) -> None:
+    """What `observe` once per amount would write, written once per bucket. Reads prometheus_client's own fields
+    (`_upper_bounds`, `_buckets`, `_sum`); a histogram without them is observed one amount at a time, and a test
+    compares the two ways' exposition."""
+    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts = [0] * len(bounds)
+    for amount in amounts:
+        counts[bisect.bisect_left(bounds, amount)] += 1  # the first bucket whose bound is >= amount, as observe()
+    total.inc(sum(amounts))
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
 
 
 atexit.register(flush)

@@ -1,4 +1,5 @@
-"""Counter additions of one event-loop turn are written together: the values are the same, the writes fewer."""
+"""Counter additions and histogram observations of one event-loop turn are written together: the values are the
+same, the writes fewer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
 
 from app import metrics
 
@@ -38,6 +39,41 @@ def test_outside_an_event_loop_an_addition_is_written_at_once() -> None:
     before = child._value.get()
     metrics.add(child, 4)
     assert child._value.get() == before + 4
+
+
+AMOUNTS = [0.0, 0.0004, 0.001, 0.0011, 0.01, 0.05, 0.5, 1.0, 1.5, 7.25, 0.001, 0.0004]
+
+
+async def test_histogram_observations_of_one_turn_are_written_at_its_end_and_expose_as_one_by_one() -> None:
+    registry = CollectorRegistry()
+    one_by_one = Histogram("one_by_one_seconds", "reference", ["vendor"], buckets=(0.001, 0.01, 0.1, 1),
+                           registry=registry)
+    batched = Histogram("batched_seconds", "batched", ["vendor"], buckets=(0.001, 0.01, 0.1, 1), registry=registry)
+    for amount in AMOUNTS:  # bounds themselves, between them, past the last finite one, zero
+        one_by_one.labels("tracify").observe(amount)
+        metrics.observe(batched.labels("tracify"), amount)
+    assert 'batched_seconds_count{vendor="tracify"} 0.0' in generate_latest(registry).decode()  # not yet: the turn
+    # is not over
+    await asyncio.sleep(0)
+    text = generate_latest(registry).decode()
+
+    def samples(name: str) -> list[str]:
+        return sorted(line.replace(name, "h") for line in text.splitlines()
+                      if line.startswith(name) and "_created" not in line)
+    assert samples("batched_seconds") == samples("one_by_one_seconds")
+    assert 'h_bucket{le="0.001",vendor="tracify"} 5.0' in samples("batched_seconds")
+
+
+def test_a_histogram_without_prometheus_clients_fields_is_observed_one_amount_at_a_time() -> None:
+    class Plain:
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def observe(self, amount: float) -> None:
+            self.seen.append(amount)
+    plain = Plain()
+    metrics.observe_all(plain, AMOUNTS)
+    assert plain.seen == AMOUNTS
 
 
 MULTIPROCESS_SCRIPT = """

@@ -378,7 +378,7 @@ class Deliverer:
         except SendFailed as exc:
             connect_error = exc.connect
             succeeded, pause, body = False, None, str(exc)
-        metrics.labelled(metrics.VENDOR_SECONDS, slug).observe(time.monotonic() - started)
+        metrics.observe(metrics.labelled(metrics.VENDOR_SECONDS, slug), time.monotonic() - started)
         verdict = classify(status, succeeded)
         now = self.clock()
         self.breakers[slug].record(now, ok=verdict is not Verdict.RETRY, connect_error=connect_error)
