@@ -601,3 +601,17 @@ async def test_a_file_of_0_13_5_keeps_its_jobs_and_fans_out_only_what_comes_afte
         await store.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 2
+
+
+async def test_a_job_keeps_every_field_exactly_through_the_store(store: Store) -> None:
+    """An event's routes travel as JSON on SQLite (read back by SQLite's JSON functions when the rows are written):
+    names with quotes, tabs, newlines, non-ASCII and emoji, and a long batch key, come back as they went in."""
+    now = time.time()
+    name = 'Ordér "Completed"\t\n\\ ✓ 🛒 ' + "x" * 300
+    payload = bytes(range(256)) * 11
+    assert await store.accept("acme\u00e9", "m-é", payload, [NewJob("tracify", "events", name, "k" * 64)], now=now,
+                              ttl=60)
+    (leased,) = await store.lease("tracify", now=now, limit=5, lease_seconds=30)
+    assert (leased.tenant, leased.message_id, leased.event_name, leased.batch_key) == ("acme\u00e9", "m-é", name,
+                                                                                       "k" * 64)
+    assert (leased.payload, leased.size, leased.created_at, leased.attempts) == (payload, len(payload), now, 0)
