@@ -35,6 +35,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import orjson
+import redis as redis_client
 from common import ALL_VENDORS, ROOT, SECRET, RedisServer, cpu_seconds
 from e2e import standin, tally
 
@@ -183,7 +184,7 @@ def main() -> None:
             slots = [["--slot", str(PRIORITY_SLOTS + i)]
                      for i in range(args.processes)] if args.processes > 1 and not redis else [[]] * args.processes
             if redis:
-                redis_cli(redis, "CONFIG", "RESETSTAT")
+                redis_client.Redis.from_url(redis.url).config_resetstat()
             redis_cpu = cpu_seconds(redis.proc.pid) if redis else 0.0
             procs = [subprocess.Popen([sys.executable, "-m", "app", "deliver", *extra], env=env, cwd=tmp)
                      for extra in slots]
@@ -197,7 +198,7 @@ def main() -> None:
                     proc.wait(30)
             if redis:
                 redis_cpu = cpu_seconds(redis.proc.pid) - redis_cpu
-                commands = command_counts(redis_cli(redis, "INFO", "commandstats"))
+                commands = command_counts(redis)
         finally:
             vendor.terminate()
             if redis:
@@ -221,20 +222,11 @@ def main() -> None:
               f"/ raw aiohttp: {ours / results['raw aiohttp']:.2f}; / raw httpx: {ours / results['raw httpx']:.2f}")
 
 
-def redis_cli(redis: RedisServer, *command: str) -> str:
-    """One command to the private redis-server, its answer as text."""
-    return subprocess.run(["redis-cli", "-p", str(redis.port), *command], capture_output=True, text=True,
-                          check=True, timeout=30).stdout
-
-
-def command_counts(commandstats: str) -> Counter[str]:
-    """`INFO commandstats` as calls per command (script calls and the commands they ran, both counted)."""
-    counts: Counter[str] = Counter()
-    for line in commandstats.splitlines():
-        if line.startswith("cmdstat_"):
-            name, _, fields = line.removeprefix("cmdstat_").partition(":")
-            counts[name] = int(fields.split(",")[0].removeprefix("calls="))
-    return counts
+def command_counts(redis: RedisServer) -> Counter[str]:
+    """The private redis-server's `INFO commandstats` as calls per command (script calls and the commands they ran,
+    both counted), parsed by redis-py."""
+    stats = redis_client.Redis.from_url(redis.url).info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(fields["calls"]) for name, fields in stats.items()})
 
 
 if __name__ == "__main__":
