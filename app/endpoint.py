@@ -1,7 +1,8 @@
-"""POST /segment as a plain ASGI handler: the request id, the body budget, the contract answer, one log line.
+"""POST /segment: the request id, the body budget, the contract answer, one log line.
 
 This is the path every Segment event takes, so it skips Starlette's routing, request objects and middleware
-stack; everything else (health, readiness, metrics, JSON 404/405) is a Starlette app beside it.
+stack (everything else: health, readiness, metrics, JSON 404/405, is a Starlette app beside it), and under
+`serve` also uvicorn's ASGI request cycle: the HTTP protocol hands it the headers and the body (`direct`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -49,29 +51,76 @@ def request_id_of(headers: dict[bytes, bytes]) -> str:
     return incoming if SAFE_REQUEST_ID.match(incoming) else new_id()
 
 
+@dataclass(slots=True)
+class Reply:
+    """What /segment answers: the status, the response's own headers (uvicorn adds `date`) and the JSON body."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
 class SegmentEndpoint:
+    """POST /segment, reached two ways: `direct` from the HTTP protocol with the body already read
+    (app/http_protocol.py: how `serve` answers every such request with a declared length), or as an ASGI app (any
+    other request: chunked bodies, `Expect: 100-continue`, pipelined requests, other servers, the tests' ASGI
+    transport)."""
+
+    path = b"/segment"
+
     def __init__(self, ingest: Ingest, max_body_bytes: int, budget: BodyBudget) -> None:
         self.ingest, self.limit, self.budget = ingest, max_body_bytes, budget
 
+    def reserve(self, size: int) -> bool:
+        """Take `size` bytes of the budget for a body about to arrive (the direct path), if they are free."""
+        if self.budget.used + size > self.budget.limit:
+            return False
+        self.budget.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.budget.used -= size
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
         headers = dict(scope["headers"])
+        reply = await self.answer(headers, receive=receive)
+        if reply is not None:
+            await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+            await send({"type": "http.response.body", "body": reply.body})
+
+    async def direct(self, headers: dict[bytes, bytes], body: bytes, taken: int) -> Reply:
+        """The answer to a request whose body the protocol has read, `taken` bytes of it reserved in the budget."""
+        reply = await self.answer(headers, body, taken=taken)
+        assert reply is not None  # the client cannot leave before a body that has already arrived
+        return reply
+
+    def client_gone(self, extra: dict[str, Any] | None = None) -> None:  # the tenant when the key was checked
+        """A client that left before its body arrived: nobody to answer, nothing taken on."""
+        metrics.add(metrics.labelled(metrics.REQUESTS, "unknown", "499"))
+        log.info("client disconnected before the body arrived", extra={**(extra or {}), "status": 499})
+
+    async def answer(self, headers: dict[bytes, bytes], body: bytes | None = None, *, taken: int = 0,
+                     receive: Receive | None = None) -> Reply | None:
+        """Check, read (from `receive` when `body` is None), handle, count and log one request; None when the client
+        left before its body arrived. `taken`: budget bytes already taken for `body`, given back here."""
+        started = time.perf_counter()
         rid = request_id_of(headers)
         token = request_id.set(rid)
-        kind, taken, extra = "unknown", 0, {}
+        kind, extra = "unknown", {}
         try:
             self.ingest.check_open()
             key = await self.ingest.authenticator.authenticate(_text(headers.get(b"authorization")))
             extra = {"tenant": key.tenant, "key_id": key.key_id}
-            body, taken = await self._body(headers, receive)
+            if body is None:
+                assert receive is not None
+                body, taken = await self._body(headers, receive)
             answer = await self.ingest.handle(key, _text(headers.get(b"x-segment-settings")), body)
             kind, status, content, retry_after = answer.call_type, answer.status, answer.body, None
             if answer.message_id:
                 extra["message_id"] = answer.message_id
         except ClientGone:
-            metrics.add(metrics.labelled(metrics.REQUESTS, kind, "499"))  # nobody to answer, nothing taken on
-            log.info("client disconnected before the body arrived", extra={**extra, "status": 499})
-            return
+            self.client_gone(extra)
+            return None
         except ContractError as exc:
             status, content, retry_after = exc.status_code, {"message": exc.message}, exc.retry_after
             kind = exc.call_type
@@ -91,8 +140,6 @@ class SegmentEndpoint:
         response_headers = [_JSON, (b"content-length", str(len(payload)).encode()), (b"x-request-id", rid.encode())]
         if retry_after:
             response_headers.append((b"retry-after", str(retry_after).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
-        await send({"type": "http.response.body", "body": payload})
         elapsed = time.perf_counter() - started
         metrics.add(metrics.labelled(metrics.REQUESTS, kind, str(status)))
         metrics.observe(metrics.REQUEST_SECONDS, elapsed)
@@ -101,6 +148,7 @@ class SegmentEndpoint:
         if status >= 400:
             line["reason"] = content["message"][:200]
         access(line)
+        return Reply(status, response_headers, payload)
 
     async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[bytes, int]:
         """The body and the bytes it took from the budget (given back by the caller)."""

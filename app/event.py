@@ -242,9 +242,9 @@ class Event:
     order_total: Decimal | None = None
     product_items: tuple[dict[str, Any], ...] = ()  # the raw product objects, read into Products on first use
     _products: tuple[Product, ...] | None = None
-    ga_client_id: str | None = None
     session_id: str | None = None
-    library: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)  # folded context: what only a body needs is read from it
+    integrations: Any = None  # as sent
     props: dict[str, Any] = field(default_factory=dict)  # folded properties
     raw_props: dict[str, Any] = field(default_factory=dict)  # properties with the customer's key names
     warnings: list[str] = field(default_factory=list)  # what was read differently from how it was sent
@@ -252,6 +252,18 @@ class Event:
 
     def prop(self, name: str) -> Any:
         return self.props.get(fold(name))
+
+    @property
+    def library(self) -> str | None:
+        """`context.library` as `name/version` (a user agent of last resort); read when a body is built."""
+        library = folded(self.context.get("library"))
+        name, version = text(library.get("name")), text(library.get("version"))
+        return f"{name}/{version}" if name and version else name or version
+
+    @property
+    def ga_client_id(self) -> str | None:
+        """Google Analytics' client id (`integrations["Google Analytics"].clientId`); read when a body is built."""
+        return text(folded(folded(self.integrations).get("googleanalytics")).get("clientid"))
 
     @property
     def products(self) -> tuple[Product, ...]:
@@ -308,11 +320,13 @@ def url_params(page_url: str | None, search: Any, campaign: dict[str, Any]) -> d
     params: dict[str, str] = {}
     if query:
         if "%" in query or "+" in query:
-            pairs = parse_qsl(query, keep_blank_values=False)
+            for key, value in parse_qsl(query, keep_blank_values=False):
+                params.setdefault(key, value)
         else:
-            pairs = [(k, v) for k, _, v in (p.partition("=") for p in query.split("&")) if v]
-        for key, value in pairs:
-            params.setdefault(key, value)
+            for pair in query.split("&"):
+                key, _, value = pair.partition("=")
+                if value and key not in params:
+                    params[key] = value
     if campaign:
         for source, utm in _CAMPAIGN_TO_UTM:
             if utm not in params and (filled := text(campaign.get(source))) is not None:
@@ -470,12 +484,6 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         if not is_currency(currency):
             bad_currency, currency = currency[:20], None
             warnings.append(f"'currency' {_shown(bad_currency)} is not an ISO 4217 code: not used")
-    library = folded(context.get("library"))
-    library_name, library_version = text(library.get("name")), text(library.get("version"))
-    if library_name and library_version:
-        library_name += "/" + library_version
-    else:
-        library_name = library_name or library_version
 
     return Event(
         type=kind,
@@ -496,9 +504,9 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
         order_id=_order_id(props, canonical),
         order_total=_order_total(props, product_items),
         product_items=product_items,
-        ga_client_id=text(folded(folded(raw.get("integrations")).get("googleanalytics")).get("clientid")),
         session_id=text(first(context.get("sessionid"), props.get("sessionid"))),
-        library=library_name or None,
+        context=context,
+        integrations=raw.get("integrations"),
         props=props,
         raw_props=raw_props,
         warnings=warnings,

@@ -225,6 +225,7 @@ class Segrelay:
 
     def __init__(self, segment: SegmentEndpoint, rest: Starlette, service: Service) -> None:
         self.segment, self.rest, self.service = segment, rest, service
+        self.direct = segment  # serve's HTTP protocol answers POST /segment through it without an ASGI cycle
         self.state = rest.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
