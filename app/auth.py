@@ -42,11 +42,19 @@ class Authenticator:
         # same key, so neither its base64 nor its HMAC is computed again (kept in memory only, like the key itself).
         self._verified: dict[str, tuple[float, KeyRecord]] = {}
 
-    async def authenticate(self, header: str | None, now: float | None = None) -> KeyRecord:
-        now = time.time() if now is None else now
+    def verified(self, header: str | None, now: float) -> KeyRecord | None:
+        """The key of a header that matched its record within `ttl` (checked as `authenticate` would), else None:
+        the accept path's usual case, without a coroutine."""
         verified = self._verified.get(header) if header else None
         if verified is not None and verified[0] > now:
             return _usable(verified[1], now)
+        return None
+
+    async def authenticate(self, header: str | None, now: float | None = None) -> KeyRecord:
+        now = time.time() if now is None else now
+        known = self.verified(header, now)
+        if known is not None:
+            return known
         key = api_key_from_header(header)
         key_id = key_id_of(key)
         if key_id is None:

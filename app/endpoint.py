@@ -2,7 +2,7 @@
 
 This is the path every Segment event takes, so it skips Starlette's routing, request objects and middleware
 stack (everything else: health, readiness, metrics, JSON 404/405, is a Starlette app beside it), and under
-`serve` also uvicorn's ASGI request cycle: the HTTP protocol hands it the headers and the body (`direct`).
+`serve` also uvicorn's ASGI request cycle: the HTTP protocol hands it the headers and the body (`answer`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Reply:
 
 
 class SegmentEndpoint:
-    """POST /segment, reached two ways: `direct` from the HTTP protocol with the body already read
+    """POST /segment, reached two ways: `answer` from the HTTP protocol with the body already read
     (app/http_protocol.py: how `serve` answers every such request with a declared length), or as an ASGI app (any
     other request: chunked bodies, `Expect: 100-continue`, pipelined requests, other servers, the tests' ASGI
     transport)."""
@@ -88,12 +88,6 @@ class SegmentEndpoint:
             await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
             await send({"type": "http.response.body", "body": reply.body})
 
-    async def direct(self, headers: dict[bytes, bytes], body: bytes, taken: int) -> Reply:
-        """The answer to a request whose body the protocol has read, `taken` bytes of it reserved in the budget."""
-        reply = await self.answer(headers, body, taken=taken)
-        assert reply is not None  # the client cannot leave before a body that has already arrived
-        return reply
-
     def client_gone(self, extra: dict[str, Any] | None = None) -> None:  # the tenant when the key was checked
         """A client that left before its body arrived: nobody to answer, nothing taken on."""
         metrics.add(metrics.labelled(metrics.REQUESTS, "unknown", "499"))
@@ -109,7 +103,9 @@ class SegmentEndpoint:
         kind, extra = "unknown", {}
         try:
             self.ingest.check_open()
-            key = await self.ingest.authenticator.authenticate(_text(headers.get(b"authorization")))
+            authorization = _text(headers.get(b"authorization"))
+            key = (self.ingest.authenticator.verified(authorization, time.time())
+                   or await self.ingest.authenticator.authenticate(authorization))
             extra = {"tenant": key.tenant, "key_id": key.key_id}
             if body is None:
                 assert receive is not None

@@ -93,7 +93,9 @@ class DirectEndpoint(Protocol):
 
     def release(self, size: int) -> None: ...
 
-    async def direct(self, headers: dict[bytes, bytes], body: bytes, taken: int) -> Reply: ...
+    async def answer(self, headers: dict[bytes, bytes], body: bytes, *, taken: int) -> Reply | None:
+        """The answer to a request whose body has arrived, `taken` bytes of the budget reserved for it (given back
+        by the endpoint); None only for a client that left before its body arrived, which cannot happen here."""
 
     def client_gone(self) -> None: ...
 
@@ -198,10 +200,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         assert self._direct is not None
         chunks, reserved = cycle.body, cycle.reserved
         cycle.reserved = -1  # the endpoint gives it back from here on
-        reply = await self._direct.direct(dict(cycle.headers), chunks[0] if len(chunks) == 1 else b"".join(chunks),
-                                          reserved)
+        reply = await self._direct.answer(dict(cycle.headers), chunks[0] if len(chunks) == 1 else b"".join(chunks),
+                                          taken=reserved)
         cycle.response_complete = True
-        if self.transport.is_closing():
+        if reply is None or self.transport.is_closing():
             return
         out = [STATUS_LINE[reply.status]]
         for name, value in (*self.server_state.default_headers, *reply.headers):

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ALL_VENDORS, AUDIOHOOK_ID, SITE_ID, Segrelay, basic, fixture, settings_header
+from tests.support import ALL_VENDORS, AUDIOHOOK_ID, SITE_ID, Segrelay, basic, fixture, settings_header, wait_until
 
 
 def fresh(event: dict[str, Any]) -> dict[str, Any]:
@@ -332,6 +332,8 @@ def test_logs_never_hold_keys_settings_emails_ips_or_user_agents(server: Segrela
     server.post(order, ALL_VENDORS)
     server.post(fresh(TRACK), headers={"Authorization": "Basic !!!"})
     server.post(b"{broken", headers={"X-Segment-Settings": settings_header(ALL_VENDORS)})
+    # a request's line is written at the end of the event-loop turn that answered it: maybe just after the answer
+    assert wait_until(lambda: "Request body is not valid JSON" in server.logs(), 5)
     logs = server.logs()
     assert '"path":"/segment"' in logs
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
@@ -342,8 +344,12 @@ def test_logs_never_hold_keys_settings_emails_ips_or_user_agents(server: Segrela
     assert refused["reason"] == "Request body is not valid JSON"
     bad = fresh(TRACK)
     server.post(bad, {"audiohookId": "not-a-uuid"})
-    lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
-    rejected = next(line for line in lines if line.get("message_id") == bad["messageId"])
+
+    def logged() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("message_id") == bad["messageId"]]
+    assert wait_until(lambda: bool(logged()), 5)
+    rejected = logged()[0]
     assert rejected["status"] == 400 and rejected["call_type"] == "track" and "audiohookId" in rejected["reason"]
     for secret in (server.key, basic(server.key).split()[1], "ss-token", "tr-token", "Jane.Doe@Example.com",
                    "203.0.113.195", "Chrome/124", settings_header(ALL_VENDORS)[:24]):

@@ -126,7 +126,7 @@ class FakeEndpoint:
     def release(self, size: int) -> None:
         self.used -= size
 
-    async def direct(self, headers: dict[bytes, bytes], body: bytes, taken: int) -> FakeReply:
+    async def answer(self, headers: dict[bytes, bytes], body: bytes, *, taken: int) -> FakeReply:
         self.calls.append((headers, body, taken))
         self.release(taken)
         return FakeReply(202, [(b"content-type", b"application/json"), (b"content-length", b"2")], b"{}")
