@@ -46,8 +46,8 @@ def pack_event(settings_json: bytes, received_at: float, body: bytes, key_id: st
     """[`+` and the stitched fields as JSON, a newline,] the resolved settings as JSON, a space, the receive time, a
     space, the key id, a newline, then the body as sent (compact JSON has no raw newline, so a newline ends each
     head line; settings JSON starts with `{`, never `+`)."""
-    head = settings_json + b" " + repr(received_at).encode() + b" " + key_id.encode() + b"\n" + body
-    return b"+" + orjson.dumps(stitched) + b"\n" + head if stitched else head
+    head = [settings_json, b" ", repr(received_at).encode(), b" ", key_id.encode(), b"\n", body]
+    return b"".join([b"+", orjson.dumps(stitched), b"\n", *head] if stitched else head)  # one copy of the body
 
 
 def unpack_event(data: bytes) -> StoredEvent:

@@ -211,10 +211,12 @@ def listed(name: str | None, names: list[str]) -> bool:
     return any(n.strip().lower() == wanted for n in names)
 
 
-def missing_currency(event: Event, what: str) -> str | None:
-    """Why a conversion with an amount cannot be sent: it has no (valid) currency. None when it can."""
+def missing_currency(event: Event, vendor: str) -> str | None:
+    """Why a conversion with an amount cannot be sent: it has no (valid) currency. None when it can. The reason
+    names the vendor (or its API) and the event, described only when there is a reason to give."""
     if event.order_total is None or event.currency:
         return None
+    what = f"{vendor}: {describe(event)}"
     if event.bad_currency:
         return f"{what} has an amount but its currency {event.bad_currency!r} is not an ISO 4217 code"
     return f"{what} has an amount but no currency (set properties.currency, or the defaultCurrency setting)"

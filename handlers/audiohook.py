@@ -69,7 +69,7 @@ def route(event: Event, settings: Settings) -> list[Route]:
     if name == "purchase" and event.order_id is None:
         return [Skip(SLUG, "missing_field", "Audiohook: purchase has no order_id")]
     if name == "purchase" or is_conversion(event, settings):
-        problem = missing_currency(event, f"Audiohook: {describe(event)}")
+        problem = missing_currency(event, "Audiohook")
         if problem:
             return [Skip(SLUG, "missing_field", problem)]
     return [Target(SLUG, "pixel", kind=name)]

@@ -76,7 +76,7 @@ def route(event: Event, settings: Settings) -> list[Route]:
 def _transaction_problem(event: Event, what: str) -> str | None:
     if event.order_id is None:
         return f"{what}: {describe(event)} has no order_id"
-    return missing_currency(event, f"{what}: {describe(event)}")
+    return missing_currency(event, what)
 
 
 def build(event: Event, settings: Settings) -> list[Outcome]:

@@ -80,7 +80,7 @@ def route(event: Event, settings: Settings) -> list[Route]:
         if missing:
             return [Skip(SLUG, "missing_field", f"Tracify: purchase has no {', '.join(missing)}")]
     if kind in ("purchase", "conversion"):
-        problem = missing_currency(event, f"Tracify: {describe(event)}")
+        problem = missing_currency(event, "Tracify")
         if problem:
             return [Skip(SLUG, "missing_field", problem)]
     token, site = settings["tracifyApiToken"], settings["tracifyCustomerSiteId"]
