@@ -47,8 +47,11 @@ class BodyBudget:
 
 def request_id_of(headers: dict[bytes, bytes]) -> str:
     """The caller's X-Request-Id when it is safe to log, else a new one (32 hex digits, app/ids.py)."""
-    incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-    return incoming if SAFE_REQUEST_ID.match(incoming) else new_id()
+    incoming = headers.get(b"x-request-id")
+    if incoming is None:
+        return new_id()
+    text = incoming.decode("latin-1")
+    return text if SAFE_REQUEST_ID.match(text) else new_id()
 
 
 @dataclass(slots=True)

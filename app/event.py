@@ -59,6 +59,7 @@ _CAMPAIGN_TO_UTM = (
 UTM_KEYS = tuple(utm for _, utm in _CAMPAIGN_TO_UTM)  # the campaign's url parameters
 _FOLD = re.compile(r"[^a-z0-9]")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]*)?(?:[/?#]|$)", re.IGNORECASE)
 # ISO 4217 codes, from a maintained list (pycountry); XXX ("no currency") and XTS (testing) are not amounts' units.
 CURRENCIES = frozenset(c.alpha_3 for c in pycountry.currencies) - {"XXX", "XTS"}
 # Events whose Ecommerce v1 `id` property is the order's id (on product events it is the product's).
@@ -112,6 +113,8 @@ def absolute_url(url: str | None) -> tuple[str | None, str | None]:
     """
     if url is None:
         return None, None
+    if _PLAIN_URL.match(url):  # what urlsplit would find a scheme, a host and a hostname in: most urls, at once
+        return url, None
     try:
         parts = urlsplit(url)
         if parts.scheme and parts.netloc and parts.hostname:
@@ -370,8 +373,12 @@ def _order_total(props: dict[str, Any], items: tuple[dict[str, Any], ...]) -> De
 def _email(traits: dict[str, Any], context: dict[str, Any], props: dict[str, Any], raw: dict[str, Any],
            user_id: str | None) -> str | None:
     """facade's order: traits (any call), context.traits, properties, top level, then a userId that is an email."""
-    found = text(first(traits.get("email"), folded(context.get("traits")).get("email"), props.get("email"),
-                       raw.get("email")))
+    found = traits.get("email")
+    if is_empty(found):  # each place read only when the ones before it have none
+        found = folded(context.get("traits")).get("email")
+        if is_empty(found):
+            found = first(props.get("email"), raw.get("email"))
+    found = text(found)
     if found is None and is_email(user_id):
         return user_id
     return found
@@ -421,8 +428,9 @@ def call_type(body: Any) -> str:
     return kind
 
 
-def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str | None = None) -> Event:
-    """Validate one Segment call and build its normalised view, or raise a ContractError."""
+def parse_event(body: Any, raw_body: bytes, now: datetime | float, default_currency: str | None = None) -> Event:
+    """Validate one Segment call and build its normalised view, or raise a ContractError. `now` (a datetime or epoch
+    seconds) is the event's time when it has none of its own."""
     kind = call_type(body)
     raw = folded(body)
     context = _require_object(raw, "context")
@@ -488,7 +496,7 @@ def parse_event(body: Any, raw_body: bytes, now: datetime, default_currency: str
     return Event(
         type=kind,
         message_id=message_id,
-        ts=ts or now,
+        ts=ts or (now if isinstance(now, datetime) else datetime.fromtimestamp(now, UTC)),
         user_id=user_id,
         anonymous_id=anonymous_id,
         event_name=event_name,

@@ -8,7 +8,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -121,7 +120,7 @@ class Ingest:
                       kind: str) -> Answer:
         settings = from_header(settings_header)
         now = time.time()
-        event = parse_event(document, body, datetime.fromtimestamp(now, UTC), settings.get("defaultCurrency"))
+        event = parse_event(document, body, now, settings.get("defaultCurrency"))
         vendors = self._vendors.get((settings_header, key.vendors))
         if vendors is None:  # first from this destination, or settings that fail (400/403 each time, not kept)
             vendors = active_vendors(settings, key.vendors)

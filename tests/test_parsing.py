@@ -129,3 +129,17 @@ def test_folded_bounds_what_an_object_can_cost() -> None:
     long_key = "k" * (MAX_KEY_LENGTH + 1)  # too long to be a key we read: folds to nothing
     assert folded({long_key: "x", "email": "a@b.co"}) == {"": "x", "email": "a@b.co"}
     assert len(folded({f"key{i}": i for i in range(MAX_KEYS + 10)})) == MAX_KEYS  # only the first MAX_KEYS
+
+
+URLS = ["https://shop.example.com/checkout?utm_source=x#top", "HTTP://Shop.Example.COM:8080/p", "http://a", "https://a:/",
+        "https://localhost/x", "https://-/x", "https://./", "https://a.b?q", "https://a.b#f", "https://user@a.b/",
+        "https://[::1]/x", "http://[::1", "https://a b.com/", "https://a.com\t/x", "https://a.com/\nx", "ftp://a.com/",
+        "https:///path", "https://", "//shop.com/cart", "www.shop.com/cart", "/cart", "shop", "https://xn--bcher-kva.ch/",
+        "https://a.com:99999/", "https://a.com:port/", "https://ä.com/", " https://a.com/", "https://a.com%2f/x"]
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_the_fast_path_for_plain_urls_answers_as_urlsplit_does(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = event_module.absolute_url(url)
+    monkeypatch.setattr(event_module, "_PLAIN_URL", event_module.re.compile(r"(?!)"))  # never matches: urlsplit
+    assert fast == event_module.absolute_url(url)
