@@ -170,3 +170,31 @@ async def test_a_writer_that_stops_reading_costs_a_bounded_backlog_then_503s(
         await asyncio.gather(*calls, return_exceptions=True)
         client.close()
         stuck.close()
+
+
+async def test_requests_past_their_deadline_fail_with_timeout_each_write_on_its_own(tmp_path: Path) -> None:
+    """A writer that never answers: each write's requests fail with TimeoutError at their own deadline, those of a
+    later write later (deadlines are kept per write, the oldest watched)."""
+    path = str(tmp_path / "silent.sock")
+    silent = accept_writer.listening_socket(path)  # the kernel accepts the connection; nobody reads or answers
+    client = accept_writer.AcceptWriterClient(path)
+    request = ("acme", "m", b"x", [], 1.0, 60.0, [])
+    try:
+        started = time.monotonic()
+        first = [asyncio.ensure_future(client.call(request, timeout=0.3)) for _ in range(3)]
+        await asyncio.sleep(0.15)
+        second = asyncio.ensure_future(client.call(request, timeout=0.3))
+        untimed = asyncio.ensure_future(client.call(request))
+        done, _ = await asyncio.wait(first, timeout=5)
+        first_at = time.monotonic() - started
+        assert len(done) == 3 and all(isinstance(call.exception(), TimeoutError) for call in first)
+        assert not second.done()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(second, 5)
+        second_at = time.monotonic() - started
+        assert 0.3 <= first_at < 1.0 and first_at < second_at and 0.45 <= second_at < 1.5
+        assert not untimed.done()  # no timeout, no deadline
+        untimed.cancel()
+    finally:
+        client.close()
+        silent.close()

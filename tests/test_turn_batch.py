@@ -87,3 +87,13 @@ async def test_drain_waits_for_the_calls_already_made() -> None:
     await asyncio.sleep(0)  # the call is queued for this turn
     await batch.drain()
     assert waiting.done() and waiting.result() == 10
+
+
+async def test_a_batch_s_calls_share_its_deadline_and_a_call_without_a_timeout_has_none() -> None:
+    send = Recorder(delay=0.4)
+    batch = TurnBatch(send, limit=64)
+    results = await asyncio.gather(batch(1, timeout=0.1), batch(2, timeout=0.2), batch(3),
+                                   return_exceptions=True)
+    assert isinstance(results[0], TimeoutError) and isinstance(results[1], TimeoutError)
+    assert results[2] == 6  # no timeout: it waits for the batch's answer
+    assert send.calls == [[1, 2, 3]]

@@ -3,7 +3,9 @@
 Every request handled in one turn of the event loop (all those whose bytes arrived together) asks the store for
 its write; instead of one round trip each, `TurnBatch` gathers them and, on the next turn, makes one call with all
 of them. Each caller still waits for its own answer, and gets it only once that call has returned: the durability
-of each write is that of the batch's call. An error fails every call of its batch.
+of each write is that of the batch's call. An error fails every call of its batch. A batch's calls share one
+deadline (the shortest timeout among them, from when the batch is sent), watched by the event loop's sweeper: one
+entry per batch instead of one per call (a coroutine, a closure and a sweeper entry each: `deadlines.within`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from app.deadlines import within
+from app.deadlines import sweeper
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,6 +26,8 @@ class TurnBatch(Generic[T, R]):
     def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]], *, limit: int) -> None:
         self._send, self.limit = send, limit
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._untimed: set[asyncio.Future[R]] = set()  # calls without a timeout: never failed by a deadline
+        self._timeout: float | None = None  # the shortest timeout among the calls waiting to be sent
         self._calls: set[asyncio.Task[None]] = set()
 
     async def __call__(self, item: T, timeout: float | None = None) -> R:
@@ -31,21 +35,39 @@ class TurnBatch(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.append((item, future))
+        if timeout is None:
+            self._untimed.add(future)
+        elif self._timeout is None or timeout < self._timeout:
+            self._timeout = timeout
         if len(self._waiting) == 1:
             loop.call_soon(self._flush)  # after every request of this turn has had its say
         elif len(self._waiting) >= self.limit:
             self._flush()
-        return await within(future, timeout)
+        try:
+            return await future
+        finally:
+            if timeout is None:
+                self._untimed.discard(future)
 
     def _flush(self) -> None:
         if not self._waiting:  # already sent in full
             return
         batch, self._waiting = self._waiting, []
-        call = asyncio.ensure_future(self._call(batch))
+        timeout, self._timeout = self._timeout, None
+        call = asyncio.ensure_future(self._call(batch, timeout))
         self._calls.add(call)
         call.add_done_callback(self._calls.discard)
 
-    async def _call(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    def _expire(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        for _, future in batch:
+            if not future.done() and future not in self._untimed:
+                future.set_exception(TimeoutError())
+
+    async def _call(self, batch: list[tuple[T, asyncio.Future[R]]], timeout: float | None) -> None:
+        deadlines = None
+        if timeout is not None:
+            deadlines = sweeper()
+            deadlines.add(batch[0][1], timeout, lambda: self._expire(batch))
         try:
             results = await self._send([item for item, _ in batch])
             if len(results) != len(batch):
@@ -59,6 +81,9 @@ class TurnBatch(Generic[T, R]):
                 if not future.done():
                     future.set_exception(exc)
             return
+        finally:
+            if deadlines is not None:
+                deadlines.discard(batch[0][1])
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():  # a caller that gave up (its deadline) no longer waits
                 future.set_result(result)
