@@ -113,18 +113,18 @@ class SegmentEndpoint:
             if body is None:
                 assert receive is not None
                 body, taken = await self._body(headers, receive)
-            answer = await self.ingest.handle(key, _text(headers.get(b"x-segment-settings")), body)
-            kind, status, content, retry_after = answer.call_type, answer.status, answer.body, None
-            if answer.message_id:
-                extra["message_id"] = answer.message_id
+            document, kind, message_id = self.ingest.read(body)
+            if message_id:
+                extra["message_id"] = message_id
+            answer = await self.ingest.handle(key, _text(headers.get(b"x-segment-settings")), body, document, kind)
+            status, content, retry_after = answer.status, answer.body, None
         except ClientGone:
             self.client_gone(extra)
             return None
         except ContractError as exc:
             status, content, retry_after = exc.status_code, {"message": exc.message}, exc.retry_after
-            kind = exc.call_type
-            if exc.message_id:
-                extra["message_id"] = exc.message_id
+            if kind == "unknown":  # refused before its call type was known: the error may know it (501)
+                kind = exc.call_type
         except StoreUnavailableError as exc:
             log.warning("store unavailable", extra={"reason": str(exc)[:200]}, exc_info=True)
             status, content, retry_after = 503, {"message": "Storage is temporarily unavailable; retry later"}, 5

@@ -15,8 +15,7 @@ from __future__ import annotations
 class ContractError(Exception):
     status_code = 500
     retry_after: int | None = None
-    call_type = "unknown"  # the Segment call it answers, once known (a metric label and a log field)
-    message_id = ""  # the event's messageId, once read (a log field)
+    call_type = "unknown"  # the Segment call it answers, when known before the body was read (501's screen, alias)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

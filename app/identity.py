@@ -227,18 +227,27 @@ class IdentityBook:
         self._wanted: list[tuple[list[str], asyncio.Future[list[bytes | None]]]] = []  # recalls of this turn
         self._recalling: set[asyncio.Task[None]] = set()
 
+    def stitch_known(self, tenant: str, event: Event, *, now: float) -> dict[str, Any] | None:
+        """`stitch` for the usual case, without a coroutine: the same visitor with the same context and nothing
+        learned since gets the same fill and nothing to write. None when `stitch` must look further."""
+        seen = self._seen.get((tenant, event.user_id, event.anonymous_id))
+        if seen is None or seen.signature != _signature(event):
+            return None
+        for key, context in zip(seen.keys, seen.contexts, strict=True):
+            if self._known(key, now) is not context:
+                return None
+        if seen.filled:
+            apply(event, seen.filled)
+        return seen.filled
+
     async def stitch(self, tenant: str, event: Event, *, now: float, remember: bool = True) -> dict[str, Any]:
         """Fill the event from what is remembered for its ids, and remember what it teaches. Returns what was
         filled (stored with the event, so that delivery renders the same bodies)."""
+        same = self.stitch_known(tenant, event, now=now)
+        if same is not None:
+            return same
         visitor = (tenant, event.user_id, event.anonymous_id)
         signature = _signature(event)
-        seen = self._seen.get(visitor)
-        if seen is not None and seen.signature == signature and all(
-                self._known(key, now) is context for key, context in zip(seen.keys, seen.contexts, strict=True)):
-            # The same visitor, the same context, nothing learned since: the same fill, nothing to write.
-            if seen.filled:
-                apply(event, seen.filled)
-            return seen.filled
         keys = self._keys(tenant, event.user_id, event.anonymous_id)
         if not keys:
             return {}

@@ -50,6 +50,12 @@ def frame(value: Any) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
+def frame_parts(value: Any) -> tuple[bytes, bytes]:
+    """A frame as its two parts, its length and its data: joined with the write's other frames, copied once."""
+    data = marshal.dumps(value)
+    return _LENGTH.pack(len(data)), data
+
+
 def frames(buffer: bytearray) -> list[Any]:
     """The complete frames at the start of the buffer, removed from it."""
     found, start, end = [], 0, len(buffer)
@@ -92,29 +98,34 @@ class AcceptWriterClient(asyncio.Protocol):
         self._answered = 0  # the last request id answered
         self._untimed: set[int] = set()  # requests without a timeout: never failed by a deadline
 
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
     async def call(self, request: tuple[Any, ...], timeout: float | None = None) -> Any:
         """The writer's answer to `request`; TimeoutError past `timeout` (the writer may still store it)."""
         if self._transport is None:
             await self._connect()
-        elif self._transport.get_write_buffer_size() > MAX_BACKLOG:  # a stalled writer (a stuck disk): bounded
+        return await self.submit(request, timeout)
+
+    def submit(self, request: tuple[Any, ...], timeout: float | None = None) -> asyncio.Future[Any]:
+        """`call` on a connected client, without a coroutine of its own: the future of the writer's answer."""
+        if self._transport is None:
+            raise StoreUnavailableError("sqlite: the accept writer process went away")
+        if self._transport.get_write_buffer_size() > MAX_BACKLOG:  # a stalled writer (a stuck disk): bounded
             raise StoreUnavailableError("sqlite: the accept writer is not keeping up")
         loop = self._loop or asyncio.get_running_loop()  # the connection's: asking is a getpid() call on Python 3.11
         request_id = self._next_id = self._next_id + 1
         future: asyncio.Future[Any] = loop.create_future()
-        self._waiting[request_id] = future
-        self._outgoing.append(frame((request_id, *request)))
-        if len(self._outgoing) == 1:
+        self._waiting[request_id] = future  # until its answer, its deadline or the connection's end
+        self._outgoing += frame_parts((request_id, *request))
+        if len(self._outgoing) == 2:
             loop.call_soon(self._flush)
         if timeout is None:
             self._untimed.add(request_id)
         elif self._timeout is None or timeout < self._timeout:
             self._timeout = timeout
-        try:
-            return await future
-        finally:
-            self._waiting.pop(request_id, None)  # also when the caller gave up or timed out
-            if timeout is None:
-                self._untimed.discard(request_id)
+        return future
 
     async def _connect(self) -> None:
         if self._connecting is None:
@@ -160,12 +171,13 @@ class AcceptWriterClient(asyncio.Protocol):
         while self._deadlines and self._deadlines[0][0] <= now:
             _, last = self._deadlines.popleft()
             late = []
-            for request_id, future in self._waiting.items():
+            for request_id in self._waiting:
                 if request_id > last:
                     break
                 if request_id not in self._untimed:
-                    late.append(future)
-            for future in late:
+                    late.append(request_id)
+            for request_id in late:
+                future = self._waiting.pop(request_id)
                 if not future.done():
                     future.set_exception(TimeoutError())
         self._watch()
@@ -184,7 +196,8 @@ class AcceptWriterClient(asyncio.Protocol):
             return
         for request_id, value, problem in answers:
             self._answered = max(self._answered, request_id)
-            future = self._waiting.get(request_id)
+            self._untimed.discard(request_id)
+            future = self._waiting.pop(request_id, None)
             if future is None or future.done():
                 continue
             if not problem:
@@ -204,6 +217,7 @@ class AcceptWriterClient(asyncio.Protocol):
         self._watch()
         self._incoming.clear()
         self._outgoing.clear()
+        self._untimed.clear()
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():  # stored or not: unknown. A 503; Segment's retry is answered as a duplicate if so

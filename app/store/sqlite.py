@@ -277,8 +277,10 @@ class SQLiteStore:
                      ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> bool:
         rows = [(j.vendor, j.target, j.event_name, j.batch_key) for j in jobs]
         if self._accepts is not None:  # the accept writer process (app/store/accept_writer.py)
-            return bool(await self._accepts.call((tenant, message_id, payload, rows, now, ttl, list(skips)),
-                                                 timeout=timeout))
+            request = (tenant, message_id, payload, rows, now, ttl, list(skips))
+            if self._accepts.connected:  # the usual case: its answer's future, awaited here
+                return bool(await self._accepts.submit(request, timeout))
+            return bool(await self._accepts.call(request, timeout))
         return await self._writer.call(lambda c: accept_op(c, tenant, message_id, payload, rows, now, ttl, skips),
                                        timeout=timeout)
 
