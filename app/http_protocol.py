@@ -104,7 +104,7 @@ class DirectCycle:
     """One request on the direct path: its body as it arrives, then its answer (the attributes uvicorn reads of a
     request cycle: `response_complete`, `keep_alive`)."""
 
-    __slots__ = ("body", "headers", "keep_alive", "reserved", "response_complete")
+    __slots__ = ("body", "headers", "keep_alive", "reserved", "response_complete")  # reserved: -1 once answering
 
     def __init__(self, headers: list[tuple[bytes, bytes]], keep_alive: bool, reserved: int) -> None:
         self.headers, self.keep_alive, self.reserved = headers, keep_alive, reserved
@@ -190,16 +190,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         cycle: Any = self.cycle  # uvicorn's RequestResponseCycle, or ours
         if type(cycle) is DirectCycle:
-            task = self.loop.create_task(self._answer_direct(cycle))
+            reserved, cycle.reserved = cycle.reserved, -1  # the endpoint gives it back from here on
+            task = self.loop.create_task(self._answer_direct(cycle, reserved))
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
         else:
             super().on_message_complete()
 
-    async def _answer_direct(self, cycle: DirectCycle) -> None:
+    async def _answer_direct(self, cycle: DirectCycle, reserved: int) -> None:
         assert self._direct is not None
-        chunks, reserved = cycle.body, cycle.reserved
-        cycle.reserved = -1  # the endpoint gives it back from here on
+        chunks = cycle.body
         reply = await self._direct.answer(dict(cycle.headers), chunks[0] if len(chunks) == 1 else b"".join(chunks),
                                           taken=reserved)
         cycle.response_complete = True

@@ -231,3 +231,16 @@ async def test_an_idle_connection_after_a_direct_answer_is_closed_at_the_keep_al
         await asyncio.sleep(0.05)
     assert transport.closed  # within a sweep (0.25 s) of the 0.1 s timeout
     protocol.connection_lost(None)
+
+
+async def test_a_client_leaving_once_its_body_arrived_is_answered_and_its_reservation_given_back_once() -> None:
+    app = DirectApp()
+    config = Config(app=app, log_config=None, proxy_headers=False)
+    config.load()
+    protocol = GuardedHttpToolsProtocol(config, ServerState(), {})
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(post(b'{"a":1}'))
+    protocol.connection_lost(None)  # before its answer's task first runs
+    await asyncio.wait_for(asyncio.gather(*protocol.tasks), 5)
+    assert len(app.direct.calls) == 1 and app.direct.gone == 0 and app.direct.used == 0
