@@ -38,11 +38,21 @@ class BodyBudget:
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
 
-    def take(self, size: int) -> None:
+    def reserve(self, size: int) -> bool:
+        """Take `size` bytes if they are free; False (nothing taken) when they are not."""
         if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def take(self, size: int) -> None:
+        """Take `size` bytes, or 503 when they are not free."""
+        if not self.reserve(size):
             raise UnavailableError("segrelay is receiving more data than it can hold right now; retry shortly",
                                    retry_after=1)
-        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
 
 
 def request_id_of(headers: dict[bytes, bytes]) -> str:
@@ -76,13 +86,10 @@ class SegmentEndpoint:
 
     def reserve(self, size: int) -> bool:
         """Take `size` bytes of the budget for a body about to arrive (the direct path), if they are free."""
-        if self.budget.used + size > self.budget.limit:
-            return False
-        self.budget.used += size
-        return True
+        return self.budget.reserve(size)
 
     def release(self, size: int) -> None:
-        self.budget.used -= size
+        self.budget.release(size)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
@@ -133,7 +140,7 @@ class SegmentEndpoint:
             status, content = 500, {"message": "Internal error in segrelay; Segment will retry this event"}
             retry_after = None
         finally:
-            self.budget.used -= taken
+            self.budget.release(taken)
             request_id.reset(token)
         payload = orjson.dumps(content)
         response_headers = [_JSON, (b"content-length", str(len(payload)).encode()), (b"x-request-id", rid.encode())]
@@ -170,7 +177,7 @@ class SegmentEndpoint:
                 if not message.get("more_body", False):
                     break
         except BaseException:
-            self.budget.used -= taken
+            self.budget.release(taken)
             raise
         return chunks[0] if len(chunks) == 1 else b"".join(chunks), taken
 

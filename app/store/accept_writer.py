@@ -45,15 +45,14 @@ MAX_SOCKET_PATH = 100  # bytes: the limit of a Unix socket's path is 108 on Linu
 MAX_BACKLOG = 16 * 1024 * 1024  # bytes an HTTP process holds for a writer that does not read: past it, 503 at once
 
 
-def frame(value: Any) -> bytes:
-    data = marshal.dumps(value)
-    return _LENGTH.pack(len(data)) + data
-
-
 def frame_parts(value: Any) -> tuple[bytes, bytes]:
     """A frame as its two parts, its length and its data: joined with the write's other frames, copied once."""
     data = marshal.dumps(value)
     return _LENGTH.pack(len(data)), data
+
+
+def frame(value: Any) -> bytes:
+    return b"".join(frame_parts(value))
 
 
 def frames(buffer: bytearray) -> list[Any]:
