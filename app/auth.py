@@ -52,9 +52,11 @@ class Authenticator:
 
     async def authenticate(self, header: str | None, now: float | None = None) -> KeyRecord:
         now = time.time() if now is None else now
-        known = self.verified(header, now)
-        if known is not None:
-            return known
+        return self.verified(header, now) or await self.verify(header, now)
+
+    async def verify(self, header: str | None, now: float) -> KeyRecord:
+        """`authenticate` once `verified` has not vouched for the header: decode it, look the key up (cached for
+        `ttl`), compare its HMAC."""
         key = api_key_from_header(header)
         key_id = key_id_of(key)
         if key_id is None:

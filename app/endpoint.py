@@ -114,8 +114,9 @@ class SegmentEndpoint:
         try:
             self.ingest.check_open()
             authorization = _text(headers.get(b"authorization"))
-            key = (self.ingest.authenticator.verified(authorization, time.time())
-                   or await self.ingest.authenticator.authenticate(authorization))
+            now = time.time()
+            key = (self.ingest.authenticator.verified(authorization, now)
+                   or await self.ingest.authenticator.verify(authorization, now))
             extra = {"tenant": key.tenant, "key_id": key.key_id}
             if body is None:
                 assert receive is not None

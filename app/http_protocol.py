@@ -218,7 +218,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _response_complete(self) -> None:
         """uvicorn's `on_response_complete`, with the keep-alive deadline noted in the sweeper instead of a timer of
-        its own per request (`loop.call_later` and its cancel: about 1 % of the HTTP process's work per event)."""
+        its own per request (`loop.call_later` and its cancel: about 1 % of the HTTP process's work per event).
+        The direct path's only: its answer always follows the whole body, when the read deadline is already
+        disarmed. An ASGI answer may come before its body has arrived (a 401, a 413), while the read deadline
+        (the same sweeper entry) must stay, so uvicorn's cycle keeps uvicorn's timer."""
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return

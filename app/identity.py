@@ -246,6 +246,11 @@ class IdentityBook:
         same = self.stitch_known(tenant, event, now=now)
         if same is not None:
             return same
+        return await self.stitch_anew(tenant, event, now=now, remember=remember)
+
+    async def stitch_anew(self, tenant: str, event: Event, *, now: float, remember: bool = True) -> dict[str, Any]:
+        """`stitch` once `stitch_known` has found nothing to reuse: read what the store remembers for the event's
+        ids when this process does not know it lately, fill, and remember."""
         visitor = (tenant, event.user_id, event.anonymous_id)
         signature = _signature(event)
         keys = self._keys(tenant, event.user_id, event.anonymous_id)

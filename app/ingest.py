@@ -131,7 +131,7 @@ class Ingest:
                 stitched = known
             else:
                 try:  # the book times its own look-ups: no timer here
-                    stitched = await self.identities.stitch(key.tenant, event, now=now, remember=not dry_run)
+                    stitched = await self.identities.stitch_anew(key.tenant, event, now=now, remember=not dry_run)
                 except TimeoutError:
                     raise store_too_slow() from None
         if dry_run:
