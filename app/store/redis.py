@@ -24,6 +24,7 @@ Cluster) with AOF persistence; see the README.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +52,7 @@ from app.store import (
     VendorStats,
 )
 from app.store import redis_scripts as scripts
+from app.store.redis_pipe import RedisPipe
 from app.store.turn_batch import TurnBatch
 from handlers import VENDORS
 
@@ -76,7 +78,6 @@ class RedisStore:
             health_check_interval=30, socket_timeout=10, socket_connect_timeout=5)
         self.client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self.consumer = consumer or uuid.uuid4().hex[:12]
-        self._accept = self.client.register_script(scripts.ACCEPT)
         self._lease = self.client.register_script(scripts.LEASE)
         self._move = self.client.register_script(scripts.MOVE)
         self._complete = self.client.register_script(scripts.COMPLETE)
@@ -86,6 +87,9 @@ class RedisStore:
         # Per vendor: where this process's next look for a dead replica's idle entries starts, and not before when
         self._claims: dict[str, tuple[str, float]] = {}
         self._accepts = TurnBatch(self._accept_batch, limit=ACCEPT_BATCH)
+        # The accept path's calls (accept scripts, identity look-ups): one pipelined connection of their own
+        self._pipe = RedisPipe(pool, connect_timeout=5, reply_timeout=10)
+        self._accept_sha = hashlib.sha1(scripts.ACCEPT.encode(), usedforsecurity=False).hexdigest()  # its name
 
     async def _group(self, vendor: str) -> str:
         stream = f"{P}stream:{vendor}"
@@ -123,6 +127,7 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._accepts.drain()
+        self._pipe.close()
         await self.client.aclose()
 
     # keys ----------------------------------------------------------------------------------------------
@@ -173,17 +178,24 @@ class RedisStore:
 
     async def _accept_batch(self, events: list[tuple[str, list[Any]]]) -> list[bool]:
         """One script call stores the events of one event loop turn (`TurnBatch`)."""
-        args: list[Any] = []
+        args: list[Any] = [self._accept_sha, len(events)]
+        args += [seen for seen, _ in events]
         for _, event_args in events:
             args += event_args
-        fresh = await self._accept(keys=[seen for seen, _ in events], args=args)
+        try:
+            fresh = await self._pipe.call("EVALSHA", *args)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            args[0] = scripts.ACCEPT  # Redis restarted or its scripts flushed: EVAL loads it again
+            fresh = await self._pipe.call("EVAL", *args)
         return [bool(one) for one in fresh]
 
     # identities ----------------------------------------------------------------------------------------
 
     async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
         try:
-            found = await self.client.mget([f"{P}identity:{key}" for key in keys])
+            found = await self._pipe.call("MGET", *[f"{P}identity:{key}" for key in keys])
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
         return [value if isinstance(value, bytes) else None for value in found]

@@ -1,0 +1,120 @@
+"""The accept path's own pipelined Redis connection (app/store/redis_pipe.py), against real redis-servers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from app.store import NewJob, StoreUnavailableError
+from app.store.redis import RedisStore
+from app.store.redis_pipe import RedisPipe
+from tests.support import RedisServer, free_port
+
+
+def pipe(url: str, **options: float) -> RedisPipe:
+    return RedisPipe(aioredis.BlockingConnectionPool.from_url(url), **options)
+
+
+async def test_calls_are_pipelined_and_each_gets_its_own_reply_in_order(redis_server: RedisServer) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/12"
+    redis.Redis.from_url(url).flushdb()
+    connection = pipe(url)
+    await connection.call("SET", "a", "1")
+    futures = [connection.submit("INCR", "a") for _ in range(50)] + [connection.submit("GET", "a")]
+    replies = await asyncio.gather(*futures)
+    assert replies == [*range(2, 52), b"51"]
+    assert redis.Redis.from_url(url).get("a") == b"51"  # database 12 of the URL, not 0
+    connection.close()
+
+
+async def test_an_error_reply_fails_its_call_only(redis_server: RedisServer) -> None:
+    connection = pipe(redis_server.url)
+    assert not connection.connected  # until the first call
+    await connection.call("SET", "pipe:text", "x")
+    wrong_call, next_call = connection.submit("INCR", "pipe:text"), connection.submit("GET", "pipe:text")
+    with pytest.raises(ResponseError, match="not an integer"):
+        await wrong_call
+    assert await next_call == b"x"
+    assert connection.connected
+    connection.close()
+
+
+async def test_a_password_and_database_from_the_url_are_used(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    redis.Redis(port=server.port).config_set("requirepass", "s3cret")
+    try:
+        refused = pipe(f"redis://127.0.0.1:{server.port}/0")
+        with pytest.raises(ResponseError, match="NOAUTH"):
+            await refused.call("GET", "x")
+        refused.close()
+        wrong = pipe(f"redis://:nope@127.0.0.1:{server.port}/0")
+        with pytest.raises(StoreUnavailableError, match="WRONGPASS"):
+            await wrong.call("GET", "x")
+        connection = pipe(f"redis://:s3cret@127.0.0.1:{server.port}/5")
+        await connection.call("SET", "k", "v")
+        assert redis.Redis(port=server.port, password="s3cret", db=5).get("k") == b"v"
+        assert redis.Redis(port=server.port, password="s3cret", db=0).get("k") is None
+        connection.close()
+    finally:
+        server.kill()
+
+
+async def test_a_lost_connection_fails_its_calls_and_the_next_call_connects_again(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    connection = pipe(server.url)
+    await connection.call("SET", "k", "v")
+    waiting = connection.submit("BLPOP", "never", 0)  # blocks on Redis until the connection goes
+    server.kill()
+    with pytest.raises(StoreUnavailableError, match="connection was lost"):
+        await waiting
+    with pytest.raises(StoreUnavailableError, match="cannot connect"):
+        await connection.call("GET", "k")
+    server.start()
+    assert await connection.call("GET", "k") == b"v"  # AOF kept it; a new connection
+    connection.close()
+    server.kill()
+
+
+async def test_a_reply_that_never_comes_closes_the_connection_after_the_reply_timeout() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen()
+    accepted: list[socket.socket] = []
+
+    async def take() -> None:  # a peer that accepts connections and never answers
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            peer, _ = await loop.sock_accept(listener)
+            accepted.append(peer)
+
+    taker = asyncio.create_task(take())
+    connection = pipe(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", reply_timeout=0.3)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(StoreUnavailableError, match="connection was lost"):
+        await connection.call("GET", "k")
+    assert 0.25 <= asyncio.get_running_loop().time() - started < 3
+    assert not connection.connected
+    taker.cancel()
+    for peer in accepted:
+        peer.close()
+    listener.close()
+
+
+async def test_accept_loads_its_script_again_after_redis_forgot_it(redis_server: RedisServer) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/13"
+    redis.Redis.from_url(url).flushdb()
+    store = RedisStore(url)
+    job = NewJob("audiohook", "pixel", "Order Completed", "")
+    assert await store.accept("t", "m1", b"sealed", [job], now=1000.0, ttl=60.0)
+    redis.Redis.from_url(url).script_flush()  # as after a restart of Redis without AOF's scripts
+    assert await store.accept("t", "m2", b"sealed", [job], now=1000.0, ttl=60.0)
+    assert not await store.accept("t", "m2", b"sealed", [job], now=1000.0, ttl=60.0)  # a duplicate
+    assert (await store.counts()).pending == {"audiohook": 2}
+    await store.close()
