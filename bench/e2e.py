@@ -184,6 +184,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
             "server_p99_ms": server[int(len(server) * 0.99) - 1] if server else 0.0,
             "server_max_ms": server[-1] if server else 0.0,
             "server_over_25ms": sum(1 for ms in server if ms > 25),
+            "last_by_kind_s": {kind: round(at - started, 1) for kind, at in sorted(seen["last_by_kind"].items())},
         }
     finally:
         stop(proc)

@@ -3,7 +3,8 @@
 It answers every POST at once (200, `{"status": true}`, keep-alive) and counts each postback by the unique order id
 the benchmark puts in every event (`bench-...`), per vendor path, so duplicates and losses are exact. A Tracify
 batch counts each of its events. POST /_reset forgets them; GET /_count returns them as JSON:
-{"requests": n, "postbacks": {"<kind>": {"<order id>": times}}, "first": t0, "last": t1, "arrivals": [t, ...]}
+{"requests": n, "postbacks": {"<kind>": {"<order id>": times}}, "first": t0, "last": t1, "arrivals": [t, ...],
+"last_by_kind": {"<kind>": t}}
 
     python bench/standin.py --port N
 """
@@ -28,6 +29,7 @@ class Tally:
         self.postbacks: dict[str, Counter[bytes]] = defaultdict(Counter)
         self.first = self.last = 0.0
         self.arrivals: list[float] = []  # when each postback arrived (a Tracify batch: each of its events)
+        self.last_by_kind: dict[str, float] = {}  # when each kind of postback last arrived: which vendor drains last
 
 
 TALLY = Tally()
@@ -69,7 +71,7 @@ class StandIn(asyncio.Protocol):
             return
         if head.startswith(b"GET /_count"):
             answer = orjson.dumps({"requests": TALLY.requests, "first": TALLY.first, "last": TALLY.last,
-                                   "arrivals": TALLY.arrivals,
+                                   "arrivals": TALLY.arrivals, "last_by_kind": TALLY.last_by_kind,
                                    "postbacks": {k: {o.decode(): n for o, n in c.items()}
                                                  for k, c in TALLY.postbacks.items()}})
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
@@ -80,6 +82,7 @@ class StandIn(asyncio.Protocol):
         TALLY.first = TALLY.first or now
         TALLY.last = now
         counter = TALLY.postbacks[kind_of(path)]
+        TALLY.last_by_kind[kind_of(path)] = now
         orders = ORDER.findall(body)
         # One postback per request, naming its order once or twice; a Tracify batch names each of its events.
         for order in orders if kind_of(path) == "tracify" else set(orders):
