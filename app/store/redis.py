@@ -4,7 +4,8 @@ Layout (prefix `segrelay:`):
   key:<key_id>          hash   API key record            keys            set of key ids
   seen:<tenant>:<msg>   string expiry time, with a TTL   (idempotency)
   event:<id>            hash   the accepted event, once: tenant, message_id, payload (sealed), left (jobs not done)
-  job:<id>              hash   one postback: event, vendor, target, tenant, attempts, size, last answer...
+  job:<id>              hash   one postback: event, vendor, target, tenant, attempts, size, last answer... (its id:
+                               the event's id, a dot and its number)
   stream:<vendor>       stream one entry per due job (its id and since when it is due), consumer group `workers`;
                                a leased job is one in the group's pending list; XAUTOCLAIM takes over the
                                entries of a dead replica
@@ -168,9 +169,10 @@ class RedisStore:
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
                      ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> bool:
-        event = [orjson.dumps([repr(now), repr(ttl), new_id(), tenant, message_id,
-                               [[new_id(), job.vendor, job.target, job.event_name, job.batch_key] for job in jobs],
-                               skips]), payload]
+        event_id = new_id()  # its jobs' ids are the event's and their number: one id drawn per event, not five
+        event = [orjson.dumps([repr(now), repr(ttl), event_id, tenant, message_id,
+                               [[f"{event_id}.{n}", job.vendor, job.target, job.event_name, job.batch_key]
+                                for n, job in enumerate(jobs, 1)], skips]), payload]
         try:
             return await self._accepts((f"{P}seen:{tenant}:{message_id}", event), timeout)
         except (RedisConnectionError, RedisTimeoutError) as exc:
