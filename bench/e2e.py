@@ -127,7 +127,7 @@ def server_durations(log: Path) -> list[float]:
     return sorted(durations)
 
 
-def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: str,
+def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: str, standin_pid: int,
                  redis_pid: int | None = None) -> dict[str, Any]:
     env = {"SEGRELAY_STORE": store, "SEGRELAY_SECRET": SECRET, "SEGRELAY_MAX_QUEUE_MB": "100000",
            "SEGRELAY_TENANT_QUEUE_SHARE": "1", "SEGRELAY_MIN_FREE_DISK_MB": "0",
@@ -147,6 +147,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         pids = http_pids + delivery_pids
         cpu_before = {p: cpu_seconds(p) for p in pids}
         redis_before = cpu_seconds(redis_pid) if redis_pid else 0.0
+        standin_before = cpu_seconds(standin_pid)
         before = 0
         started = time.time()
         load = wrk(url, event_body(), headers, seconds=args.seconds,
@@ -165,6 +166,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         seen = tally(vendor_url)
         cpu_all = {p: cpu_seconds(p) - cpu_before[p] for p in pids}
         redis_cpu = cpu_seconds(redis_pid) - redis_before if redis_pid else 0.0
+        standin_cpu = cpu_seconds(standin_pid) - standin_before
         sent = sum(sum(c.values()) for c in seen["postbacks"].values())
         distinct = sum(len(c) for c in seen["postbacks"].values())
         drained = seen["last"] - started
@@ -181,6 +183,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
             "http_cpu_us_per_event": round(sum(cpu_load[p] for p in http_pids) / max(accepted, 1) * 1e6, 1),
             "delivery_cpu_us_per_event": round(sum(cpu_all[p] for p in delivery_pids) / max(accepted, 1) * 1e6, 1),
             **({"redis_cpu_us_per_event": round(redis_cpu / max(accepted, 1) * 1e6, 1)} if redis_pid else {}),
+            "standin_cpu_us_per_event": round(standin_cpu / max(accepted, 1) * 1e6, 1),  # the vendors' share
             "server_p99_ms": server[int(len(server) * 0.99) - 1] if server else 0.0,
             "server_max_ms": server[-1] if server else 0.0,
             "server_over_25ms": sum(1 for ms in server if ms > 25),
@@ -210,12 +213,14 @@ def main() -> None:
         vendor, vendor_url = standin(tmp)
         try:
             if args.store in ("sqlite", "both"):
-                results["segrelay, SQLite"] = run_segrelay(tmp, f"sqlite:///{tmp / 'store.db'}", args, vendor_url)
+                results["segrelay, SQLite"] = run_segrelay(tmp, f"sqlite:///{tmp / 'store.db'}", args, vendor_url,
+                                                           vendor.pid)
             if args.store in ("redis", "both"):
                 (tmp / "redis").mkdir()
                 redis = RedisServer(tmp / "redis")  # AOF, appendfsync always
                 try:
-                    results["segrelay, Redis"] = run_segrelay(tmp, redis.url, args, vendor_url, redis.proc.pid)
+                    results["segrelay, Redis"] = run_segrelay(tmp, redis.url, args, vendor_url, vendor.pid,
+                                                              redis.proc.pid)
                 finally:
                     redis.stop()
         finally:
