@@ -174,7 +174,7 @@ class RedisStore:
                                [[f"{event_id}.{n}", job.vendor, job.target, job.event_name, job.batch_key]
                                 for n, job in enumerate(jobs, 1)], skips]), payload]
         try:
-            return await self._accepts((f"{P}seen:{tenant}:{message_id}", event), timeout)
+            return await self._accepts.submit((f"{P}seen:{tenant}:{message_id}", event), timeout)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
 

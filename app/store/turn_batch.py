@@ -25,29 +25,31 @@ class TurnBatch(Generic[T, R]):
 
     def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]], *, limit: int) -> None:
         self._send, self.limit = send, limit
-        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
-        self._untimed: set[asyncio.Future[R]] = set()  # calls without a timeout: never failed by a deadline
+        self._waiting: list[tuple[T, asyncio.Future[R], bool]] = []  # (item, its result, whether it has a timeout)
         self._timeout: float | None = None  # the shortest timeout among the calls waiting to be sent
         self._calls: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, item: T, timeout: float | None = None) -> R:
         """`item`'s result; TimeoutError past `timeout` (its batch's call may still be made and land)."""
-        loop = asyncio.get_running_loop()
+        return await self.submit(item, timeout)
+
+    def submit(self, item: T, timeout: float | None = None) -> asyncio.Future[R]:
+        """`__call__` without a coroutine of its own: the future of `item`'s result."""
+        waiting = self._waiting
+        if not waiting:  # the turn's first call: asking for the running loop is a getpid() call on Python 3.11
+            self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         future: asyncio.Future[R] = loop.create_future()
-        self._waiting.append((item, future))
-        if timeout is None:
-            self._untimed.add(future)
-        elif self._timeout is None or timeout < self._timeout:
+        waiting.append((item, future, timeout is not None))
+        if timeout is not None and (self._timeout is None or timeout < self._timeout):
             self._timeout = timeout
-        if len(self._waiting) == 1:
+        if len(waiting) == 1:
             loop.call_soon(self._flush)  # after every request of this turn has had its say
-        elif len(self._waiting) >= self.limit:
+        elif len(waiting) >= self.limit:
             self._flush()
-        try:
-            return await future
-        finally:
-            if timeout is None:
-                self._untimed.discard(future)
+        return future
 
     def _flush(self) -> None:
         if not self._waiting:  # already sent in full
@@ -58,33 +60,34 @@ class TurnBatch(Generic[T, R]):
         self._calls.add(call)
         call.add_done_callback(self._calls.discard)
 
-    def _expire(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        for _, future in batch:
-            if not future.done() and future not in self._untimed:
+    @staticmethod
+    def _expire(batch: list[tuple[T, asyncio.Future[R], bool]]) -> None:
+        for _, future, timed in batch:
+            if timed and not future.done():  # a call without a timeout never fails by a deadline
                 future.set_exception(TimeoutError())
 
-    async def _call(self, batch: list[tuple[T, asyncio.Future[R]]], timeout: float | None) -> None:
+    async def _call(self, batch: list[tuple[T, asyncio.Future[R], bool]], timeout: float | None) -> None:
         deadlines = None
         if timeout is not None:
             deadlines = sweeper()
             deadlines.add(batch[0][1], timeout, lambda: self._expire(batch))
         try:
-            results = await self._send([item for item, _ in batch])
+            results = await self._send([item for item, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} calls got {len(results)} results")
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
         except Exception as exc:  # the callers see it, each at its own await
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         finally:
             if deadlines is not None:
                 deadlines.discard(batch[0][1])
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if not future.done():  # a caller that gave up (its deadline) no longer waits
                 future.set_result(result)
 
