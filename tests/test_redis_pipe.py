@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from redis.exceptions import ResponseError
 from app.store import NewJob, StoreUnavailableError
 from app.store.redis import RedisStore
 from app.store.redis_pipe import RedisPipe
-from tests.support import RedisServer, free_port
+from tests.support import RedisServer, free_port, self_signed, wait_until
 
 
 def pipe(url: str, **options: float) -> RedisPipe:
@@ -118,3 +121,42 @@ async def test_accept_loads_its_script_again_after_redis_forgot_it(redis_server:
     assert not await store.accept("t", "m2", b"sealed", [job], now=1000.0, ttl=60.0)  # a duplicate
     assert (await store.counts()).pending == {"audiohook": 2}
     await store.close()
+
+
+async def test_tls_from_a_rediss_url_as_redis_py_reads_it(tmp_path: Path) -> None:
+    """rediss:// with the URL's CA: the pipe verifies the server as redis-py would; another CA is refused."""
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    binary = shutil.which("redis-server")
+    assert binary is not None  # the redis_server fixture's tests need it too
+    server = subprocess.Popen([binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                               "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                               "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", "--save", "",
+                               "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def answers() -> bool:
+        context = ssl.create_default_context(cafile=str(cert))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw, \
+                    context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"PING\r\n")
+                return tls.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+    try:
+        assert wait_until(answers, 10), "redis-server with TLS did not start"
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        store = RedisStore(url)
+        job = NewJob("audiohook", "pixel", "Order Completed", "")
+        assert await store.accept("t", "over-tls", b"sealed", [job], now=1000.0, ttl=60.0)
+        assert await store.recall(["nobody"], now=1000.0) == [None]
+        assert redis.Redis.from_url(url).exists("segrelay:seen:t:over-tls")
+        await store.close()
+        (tmp_path / "other").mkdir()
+        other, _ = self_signed(tmp_path / "other")  # a CA that did not sign the server's certificate
+        refused = pipe(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={other}")
+        with pytest.raises(StoreUnavailableError, match="cannot connect"):
+            await refused.call("PING")
+    finally:
+        server.kill()
+        server.wait(10)
