@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import ssl
@@ -53,7 +54,7 @@ async def test_a_password_and_database_from_the_url_are_used(tmp_path: Path) -> 
     redis.Redis(port=server.port).config_set("requirepass", "s3cret")
     try:
         refused = pipe(f"redis://127.0.0.1:{server.port}/0")
-        with pytest.raises(ResponseError, match="NOAUTH"):
+        with pytest.raises(StoreUnavailableError, match="NOAUTH"):  # a 503, as redis-py's AuthenticationError was
             await refused.call("GET", "x")
         refused.close()
         wrong = pipe(f"redis://:nope@127.0.0.1:{server.port}/0")
@@ -66,6 +67,38 @@ async def test_a_password_and_database_from_the_url_are_used(tmp_path: Path) -> 
         connection.close()
     finally:
         server.kill()
+
+
+async def test_redis_loading_its_data_is_unavailable_not_an_error() -> None:
+    """Error replies that mean "not now" (LOADING after a restart, OOM when full...) are a 503, others the caller's."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen()
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def answer(replies: list[bytes]) -> None:  # a Redis stand-in: one error reply per command it reads
+        peer, _ = await loop.sock_accept(listener)
+        try:
+            for reply in replies:
+                await loop.sock_recv(peer, 1024)
+                await loop.sock_sendall(peer, reply)
+            await asyncio.sleep(5)
+        finally:
+            peer.close()
+
+    answering = asyncio.create_task(answer([b"-LOADING Redis is loading the dataset in memory\r\n",
+                                            b"-ERR unknown command\r\n"]))
+    connection = pipe(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+    with pytest.raises(StoreUnavailableError, match="LOADING"):
+        await connection.call("GET", "k")
+    with pytest.raises(ResponseError, match="unknown command"):
+        await connection.call("GET", "k")
+    connection.close()
+    answering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await answering
+    listener.close()
 
 
 async def test_a_lost_connection_fails_its_calls_and_the_next_call_connects_again(tmp_path: Path) -> None:

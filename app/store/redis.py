@@ -173,10 +173,7 @@ class RedisStore:
         event = [orjson.dumps([repr(now), repr(ttl), event_id, tenant, message_id,
                                [[f"{event_id}.{n}", job.vendor, job.target, job.event_name, job.batch_key]
                                 for n, job in enumerate(jobs, 1)], skips]), payload]
-        try:
-            return await self._accepts.submit((f"{P}seen:{tenant}:{message_id}", event), timeout)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
+        return await self._accepts.submit((f"{P}seen:{tenant}:{message_id}", event), timeout)  # the pipe's errors
 
     async def _accept_batch(self, events: list[tuple[str, list[Any]]]) -> list[bool]:
         """One script call stores the events of one event loop turn (`TurnBatch`)."""
@@ -196,10 +193,7 @@ class RedisStore:
     # identities ----------------------------------------------------------------------------------------
 
     async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:
-        try:
-            found = await self._pipe.call("MGET", *[f"{P}identity:{key}" for key in keys])
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise StoreUnavailableError(f"redis: {type(exc).__name__}") from None
+        found = await self._pipe.call("MGET", *[f"{P}identity:{key}" for key in keys])
         return [value if isinstance(value, bytes) else None for value in found]
 
     async def remember(self, identities: Sequence[Identity]) -> None:

@@ -32,6 +32,11 @@ from app.deadlines import sweeper
 from app.store import StoreUnavailableError
 
 MAX_BACKLOG = 16 * 1024 * 1024  # bytes written and not yet taken by Redis: past it, calls fail at once (503)
+# Error replies that say Redis cannot take the call now (loading its AOF after a restart, a script running too long,
+# full under `noeviction`, a replica, the wrong password...): StoreUnavailableError, a 503 with Retry-After, as
+# redis-py's BusyLoadingError and AuthenticationError were; any other error reply is the caller's ResponseError.
+UNAVAILABLE = ("LOADING", "BUSY", "OOM", "READONLY", "MASTERDOWN", "NOAUTH", "WRONGPASS", "NOPERM", "TRYAGAIN",
+               "CLUSTERDOWN")
 
 
 class RedisPipe(asyncio.Protocol):
@@ -68,8 +73,9 @@ class RedisPipe(asyncio.Protocol):
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append(future)
         self._written += 1
-        if not self._deadlines or self._deadlines[-1][0] < loop.time() + self.reply_timeout - 0.05:
-            self._deadlines.append((loop.time() + self.reply_timeout, self._written))  # one per ~50 ms of calls
+        deadline = loop.time() + self.reply_timeout
+        if not self._deadlines or self._deadlines[-1][0] < deadline - 0.05:
+            self._deadlines.append((deadline, self._written))  # one per ~50 ms of calls
             if len(self._deadlines) == 1:
                 self._watch()
         else:
@@ -108,9 +114,9 @@ class RedisPipe(asyncio.Protocol):
         except (OSError, TimeoutError) as exc:
             self.close()
             raise StoreUnavailableError(f"redis: cannot connect ({type(exc).__name__})") from None
-        except ResponseError as exc:
+        except (ResponseError, StoreUnavailableError) as exc:  # AUTH or SELECT refused
             self.close()
-            raise StoreUnavailableError(f"redis: {str(exc)[:100]}") from None
+            raise StoreUnavailableError(f"redis: {str(exc).removeprefix('redis: ')[:100]}") from None
 
     def _watch(self) -> None:
         """Watch the oldest unanswered write's deadline (or nothing, when every call has been answered)."""
@@ -141,7 +147,9 @@ class RedisPipe(asyncio.Protocol):
             future = waiting.popleft()
             if not future.done():
                 if isinstance(reply, ResponseError):
-                    future.set_exception(reply)
+                    message = str(reply)
+                    future.set_exception(StoreUnavailableError(f"redis: {message[:100]}")
+                                         if message.startswith(UNAVAILABLE) else reply)
                 else:
                     future.set_result(reply)
         if self._deadlines and self._deadlines[0][1] <= self._answered:
