@@ -65,7 +65,7 @@ class RedisPipe(asyncio.Protocol):
     def submit(self, *args: Any) -> asyncio.Future[Any]:
         """`call` on a connected pipe, without a coroutine of its own: the future of the reply."""
         transport = self._transport
-        if transport is None:
+        if transport is None or transport.is_closing():  # a closing one is replaced once `connection_lost` has run
             raise StoreUnavailableError("redis: the connection was lost")
         if transport.get_write_buffer_size() > MAX_BACKLOG:  # Redis not reading: bounded, and a 503 at once
             raise StoreUnavailableError("redis: not keeping up")
