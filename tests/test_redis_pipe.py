@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from app.store import NewJob, StoreUnavailableError
 from app.store.redis import RedisStore
-from app.store.redis_pipe import RedisPipe
+from app.store.redis_pipe import MAX_BACKLOG, RedisPipe
 from tests.support import RedisServer, free_port, self_signed, wait_until
 
 
@@ -193,3 +193,27 @@ async def test_tls_from_a_rediss_url_as_redis_py_reads_it(tmp_path: Path) -> Non
     finally:
         server.kill()
         server.wait(10)
+
+
+async def test_calls_to_a_redis_that_does_not_read_are_bounded_in_bytes() -> None:
+    """A peer that accepts and never reads: past MAX_BACKLOG bytes held for it, calls fail at once (503)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen()
+    connection = pipe(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", reply_timeout=1)
+    big = b"x" * (1024 * 1024)
+    waiting = [asyncio.ensure_future(connection.call("SET", "k", big))]
+    await asyncio.sleep(0.1)  # connected, its first write left
+    refused = None
+    for _ in range(4 * MAX_BACKLOG // len(big)):  # the kernel's buffers take a few MB, the pipe the rest
+        try:
+            waiting.append(connection.submit("SET", "k", big))
+        except StoreUnavailableError as exc:
+            refused = exc
+            break
+    assert refused is not None and "not keeping up" in str(refused)
+    assert MAX_BACKLOG // len(big) <= len(waiting) < 4 * MAX_BACKLOG // len(big)
+    for call in waiting:  # their replies never come: the reply timeout ends the connection
+        with pytest.raises(StoreUnavailableError, match="connection was lost"):
+            await call
+    listener.close()
