@@ -22,7 +22,6 @@ a retry of an event that was in fact stored is answered as a duplicate. `serve` 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import marshal
@@ -32,10 +31,10 @@ import signal
 import socket
 import struct
 import time
-from typing import Any, cast
+from typing import Any
 
-from app.deadlines import sweeper
 from app.store import StoreError, StoreUnavailableError
+from app.store.pipelined import PipelinedClient
 
 log = logging.getLogger("segrelay.store")
 _LENGTH = struct.Struct("<I")
@@ -71,35 +70,27 @@ def frames(buffer: bytearray) -> list[Any]:
     return found
 
 
-class AcceptWriterClient(asyncio.Protocol):
+class AcceptWriterClient(PipelinedClient):
     """An HTTP process's connection to the accept writer: requests of one event loop turn leave in one write,
     answers resolve their callers' futures. Connects on first use and again after the connection is lost.
 
-    Deadlines are kept per write, not per request: the requests of one write share their deadline (the shortest
-    timeout among them, from the write), noted in a queue in the order they left. The writer answers in that order,
-    so only the oldest write still waiting is watched, by the event loop's sweeper (app/deadlines.py); past its
-    deadline its requests not yet answered fail with TimeoutError (a request without a timeout never does). With
+    Deadlines are kept per write, not per request (app/store/pipelined.py): the requests of one write share their
+    deadline (the shortest timeout among them, from the write); past it its requests not yet answered fail with
+    TimeoutError (a request without a timeout never does). With
     one timeout for every accept (SEGRELAY_ACCEPT_TIMEOUT_SECONDS) deadlines come in the order of the writes. A
     deadline per request (`deadlines.within`: an entry in the sweeper, a closure and a coroutine each) was about
     3 % of the HTTP process's work per event (py-spy)."""
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
-        self._transport: asyncio.Transport | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._connecting: asyncio.Future[None] | None = None
         self._waiting: dict[int, asyncio.Future[Any]] = {}  # in request id order: the order of the writer's answers
         self._outgoing: list[bytes] = []
         self._incoming = bytearray()
         self._next_id = 0
         self._timeout: float | None = None  # the shortest timeout among the requests not yet written
-        self._deadlines: collections.deque[tuple[float, int]] = collections.deque()  # (deadline, last request id)
         self._answered = 0  # the last request id answered
         self._untimed: set[int] = set()  # requests without a timeout: never failed by a deadline
-
-    @property
-    def connected(self) -> bool:
-        return self._transport is not None
 
     async def call(self, request: tuple[Any, ...], timeout: float | None = None) -> Any:
         """The writer's answer to `request`; TimeoutError past `timeout` (the writer may still store it)."""
@@ -126,15 +117,6 @@ class AcceptWriterClient(asyncio.Protocol):
             self._timeout = timeout
         return future
 
-    async def _connect(self) -> None:
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
-        try:
-            await asyncio.shield(self._connecting)
-        finally:
-            if self._connecting is not None and self._connecting.done():
-                self._connecting = None
-
     async def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
@@ -146,22 +128,10 @@ class AcceptWriterClient(asyncio.Protocol):
     def _flush(self) -> None:
         data, self._outgoing = b"".join(self._outgoing), []
         if self._timeout is not None and self._loop is not None:
-            self._deadlines.append((self._loop.time() + self._timeout, self._next_id))
+            self._add_deadline(self._loop.time() + self._timeout, self._next_id)
             self._timeout = None
-            if len(self._deadlines) == 1:
-                self._watch()
         if self._transport is not None and data:
             self._transport.write(data)
-
-    def _watch(self) -> None:
-        """Watch the oldest write's deadline (or nothing, when every write has been answered)."""
-        if self._loop is None:
-            return
-        deadlines = sweeper(loop=self._loop)
-        if self._deadlines:
-            deadlines.add(self, self._deadlines[0][0] - self._loop.time(), self._expire)
-        else:
-            deadlines.discard(self)
 
     def _expire(self) -> None:
         """Fail, with TimeoutError, the requests of every write past its deadline that are still waiting."""
@@ -180,9 +150,6 @@ class AcceptWriterClient(asyncio.Protocol):
                 if not future.done():
                     future.set_exception(TimeoutError())
         self._watch()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
         self._incoming += data
@@ -205,15 +172,10 @@ class AcceptWriterClient(asyncio.Protocol):
                 future.set_exception(StoreUnavailableError(problem.removeprefix("unavailable: ")))
             else:
                 future.set_exception(StoreError(problem.removeprefix("error: ")))
-        if self._deadlines and self._deadlines[0][1] <= self._answered:
-            while self._deadlines and self._deadlines[0][1] <= self._answered:
-                self._deadlines.popleft()
-            self._watch()
+        self._answered_through(self._answered)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._deadlines.clear()  # every request still waiting fails below
-        self._watch()
+        super().connection_lost(exc)  # every request still waiting fails below
         self._incoming.clear()
         self._outgoing.clear()
         self._untimed.clear()
@@ -221,10 +183,6 @@ class AcceptWriterClient(asyncio.Protocol):
         for future in waiting.values():
             if not future.done():  # stored or not: unknown. A 503; Segment's retry is answered as a duplicate if so
                 future.set_exception(StoreUnavailableError("sqlite: the accept writer process went away"))
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
 
 class _Peer:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any, cast
+from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from app.deadlines import sweeper
 from app.store import StoreUnavailableError
+from app.store.pipelined import PipelinedClient
 
 MAX_BACKLOG = 16 * 1024 * 1024  # bytes written and not yet taken by Redis: past it, calls fail at once (503)
 # Error replies that say Redis cannot take the call now (loading its AOF after a restart, a script running too long,
@@ -39,23 +39,16 @@ UNAVAILABLE = ("LOADING", "BUSY", "OOM", "READONLY", "MASTERDOWN", "NOAUTH", "WR
                "CLUSTERDOWN")
 
 
-class RedisPipe(asyncio.Protocol):
+class RedisPipe(PipelinedClient):
     """`await pipe.call("MGET", key, ...)` → the reply; an error reply raises redis-py's ResponseError."""
 
     def __init__(self, pool: aioredis.ConnectionPool, *, connect_timeout: float = 5.0,
                  reply_timeout: float = 10.0) -> None:
+        super().__init__()
         self._pool, self.connect_timeout, self.reply_timeout = pool, connect_timeout, reply_timeout
-        self._transport: asyncio.Transport | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._connecting: asyncio.Future[None] | None = None
         self._reader = hiredis.Reader(replyError=ResponseError)
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._deadlines: collections.deque[tuple[float, int]] = collections.deque()  # (deadline, calls written)
         self._written = self._answered = 0
-
-    @property
-    def connected(self) -> bool:
-        return self._transport is not None
 
     async def call(self, *args: Any) -> Any:
         if self._transport is None:
@@ -75,22 +68,11 @@ class RedisPipe(asyncio.Protocol):
         self._written += 1
         deadline = loop.time() + self.reply_timeout
         if not self._deadlines or self._deadlines[-1][0] < deadline - 0.05:
-            self._deadlines.append((deadline, self._written))  # one per ~50 ms of calls
-            if len(self._deadlines) == 1:
-                self._watch()
+            self._add_deadline(deadline, self._written)  # one per ~50 ms of calls
         else:
             self._deadlines[-1] = (self._deadlines[-1][0], self._written)
         transport.write(hiredis.pack_command(args))
         return future
-
-    async def _connect(self) -> None:
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
-        try:
-            await asyncio.shield(self._connecting)
-        finally:
-            if self._connecting is not None and self._connecting.done():
-                self._connecting = None
 
     async def _open(self) -> None:
         """Connect as redis-py would for this URL, then authenticate and select the database."""
@@ -118,23 +100,10 @@ class RedisPipe(asyncio.Protocol):
             self.close()
             raise StoreUnavailableError(f"redis: {str(exc).removeprefix('redis: ')[:100]}") from None
 
-    def _watch(self) -> None:
-        """Watch the oldest unanswered write's deadline (or nothing, when every call has been answered)."""
-        if self._loop is None:
-            return
-        deadlines = sweeper(loop=self._loop)
-        if self._deadlines:
-            deadlines.add(self, self._deadlines[0][0] - self._loop.time(), self._expire)
-        else:
-            deadlines.discard(self)
-
     def _expire(self) -> None:
         """A reply overdue: the connection is no longer trusted (its calls fail in `connection_lost`)."""
         if self._transport is not None:
             self._transport.abort()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
         reader, waiting = self._reader, self._waiting
@@ -152,22 +121,13 @@ class RedisPipe(asyncio.Protocol):
                                          if message.startswith(UNAVAILABLE) else reply)
                 else:
                     future.set_result(reply)
-        if self._deadlines and self._deadlines[0][1] <= self._answered:
-            while self._deadlines and self._deadlines[0][1] <= self._answered:
-                self._deadlines.popleft()
-            self._watch()
+        self._answered_through(self._answered)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
+        super().connection_lost(exc)
         self._reader = hiredis.Reader(replyError=ResponseError)
-        self._deadlines.clear()
-        self._watch()
         waiting, self._waiting = self._waiting, collections.deque()
         self._written = self._answered = 0
         for future in waiting:
             if not future.done():  # done or not on Redis: unknown (a 503; a retry is answered as a duplicate)
                 future.set_exception(StoreUnavailableError("redis: the connection was lost"))
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
