@@ -131,6 +131,9 @@ class Service:
             self.accept_writer.start()
             await self.accept_writer.ready()
         await check_durability(self.store, allow_unsafe=self.config.redis_unsafe)
+        if self.primary:
+            for advice in await self.store.tuning_advice():
+                log.info("store tuning advice", extra={"advice": advice})
         if self.primary and self.config.delivery:
             # Before any delivery process runs: leases of a crashed predecessor become due now.
             recovered = await self.store.recover_leases(now=time.time())

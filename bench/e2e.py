@@ -12,6 +12,9 @@ reached the stand-in for every postback. Printed, from one run:
   body, same wrk) as the reference.
 
     python bench/e2e.py [--store sqlite|redis|both] [--seconds 10] [--connections 32] [--prefill N]
+                        [--rdbcompression no|yes]
+
+Redis runs as the README recommends: AOF with appendfsync always, rdbcompression no (`yes`: Redis's default).
 
 --prefill N queues N postbacks for a vendor nobody answers before the load (the queue-depth case: ingest and
 delivery must not slow down as the queue grows).
@@ -203,6 +206,9 @@ def main() -> None:
                         help="SEGRELAY_DELIVERY_PROCESSES for serve (default: serve's own default)")
     parser.add_argument("--http-processes", type=int, default=None,
                         help="SEGRELAY_HTTP_PROCESSES for serve (default: serve's own default)")
+    parser.add_argument("--rdbcompression", choices=["no", "yes"], default="no",
+                        help="Redis's rdbcompression: no as the README recommends (the default here), yes as Redis's "
+                             "own default")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as raw_tmp:
@@ -217,7 +223,7 @@ def main() -> None:
                                                            vendor.pid)
             if args.store in ("redis", "both"):
                 (tmp / "redis").mkdir()
-                redis = RedisServer(tmp / "redis")  # AOF, appendfsync always
+                redis = RedisServer(tmp / "redis", ("--rdbcompression", args.rdbcompression))
                 try:
                     results["segrelay, Redis"] = run_segrelay(tmp, redis.url, args, vendor_url, vendor.pid,
                                                               redis.proc.pid)

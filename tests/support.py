@@ -206,7 +206,8 @@ class Segrelay:
 
 
 class RedisServer:
-    """A private redis-server on a free port, AOF on (appendfsync always), in a temporary directory."""
+    """A private redis-server on a free port, configured as the README's Redis section recommends (AOF on with
+    appendfsync always, rdbcompression off), in a temporary directory."""
 
     def __init__(self, tmp: Path, extra: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
@@ -221,7 +222,8 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.tmp),
+                                      "--appendonly", "yes", "--appendfsync", "always", "--rdbcompression", "no",
+                                      "--dir", str(self.tmp),
                                       *self.extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

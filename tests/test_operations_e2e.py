@@ -88,7 +88,8 @@ def test_the_store_location_is_logged_and_named_by_keys_create(make_server: type
 
 def test_redis_that_could_lose_events_is_refused_unless_accepted(tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
-    redis = RedisServer(tmp_path / "r", extra=("--appendonly", "no", "--maxmemory-policy", "allkeys-lru"))
+    redis = RedisServer(tmp_path / "r", extra=("--appendonly", "no", "--maxmemory-policy", "allkeys-lru",
+                                                        "--rdbcompression", "yes"))
     try:
         env = {"SEGRELAY_STORE": redis.url, "SEGRELAY_SECRET": SECRET}
         port = str(free_port())
@@ -103,6 +104,7 @@ def test_redis_that_could_lose_events_is_refused_unless_accepted(tmp_path: Path)
         try:
             assert service.post(fixture("identify.json")).status_code == 200
             assert "store may lose accepted events" in service.logs()
+            assert "store tuning advice" in service.logs() and "set `rdbcompression no`" in service.logs()
         finally:
             service.stop()
             service.cleanup()

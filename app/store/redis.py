@@ -126,6 +126,20 @@ class RedisStore:
                             f"a lost event or a forgotten duplicate)")
         return problems
 
+    async def tuning_advice(self) -> list[str]:
+        """`rdbcompression yes` (Redis's default) makes every AOF rewrite try to compress each value, and what
+        segrelay stores is mostly ciphertext, which does not compress: on a store filled by 34,000 accepts a rewrite
+        took 1.34-1.41 s with it and 0.71 s without, for a file 8 % larger (README, Redis). Read with CONFIG GET,
+        which a managed Redis may refuse: then nothing is said."""
+        try:
+            compression = await self.client.config_get("rdbcompression")
+        except RedisError:
+            return []
+        if str(compression.get("rdbcompression", "")).lower() == "yes":
+            return ["rdbcompression is yes: set `rdbcompression no` (segrelay's stored values are encrypted and do "
+                    "not compress, so each AOF rewrite spends about half its CPU trying)"]
+        return []
+
     async def close(self) -> None:
         await self._accepts.drain()
         self._pipe.close()

@@ -244,6 +244,9 @@ class SQLiteStore:
     async def durability_problems(self) -> list[str]:
         return []  # WAL with synchronous=FULL on the HTTP process: set here, not by the operator
 
+    async def tuning_advice(self) -> list[str]:
+        return []  # every setting is segrelay's own
+
     async def close(self) -> None:
         if self._accepts is not None:
             self._accepts.close()
