@@ -11,7 +11,8 @@ visitors whose events come again and again. `--stitching both` measures the sett
 server CPU per request from /proc, summed over segrelay's HTTP processes and, on SQLite, its accept writer.
 
 `--breakdown` also prints where the machine's cores went during each run: every segrelay process's (and
-redis-server's) share of a core on it and waiting for it (the kernel's schedstat), wrk's own, and the cores left idle.
+redis-server's) share of a core on it (with that share as CPU per request) and waiting for it (the kernel's
+schedstat), wrk's own, and the cores left idle.
 `--floors` also measures the same serve's cheapest answers: a screen call (501: the key check, the body, its JSON,
 the call type, the answer and its log line) and an unknown key (401: the key check alone), each against the bare
 Starlette figure it prints.
@@ -190,8 +191,9 @@ def main() -> None:
         print(f"{name}: {figures['rps'] / bare['rps']:.2f} x bare Starlette, {cpu[len(cpu) // 2]:.0f} us server CPU "
               f"per request (runs: {', '.join(f'{c:.0f}' for c in cpu)})")
         if args.breakdown:
-            shares = [f"{key.removeprefix('busy ')} {value:.2f} on a core + "
-                      f"{figures['queued ' + key.removeprefix('busy ')]:.2f} waiting for one"
+            # a process's share of a core over the accepts per second: its CPU per request, in µs
+            shares = [f"{key.removeprefix('busy ')} {value:.2f} on a core ({value / figures['rps'] * 1e6:.0f} us per "
+                      f"request) + {figures['queued ' + key.removeprefix('busy ')]:.2f} waiting for one"
                       for key, value in figures.items() if key.startswith("busy ")]
             print(f"  cores during the run: {'; '.join(shares)}; wrk {figures['wrk_cores']:.2f}; "
                   f"idle {figures['idle_cores']:.2f} (of {os.cpu_count()})")
