@@ -45,8 +45,13 @@ class PipelinedClient(asyncio.Protocol):
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
 
-    def _add_deadline(self, deadline: float, last: int) -> None:
-        """A write whose requests up to `last` must be answered by `deadline` (the loop's time)."""
+    def _add_deadline(self, deadline: float, last: int, *, coalesce: float = 0.0) -> None:
+        """A write whose requests up to `last` must be answered by `deadline` (the loop's time). With `coalesce`,
+        a write whose deadline is at most that many seconds after the newest one joins it (answered by then: never
+        later than asked) instead of adding one of its own."""
+        if self._deadlines and deadline - coalesce <= self._deadlines[-1][0] <= deadline:
+            self._deadlines[-1] = (self._deadlines[-1][0], last)
+            return
         self._deadlines.append((deadline, last))
         if len(self._deadlines) == 1:
             self._watch()

@@ -66,11 +66,7 @@ class RedisPipe(PipelinedClient):
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append(future)
         self._written += 1
-        deadline = loop.time() + self.reply_timeout
-        if not self._deadlines or self._deadlines[-1][0] < deadline - 0.05:
-            self._add_deadline(deadline, self._written)  # one per ~50 ms of calls
-        else:
-            self._deadlines[-1] = (self._deadlines[-1][0], self._written)
+        self._add_deadline(loop.time() + self.reply_timeout, self._written, coalesce=0.05)  # one per ~50 ms of calls
         transport.write(hiredis.pack_command(args))
         return future
 
