@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -118,6 +119,17 @@ def machine_idle_seconds() -> float:
     """CPU-seconds every core of the machine spent idle (or waiting for the disk) so far, from /proc/stat."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
+def add_rdbcompression_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rdbcompression", choices=["no", "yes"], default="no",
+                        help="Redis's rdbcompression: no as the README recommends (the default here), yes as Redis's "
+                             "own default")
+
+
+def redis_server(home: Path, args: argparse.Namespace) -> RedisServer:
+    """A private redis-server in `home` (AOF, appendfsync always) with the run's `--rdbcompression`."""
+    return RedisServer(home, ("--rdbcompression", args.rdbcompression))
 
 
 def start(args: list[str], env: dict[str, str], ready: str, log: Path) -> subprocess.Popen[bytes]:

@@ -38,12 +38,13 @@ from common import (
     ALL_VENDORS,
     ROOT,
     SECRET,
-    RedisServer,
+    add_rdbcompression_option,
     basic,
     command,
     cpu_seconds,
     free_port,
     http_and_delivery_pids,
+    redis_server,
     serve_segrelay,
     settings_header,
     stop,
@@ -206,9 +207,7 @@ def main() -> None:
                         help="SEGRELAY_DELIVERY_PROCESSES for serve (default: serve's own default)")
     parser.add_argument("--http-processes", type=int, default=None,
                         help="SEGRELAY_HTTP_PROCESSES for serve (default: serve's own default)")
-    parser.add_argument("--rdbcompression", choices=["no", "yes"], default="no",
-                        help="Redis's rdbcompression: no as the README recommends (the default here), yes as Redis's "
-                             "own default")
+    add_rdbcompression_option(parser)
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as raw_tmp:
@@ -223,7 +222,7 @@ def main() -> None:
                                                            vendor.pid)
             if args.store in ("redis", "both"):
                 (tmp / "redis").mkdir()
-                redis = RedisServer(tmp / "redis", ("--rdbcompression", args.rdbcompression))
+                redis = redis_server(tmp / "redis", args)
                 try:
                     results["segrelay, Redis"] = run_segrelay(tmp, redis.url, args, vendor_url, vendor.pid,
                                                               redis.proc.pid)

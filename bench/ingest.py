@@ -39,7 +39,7 @@ from common import (
     ALL_VENDORS,
     ROOT,
     SECRET,
-    RedisServer,
+    add_rdbcompression_option,
     basic,
     command,
     cpu_seconds,
@@ -47,6 +47,7 @@ from common import (
     http_and_delivery_pids,
     machine_idle_seconds,
     print_table,
+    redis_server,
     scheduler_seconds,
     serve_segrelay,
     settings_header,
@@ -158,9 +159,7 @@ def main() -> None:
                              "wrk's and the machine's idle cores during the run")
     parser.add_argument("--floors", action="store_true",
                         help="also measure the same serve's cheapest answers (501 screen call, 401 unknown key)")
-    parser.add_argument("--rdbcompression", choices=["no", "yes"], default="no",
-                        help="Redis's rdbcompression: no as the README recommends (the default here), yes as Redis's "
-                             "own default")
+    add_rdbcompression_option(parser)
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as raw_tmp:
@@ -175,7 +174,7 @@ def main() -> None:
                     runs.setdefault(f"SQLite FULL, {label}", []).append(run_segrelay(tmp, store, args, on))
                 if args.store in ("redis", "both"):
                     (tmp / f"redis-{on}-{round_}").mkdir()
-                    redis = RedisServer(tmp / f"redis-{on}-{round_}", ("--rdbcompression", args.rdbcompression))
+                    redis = redis_server(tmp / f"redis-{on}-{round_}", args)
                     try:
                         figures = run_segrelay(tmp, redis.url, args, on, redis_pid=redis.proc.pid)
                     finally:
