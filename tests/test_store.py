@@ -15,7 +15,8 @@ import redis
 from app.keys import KeyRecord
 from app.store import Identity, NewJob, Store, open_store
 from app.store.redis import RedisStore
-from app.store.sqlite import SCHEMA, SQLiteStore
+from app.store.sqlite import LIVE_SECONDS, SCHEMA, SHARE_REFRESH, TAKE_OVER_AFTER, SQLiteStore
+from app.store.sqlite_writers import PRIORITY_SLOTS
 from tests.support import RedisServer
 
 
@@ -630,3 +631,39 @@ async def test_a_job_keeps_every_field_exactly_through_the_store(store: Store) -
     assert (leased.tenant, leased.message_id, leased.event_name, leased.batch_key) == ("acme\u00e9", "m-é", name,
                                                                                        "k" * 64)
     assert (leased.payload, leased.size, leased.created_at, leased.attempts) == (payload, len(payload), now, 0)
+
+
+async def test_delivery_processes_share_sqlites_queue_by_event_and_take_over_what_waits(tmp_path: Path) -> None:
+    """Two delivery processes on one file: each leases every vendor's jobs of its own share of the events (so one
+    process parses an event once for all its vendors); once its share is drained it takes the other's jobs that
+    have waited TAKE_OVER_AFTER; a process that stopped leasing is left out after LIVE_SECONDS."""
+    path = str(tmp_path / "store.db")
+    http = SQLiteStore(path)
+    first, second = (SQLiteStore(path, durable=False, slot=PRIORITY_SLOTS + i) for i in range(2))
+    t0 = time.time()
+    try:
+        for store in (first, second):  # each notes that it leases
+            assert await store.lease("tracify", now=t0, limit=10, lease_seconds=30) == []
+        for n in range(10):
+            assert await http.accept("acme", f"m{n}", b"p", [job("tracify"), job("audiohook", "pixel")],
+                                     now=t0 + 1.5, ttl=60)
+        now = t0 + 2.0  # a look at the live processes again; the events have waited 0.5 s
+        mine = await first.lease("tracify", now=now, limit=10, lease_seconds=30)
+        mine += await first.lease("audiohook", now=now, limit=10, lease_seconds=30)
+        theirs = await second.lease("audiohook", now=now, limit=10, lease_seconds=30)
+        assert len(mine) == 10 and len(theirs) == 5
+        events = {j.event_id for j in mine}
+        assert len(events) == 5 and not events & {j.event_id for j in theirs}
+        assert {j.event_id for j in mine if j.vendor == "tracify"} == events  # both vendors of one event, here
+        # The second process has not leased its share of tracify's jobs: after TAKE_OVER_AFTER the first takes them.
+        assert await first.lease("tracify", now=now + 0.4, limit=10, lease_seconds=30) == []
+        taken = await first.lease("tracify", now=t0 + 1.5 + TAKE_OVER_AFTER, limit=10, lease_seconds=30)
+        assert {j.event_id for j in taken} == {j.event_id for j in theirs}
+        # The second stops leasing: past LIVE_SECONDS the first's share is every event, fresh ones at once.
+        later = t0 + 2.0 + LIVE_SECONDS + SHARE_REFRESH
+        for n in range(4):
+            assert await http.accept("acme", f"late{n}", b"p", [job("tracify")], now=later, ttl=60)
+        assert len(await first.lease("tracify", now=later, limit=10, lease_seconds=30)) == 4
+    finally:
+        for store in (http, first, second):
+            await store.close()

@@ -73,6 +73,11 @@ HOUSEKEEPING_BATCH = 500
 HOUSEKEEPING_ROUNDS = 64  # ... and transactions of one kind per call, at most: 32,000 rows a second per table
 FAN_OUT_EVENTS = 256  # events whose job rows one transaction writes (about 1,000 rows): a few ms with the lock held
 OLDEST_UNFANNED = 64  # events not fanned out yet that `oldest_due` looks at for each vendor's oldest
+# Delivery processes share the queue by event (`SQLiteStore._share`): a process that has leased in the last
+# LIVE_SECONDS counts; each looks again at most every SHARE_REFRESH seconds; another's jobs due this long are taken.
+LIVE_SECONDS = 5.0
+SHARE_REFRESH = 1.0
+TAKE_OVER_AFTER = 1.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -103,6 +108,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
 CREATE INDEX IF NOT EXISTS outcomes_age ON outcomes (at);
 CREATE TABLE IF NOT EXISTS key_settings (key_id TEXT PRIMARY KEY, payload BLOB NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliverers (slot INTEGER PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID;
 """
 # Up to 0.10, outcomes were keyed by messageId (a random place in the table for every delivered postback), and events
 # were found by an index on messageId and counted down their jobs (a write to the event's page for every delivered
@@ -147,6 +153,8 @@ class SQLiteStore:
         self.durable = durable
         private_file(self.path)
         private_file(self.identities_path)
+        self.slot = slot
+        self._share_at, self._share = -1.0, (0, 1)  # when this process last looked, and its share: (index, of)
         self.priority = WriterPriority(self.path.with_name(f"{self.path.name}-priority"), slot)
         self.priority.want(False)  # a flag left in this slot by a crashed process
         connection = connect_writer(self.path, durable=durable, prepare=self._prepare)
@@ -318,15 +326,41 @@ class SQLiteStore:
     # is held (the writer thread gives up the GIL at every step, and the HTTP processes wait for the lock).
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
+        """Up to `limit` due jobs of the vendor, oldest first, from this process's share of the events (`_share`)."""
         def op(c: sqlite3.Connection) -> list[Job]:
             fan_out_op(c, max(FAN_OUT_EVENTS, limit))  # the newest accepts' jobs, every vendor's, before looking
-            rows = c.execute(_JOB_SELECT + " WHERE j.vendor = ? AND j.dead = 0 AND j.due_at <= ?"
-                             " ORDER BY j.due_at LIMIT ?", (vendor, now, limit)).fetchall()
+            index, of = self._share_of(c, now)
+            due = _JOB_SELECT + " WHERE j.vendor = ? AND j.dead = 0 AND j.due_at <= ?"
+            if of == 1:
+                rows = c.execute(due + " ORDER BY j.due_at LIMIT ?", (vendor, now, limit)).fetchall()
+            else:
+                rows = c.execute(due + " AND j.event_id % ? = ? ORDER BY j.due_at LIMIT ?",
+                                 (vendor, now, of, index, limit)).fetchall()
+                if len(rows) < limit:  # its own share drained: the others' jobs that have waited, oldest first
+                    rows += c.execute(due + " AND j.event_id % ? != ? ORDER BY j.due_at LIMIT ?",
+                                      (vendor, now - TAKE_OVER_AFTER, of, index, limit - len(rows))).fetchall()
             for ids in _chunks([r[0] for r in rows]):
                 c.execute(f"UPDATE jobs SET leased = 1, due_at = ? WHERE id IN ({_marks(len(ids))})",  # noqa: S608
                           (now + lease_seconds, *ids))
             return [_job(r) for r in rows]
         return await self._call(op)
+
+    def _share_of(self, c: sqlite3.Connection, now: float) -> tuple[int, int]:
+        """Which events' jobs this process leases: those whose event id is `index` modulo `of`, the number of
+        processes that leased in the last LIVE_SECONDS (this one included), by their slots' order. An event's
+        vendors are then rendered by one process, which parses it once (two delivery processes taking jobs as they
+        came parsed each event 1.74 times). A process whose share is drained takes the others' jobs that have
+        waited TAKE_OVER_AFTER, so a slow or stuck one delays its share by that much, and one that stopped leasing
+        is left out after LIVE_SECONDS. Noted and looked up at most every SHARE_REFRESH seconds, in the lease's
+        transaction; processes that disagree for a moment only lease the same due jobs in turn, never twice."""
+        if 0 <= now - self._share_at < SHARE_REFRESH:
+            return self._share
+        c.execute("INSERT INTO deliverers VALUES (?, ?) ON CONFLICT (slot) DO UPDATE SET seen_at = excluded.seen_at",
+                  (self.slot, now))
+        live = [slot for (slot,) in c.execute("SELECT slot FROM deliverers WHERE seen_at > ? OR slot = ?"
+                                              " ORDER BY slot", (now - LIVE_SECONDS, self.slot))]
+        self._share_at, self._share = now, (live.index(self.slot), len(live))
+        return self._share
 
     async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:
         def op(c: sqlite3.Connection) -> None:
