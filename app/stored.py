@@ -20,8 +20,9 @@ import orjson
 from app.crypto import Sealer
 from app.event import Event, parse_event
 from app.identity import apply
+from app.outgoing import EncodedPostback, encode
 from app.store import Job
-from handlers import BY_SLUG, Outcome, Postback, Skip
+from handlers import BY_SLUG, VENDORS, Postback, Skip, Vendor
 
 NONCE = 12  # the sealed payload starts with its random AES-GCM nonce
 # Parsed events kept by a delivery process: each vendor's jobs for one event share one parse while the vendors'
@@ -30,6 +31,12 @@ NONCE = 12  # the sealed payload starts with its random AES-GCM nonce
 CACHE_EVENTS = 16384
 CACHE_BODY_BYTES = 32 * 1024 * 1024
 CACHE_OUTCOMES = 4096  # a vendor's postbacks for one event, kept only while some of them are still to be sent
+# With `every_vendor`: the other vendors' postbacks of the events opened, until their jobs come. Under a backlog
+# the vendors' queues drift tens of thousands of events apart (Tracify's batches keep up while SegmentStream's
+# queue waits): an Order Completed's entries take about 2 KB each with their bookkeeping (tracemalloc), of which
+# about 1.2 KB of encoded bodies, so the bytes bound keeps them to about 85 MB.
+KEPT_EVERY_VENDOR = 65536
+KEPT_EVERY_VENDOR_BYTES = 48 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,41 +75,72 @@ def with_settings(stored: bytes, settings_json: bytes) -> bytes:
 
 
 class Renderer:
-    """Turns leased jobs back into postbacks; remembers recently parsed events and their vendors' outcomes."""
+    """Turns leased jobs back into postbacks, in wire form.
 
-    def __init__(self, sealer: Sealer, size: int = CACHE_EVENTS, body_bytes: int = CACHE_BODY_BYTES) -> None:
-        self.sealer, self.size, self.body_bytes = sealer, size, body_bytes
+    `every_vendor` (a store whose delivery processes lease all of an event's jobs in the same process: SQLite's
+    share by event): the first job of an event builds the postbacks of every vendor its settings enable, and keeps
+    the others' (encoded, about 1 KB each) until their jobs come, however far the vendors' queues drift apart; the
+    parsed event is not kept. Otherwise (Redis: any process may lease any job) a job builds its own vendor's
+    postbacks, and the parsed event is kept for the event's other vendors' jobs that this process may lease.
+    """
+
+    def __init__(self, sealer: Sealer, *, every_vendor: bool = False, size: int = CACHE_EVENTS,
+                 body_bytes: int = CACHE_BODY_BYTES) -> None:
+        self.sealer, self.every_vendor = sealer, every_vendor
+        self.size, self.body_bytes = (0, 0) if every_vendor else (size, body_bytes)
         # Keyed by the event's id and its payload's random nonce: unique to one accepted event, whatever a store
         # does with ids.
         self._events: OrderedDict[tuple[str, bytes], tuple[Event, Mapping[str, Any], int]] = OrderedDict()
         self._event_bytes = 0  # the kept events' body sizes
-        # (event, nonce, vendor) -> the vendor's outcomes and the targets of its postbacks not yet rendered: a
-        # vendor with one postback per event (most) is never kept, one with two until the second is rendered.
-        self._outcomes: OrderedDict[tuple[str, bytes, str], tuple[list[Outcome], set[str]]] = OrderedDict()
+        # (event, nonce, vendor) -> the vendor's outcomes and the targets of its postbacks not yet rendered.
+        self._outcomes: OrderedDict[tuple[str, bytes, str], _Kept] = OrderedDict()
+        self._outcome_bytes = 0  # the kept postbacks' encoded bodies
+        self.kept_max, self.kept_bytes = ((KEPT_EVERY_VENDOR, KEPT_EVERY_VENDOR_BYTES) if every_vendor
+                                          else (CACHE_OUTCOMES, KEPT_EVERY_VENDOR_BYTES))
 
-    def render(self, job: Job) -> Postback | Skip:
+    def render(self, job: Job) -> EncodedPostback | Skip:
         """The job's postback, or a Skip saying why it can no longer be built.
 
-        Raises cryptography's InvalidTag when the payload was sealed under another secret.
+        Raises cryptography's InvalidTag when the payload was sealed under another secret, and what a vendor's
+        build or the encoding raises for an event that no longer builds.
         """
         key = (job.event_id, job.payload[:NONCE], job.vendor)
         kept = self._outcomes.pop(key, None)
         if kept is None:
-            event, settings = self._event(job)
-            outcomes = BY_SLUG[job.vendor].build(event, settings)
-            waiting = {o.target for o in outcomes if isinstance(o, Postback)}
+            kept = self._build(job)
         else:
-            outcomes, waiting = kept
-        waiting.discard(job.target)
-        if waiting:
-            self._outcomes[key] = (outcomes, waiting)
-            if len(self._outcomes) > CACHE_OUTCOMES:
-                self._outcomes.popitem(last=False)
-        for outcome in outcomes:
-            if isinstance(outcome, Postback) and outcome.target == job.target:
+            self._outcome_bytes -= kept.size
+        kept.waiting.discard(job.target)
+        if kept.waiting:
+            self._keep(key, kept)
+        for outcome in kept.outcomes:
+            if isinstance(outcome, EncodedPostback) and outcome.target == job.target:
                 return outcome
-        reasons = "; ".join(o.reason for o in outcomes if isinstance(o, Skip))
+        reasons = "; ".join(o.reason for o in kept.outcomes if isinstance(o, Skip))
         return Skip(job.vendor, "not_rendered", reasons or f"{job.vendor} has no {job.target} postback for it")
+
+    def _build(self, job: Job) -> _Kept:
+        """The job's vendor's outcomes; with `every_vendor`, the other enabled vendors' are built and kept too."""
+        event, settings = self._event(job)
+        own = _built(BY_SLUG[job.vendor], event, settings)
+        if self.every_vendor:
+            for vendor in VENDORS:
+                key = (job.event_id, job.payload[:NONCE], vendor.slug)
+                if vendor.slug == job.vendor or key in self._outcomes or not vendor.is_active(settings):
+                    continue
+                try:
+                    kept = _built(vendor, event, settings)
+                except Exception:  # noqa: S112  # that vendor's own job meets the error and dead-letters itself
+                    continue
+                if kept.waiting:
+                    self._keep(key, kept)
+        return own
+
+    def _keep(self, key: tuple[str, bytes, str], kept: _Kept) -> None:
+        self._outcomes[key] = kept
+        self._outcome_bytes += kept.size
+        while len(self._outcomes) > self.kept_max or self._outcome_bytes > self.kept_bytes:
+            self._outcome_bytes -= self._outcomes.popitem(last=False)[1].size
 
     def _event(self, job: Job) -> tuple[Event, Mapping[str, Any]]:
         event_key = (job.event_id, job.payload[:NONCE])
@@ -114,8 +152,25 @@ class Renderer:
             event = parse_event(document, stored.body, now, stored.settings.get("defaultCurrency"))
             if stored.stitched:
                 apply(event, stored.stitched)
+            if not self.size:
+                return event, stored.settings
             found = self._events[event_key] = (event, stored.settings, len(stored.body))
             self._event_bytes += len(stored.body)
             while len(self._events) > self.size or self._event_bytes > self.body_bytes:
                 self._event_bytes -= self._events.popitem(last=False)[1][2]
         return found[0], found[1]
+
+
+@dataclass(slots=True)
+class _Kept:
+    """A vendor's outcomes for one event, the targets whose postbacks are still to be rendered, their bytes."""
+
+    outcomes: list[EncodedPostback | Skip]
+    waiting: set[str]
+    size: int
+
+
+def _built(vendor: Vendor, event: Event, settings: Mapping[str, Any]) -> _Kept:
+    outcomes = [encode(o) if isinstance(o, Postback) else o for o in vendor.build(event, settings)]
+    postbacks = [o for o in outcomes if isinstance(o, EncodedPostback)]
+    return _Kept(outcomes, {o.target for o in postbacks}, sum(len(o.content) for o in postbacks))

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -17,13 +18,12 @@ from app.delivery import worker
 from app.delivery.transport import AiohttpTransport, RequestRefused, SendFailed, VendorAnswer
 from app.delivery.worker import Deliverer
 from app.event import parse_event
-from app.outgoing import OutgoingRequest
+from app.outgoing import EncodedPostback, OutgoingRequest
 from app.settings import resolve
 from app.store import Job, NewJob
 from app.store.sqlite import SQLiteStore
 from app.stored import Renderer, pack_event
 from app.translate import active_vendors, translate
-from handlers import Postback
 from tests.support import ALL_VENDORS, AUDIOHOOK_ID, FIXTURES
 
 SECRET = b"s" * 40
@@ -209,8 +209,8 @@ def test_the_render_cache_tells_apart_two_events_that_share_an_id() -> None:
         job = Job("7", "42", "audiohook", "pixel", "acme", f"m{n}", "page", "", sealer.seal(
             pack_event(settings, 1.0, body)), 0, 1.0, 100)
         rendered = renderer.render(job)
-        assert isinstance(rendered, Postback)
-        bodies.append(rendered.body["url"])
+        assert isinstance(rendered, EncodedPostback)
+        bodies.append(orjson.loads(rendered.content)["url"])
     assert bodies == ["https://shop.example/p1", "https://shop.example/p2"]
 
 
@@ -310,21 +310,30 @@ async def test_looks_that_find_only_jobs_not_yet_due_slow_down_until_a_tenant_co
     await deliverer.stop(drain_seconds=1)
 
 
-def test_one_parse_serves_every_vendor_and_nothing_is_kept_once_rendered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An Order Completed for all three vendors (four postbacks) is opened and parsed once; a vendor's built
-    postbacks are kept only until the last of them is rendered."""
+@pytest.mark.parametrize("every_vendor", [False, True])
+def test_one_parse_serves_every_vendor_and_nothing_is_kept_once_rendered(monkeypatch: pytest.MonkeyPatch,
+                                                                         every_vendor: bool) -> None:
+    """An Order Completed for all three vendors (four postbacks) is opened and parsed once, and each vendor's
+    postbacks built once; they are kept only until the last of them is rendered. Without `every_vendor` the parsed
+    event is kept for the other vendors' jobs; with it, the first job builds every vendor's postbacks."""
     from app import stored
 
     parses: list[str] = []
-    real_parse = stored.parse_event
+    builds: list[str] = []
+    real_parse, real_built = stored.parse_event, stored._built
 
     def counting_parse(*args: object, **kwargs: object) -> object:
         parses.append("parse")
         return real_parse(*args, **kwargs)  # type: ignore[arg-type]
 
+    def counting_built(vendor: Any, *args: Any) -> Any:
+        builds.append(vendor.slug)
+        return real_built(vendor, *args)
+
     monkeypatch.setattr(stored, "parse_event", counting_parse)
+    monkeypatch.setattr(stored, "_built", counting_built)
     sealer = Sealer(SECRET)
-    renderer = Renderer(sealer)
+    renderer = Renderer(sealer, every_vendor=every_vendor)
     settings = orjson.dumps(resolve(ALL_VENDORS))
     body = (FIXTURES / "segment" / "order_completed.json").read_bytes()
     payload = sealer.seal(pack_event(settings, 1.0, body))
@@ -334,10 +343,55 @@ def test_one_parse_serves_every_vendor_and_nothing_is_kept_once_rendered(monkeyp
         job = Job(f"{vendor}-{target}", "42", vendor, target, "acme", "m1", "Order Completed", "", payload, 0,
                   1.0, len(payload))
         rendered = renderer.render(job)
-        assert isinstance(rendered, Postback), rendered
+        assert isinstance(rendered, EncodedPostback), rendered
         assert (rendered.vendor, rendered.target) == (vendor, target)
     assert parses == ["parse"]
+    assert sorted(builds) == ["audiohook", "segmentstream", "tracify"]
     assert not renderer._outcomes  # segmentstream's two postbacks were both rendered; the others kept nothing
+    assert renderer._outcome_bytes == 0
+    assert bool(renderer._events) is not every_vendor  # the parsed event is kept only for other vendors' jobs
+
+
+def test_every_vendors_postbacks_are_kept_encoded_until_their_jobs_come_within_a_bound() -> None:
+    """With `every_vendor`, an event's first job builds the other vendors' postbacks, byte for byte what their own
+    jobs would have built, and keeps them until their jobs come; the oldest go beyond the bound, and their jobs
+    then open the event again."""
+    sealer = Sealer(SECRET)
+    settings = orjson.dumps(resolve(ALL_VENDORS))
+    body = (FIXTURES / "segment" / "order_completed.json").read_bytes()
+    payloads = [sealer.seal(pack_event(settings, 1.0, body)) for _ in range(3)]
+
+    def job(n: int, vendor: str, target: str) -> Job:
+        return Job(f"{n}-{vendor}", str(n), vendor, target, "acme", "m1", "Order Completed", "", payloads[n], 0,
+                   1.0, len(payloads[n]))
+    alone = Renderer(sealer)
+    renderer = Renderer(sealer, every_vendor=True)
+    renderer.kept_max = 4  # entries: two events' three other postbacks do not fit
+    for n in range(3):
+        assert renderer.render(job(n, "tracify", "events")) == alone.render(job(n, "tracify", "events"))
+    assert [(k[0], k[2]) for k in renderer._outcomes] == [("1", "segmentstream"), ("1", "audiohook"),
+                                                          ("2", "segmentstream"), ("2", "audiohook")]
+    assert renderer._outcome_bytes == sum(len(p.content) for kept in renderer._outcomes.values()
+                                          for p in kept.outcomes if isinstance(p, EncodedPostback))
+    for n in (2, 0):  # kept, then evicted: built again
+        for vendor, target in [("segmentstream", "track"), ("segmentstream", "data_stream"),
+                               ("audiohook", "pixel")]:
+            assert renderer.render(job(n, vendor, target)) == alone.render(job(n, vendor, target))
+
+
+def test_another_vendors_failing_build_is_left_to_that_vendors_own_job() -> None:
+    """With `every_vendor`, a vendor whose postbacks cannot be built from the stored event (its token missing from
+    the stored settings) does not stop the others'; its own job meets the error, and is dead-lettered with it."""
+    sealer = Sealer(SECRET)
+    settings = orjson.dumps({"tracifyCustomerSiteId": SITE, "audiohookId": AUDIOHOOK_ID})  # no tracify token
+    body = orjson.dumps({"type": "page", "messageId": "m1", "anonymousId": "a", "context": {
+        "ip": "1.2.3.4", "userAgent": "UA", "page": {"url": "https://shop.example/p"}}})
+    payload = sealer.seal(pack_event(settings, 1.0, body))
+    renderer = Renderer(sealer, every_vendor=True)
+    pixel = renderer.render(Job("1", "9", "audiohook", "pixel", "acme", "m1", "page", "", payload, 0, 1.0, 1))
+    assert isinstance(pixel, EncodedPostback)
+    with pytest.raises(KeyError):
+        renderer.render(Job("2", "9", "tracify", "events", "acme", "m1", "page", "k", payload, 0, 1.0, 1))
 
 
 def test_the_parsed_events_kept_are_bounded_by_their_bodies_bytes() -> None:
@@ -350,7 +404,7 @@ def test_the_parsed_events_kept_are_bounded_by_their_bodies_bytes() -> None:
     for n, body in enumerate(bodies):
         job = Job(str(n), str(n), "audiohook", "pixel", "acme", f"m{n}", "page", "",
                   sealer.seal(pack_event(settings, 1.0, body)), 0, 1.0, 100)
-        assert isinstance(renderer.render(job), Postback)
+        assert isinstance(renderer.render(job), EncodedPostback)
     assert [key[0] for key in renderer._events] == ["3", "4", "5"]  # the three most recent
     assert renderer._event_bytes == 3 * len(bodies[0])
 

@@ -25,10 +25,10 @@ from app.delivery.breaker import CircuitBreaker
 from app.delivery.completions import Completions
 from app.delivery.policy import RetryPolicy, Verdict, classify, retry_after
 from app.delivery.transport import MAX_BODY_KEPT, RequestRefused, SendFailed, Transport, transport_for
-from app.outgoing import render
+from app.outgoing import EncodedPostback, render
 from app.store import ALL_TENANTS, Job, Store
 from app.stored import Renderer
-from handlers import VENDORS, Postback, Skip, Vendor
+from handlers import VENDORS, Skip, Vendor
 
 log = logging.getLogger("segrelay.delivery")
 IDLE_POLL = 0.5  # seconds between looks at the queue when nothing woke us
@@ -62,7 +62,7 @@ class Deliverer:
                                             connect_timeout=config.connect_timeout,
                                             read_timeout=config.read_timeout) if transport is None else None
         self.transport: Transport = transport or self._own_transport  # type: ignore[assignment]
-        self.renderer = Renderer(sealer)
+        self.renderer = Renderer(sealer, every_vendor=store.leases_by_event)
         self.completions = Completions(store, clock, limit=config.vendor_concurrency)
         self.breakers = {v.slug: CircuitBreaker() for v in VENDORS}
         self.paused_until: dict[str, float] = defaultdict(float)  # Retry-After, per vendor host
@@ -71,7 +71,7 @@ class Deliverer:
         self._ready: dict[str, list[tuple[float, Job]]] = {v.slug: [] for v in VENDORS}
         # Per vendor: the ready jobs' postbacks, rendered one after the other as soon as they are leased (or the
         # error that prevented it), by job id; a job's entry goes when it is sent or handed back.
-        self._rendered: dict[str, dict[str, Postback | Skip | Exception]] = {v.slug: {} for v in VENDORS}
+        self._rendered: dict[str, dict[str, EncodedPostback | Skip | Exception]] = {v.slug: {} for v in VENDORS}
         self._probes = {v.slug: _Probe() for v in VENDORS}
         self._counted_at = 0.0  # when _tenants_queued was read from the store's counters
         self._tenants_queued: frozenset[str] = frozenset()
@@ -226,7 +226,7 @@ class Deliverer:
             if job.id not in handed_back:
                 rendered[job.id] = self._render_one(job)
 
-    def _render_one(self, job: Job) -> Postback | Skip | Exception:
+    def _render_one(self, job: Job) -> EncodedPostback | Skip | Exception:
         try:
             return self.renderer.render(job)
         except Exception as exc:  # kept for the job's send, which dead-letters it with the reason
@@ -406,10 +406,10 @@ class Deliverer:
                 metrics.labelled(metrics.POSTBACKS, slug, "retried").inc()
                 log.info("retry scheduled", extra={**extra, "outcome": "retried", "delay_seconds": round(delay, 3)})
 
-    async def _render(self, slug: str, jobs: list[Job]) -> tuple[list[Job], list[Postback]]:
+    async def _render(self, slug: str, jobs: list[Job]) -> tuple[list[Job], list[EncodedPostback]]:
         """The postbacks of the jobs that can still be built; the others are dead-lettered with the reason."""
         sendable: list[Job] = []
-        postbacks: list[Postback] = []
+        postbacks: list[EncodedPostback] = []
         rendered = self._rendered[slug]
         for job in jobs:
             outcome = rendered.pop(job.id, None)
@@ -425,7 +425,7 @@ class Deliverer:
                 await self._bury(slug, [job], None, f"segrelay could not build this postback from the stored event: "
                                                     f"{type(outcome).__name__}")
                 continue
-            if isinstance(outcome, Postback):
+            if isinstance(outcome, EncodedPostback):
                 sendable.append(job)
                 postbacks.append(outcome)
             else:

@@ -128,6 +128,10 @@ class StoreUnavailableError(StoreError):
 
 
 class Store(Protocol):
+    # True when a delivery process's leases bring every vendor's jobs of the events it leases (SQLite's share by
+    # event id): it then builds all of an event's postbacks at its first job (app/stored.py, `Renderer`).
+    leases_by_event: bool
+
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
     async def durability_problems(self) -> list[str]:

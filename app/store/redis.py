@@ -73,6 +73,8 @@ def _s(value: Any) -> str:
 
 
 class RedisStore:
+    leases_by_event = False  # a vendor's stream is read by every consumer: any process may lease any job
+
     def __init__(self, url: str, *, consumer: str = "") -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=POOL_WAIT_SECONDS, decode_responses=False,

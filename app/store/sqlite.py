@@ -140,6 +140,8 @@ _JOB_SELECT = ("SELECT j.id, j.event_id, j.vendor, j.target, j.tenant, e.message
 
 
 class SQLiteStore:
+    leases_by_event = True  # `lease` takes this process's share of the events (`_share_of`)
+
     def __init__(self, path: str, *, durable: bool = True, slot: int | None = None,
                  accept_writer: str | None = None) -> None:
         """`slot`: this process's byte in the priority file; by default 0 for a durable store (the HTTP side), and
