@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import signal
+import sqlite3
+import time
 import uuid
 from typing import Any
 
@@ -11,7 +16,8 @@ import httpx
 import pytest
 import redis
 
-from tests.support import ALL_VENDORS, SITE_ID, Segrelay, VendorStub, fixture, wait_until
+from tests.support import ALL_VENDORS, SITE_ID, Segrelay, VendorStub, child_pids, command, fixture, wait_until
+from tests.test_crash_e2e import delivered_message_ids, hit_ids
 
 SS_ONLY = {"segmentstreamApiToken": "ss-token"}
 TRACIFY_ONLY = {"tracifyApiToken": "tr-token", "tracifyCustomerSiteId": SITE_ID}
@@ -376,3 +382,31 @@ def test_a_cookie_a_vendor_sets_is_never_sent_back_with_another_postback(fresh_s
         assert service.post(order(), SS_ONLY).status_code == 202
     sent = delivered(fresh_stub, "/segmentstream/track", 4)
     assert [r for r in sent if "cookie" in {name.lower() for name in r["headers"]}] == []
+
+
+def test_a_stopped_delivery_process_does_not_hold_up_its_share_of_the_events(
+        fresh_stub: VendorStub, make_server: type[Segrelay]) -> None:
+    """SQLite: serve's two delivery processes share the queue by event. With one stopped (SIGSTOP: alive, leasing
+    nothing) the other delivers every event all the same, and each exactly once (when it takes the stopped one's
+    share over is `tests/test_store.py`'s to show, with a clock of its own)."""
+    service = make_server({"SEGRELAY_DELIVERY_PROCESSES": "2"}).start()
+    assert service.proc is not None
+    deliverers = [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "deliver"]
+    assert len(deliverers) == 2
+
+    def leasing() -> int:  # delivery processes that noted their last lease in the last 2 s
+        with contextlib.closing(sqlite3.connect(service.tmp / "store.db")) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM deliverers WHERE seen_at > ?",
+                                    (time.time() - 2,)).fetchone()[0])
+    assert wait_until(lambda: leasing() == 2, 10)  # both share the queue
+    os.kill(deliverers[0], signal.SIGSTOP)
+    try:
+        sent = {f"share-{uuid.uuid4()}" for _ in range(30)}
+        for message_id in sent:
+            assert service.post(order(message_id), SS_ONLY).status_code == 202
+        assert wait_until(lambda: hit_ids(sent) <= set(delivered_message_ids(fresh_stub)), 20)
+    finally:
+        os.kill(deliverers[0], signal.SIGCONT)
+    counts = delivered_message_ids(fresh_stub)
+    assert all(counts[hit] == 1 for hit in hit_ids(sent)), counts
+    assert service.terminate() == 0
