@@ -39,8 +39,8 @@ class OutgoingRequest:
 @dataclass(frozen=True, slots=True)
 class EncodedPostback:
     """A postback with its body already in wire form (JSON, or a form's fields): what a delivery process keeps
-    from the moment it builds an event's postbacks until each is sent. About 1 KB with its bytes, where the
-    body's dicts and strings took several and were all tracked by Python's garbage collector."""
+    from the moment it builds an event's postbacks until each is sent: its bytes, where the body's dicts and
+    strings took several times as much, all of it tracked by Python's garbage collector."""
 
     vendor: str
     target: str

@@ -35,8 +35,8 @@ CACHE_OUTCOMES = 4096  # a vendor's postbacks for one event, kept only while som
 # the vendors' queues drift tens of thousands of events apart (Tracify's batches keep up while SegmentStream's
 # queue waits): an Order Completed's entries take about 2 KB each with their bookkeeping (tracemalloc), of which
 # about 1.2 KB of encoded bodies, so the bytes bound keeps them to about 85 MB.
-KEPT_EVERY_VENDOR = 65536
-KEPT_EVERY_VENDOR_BYTES = 48 * 1024 * 1024
+KEPT_POSTBACKS = 65536
+KEPT_BYTES = 48 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +79,10 @@ class Renderer:
 
     `every_vendor` (a store whose delivery processes lease all of an event's jobs in the same process: SQLite's
     share by event): the first job of an event builds the postbacks of every vendor its settings enable, and keeps
-    the others' (encoded, about 1 KB each) until their jobs come, however far the vendors' queues drift apart; the
-    parsed event is not kept. Otherwise (Redis: any process may lease any job) a job builds its own vendor's
-    postbacks, and the parsed event is kept for the event's other vendors' jobs that this process may lease.
+    the others' encoded (about 2 KB each with their bookkeeping) until their jobs come, however far the vendors'
+    queues drift apart; the parsed event is not kept. Otherwise (Redis: any process may lease any job) a job
+    builds its own vendor's postbacks, and the parsed event is kept for the event's other vendors' jobs that this
+    process may lease.
     """
 
     def __init__(self, sealer: Sealer, *, every_vendor: bool = False, size: int = CACHE_EVENTS,
@@ -95,8 +96,8 @@ class Renderer:
         # (event, nonce, vendor) -> the vendor's outcomes and the targets of its postbacks not yet rendered.
         self._outcomes: OrderedDict[tuple[str, bytes, str], _Kept] = OrderedDict()
         self._outcome_bytes = 0  # the kept postbacks' encoded bodies
-        self.kept_max, self.kept_bytes = ((KEPT_EVERY_VENDOR, KEPT_EVERY_VENDOR_BYTES) if every_vendor
-                                          else (CACHE_OUTCOMES, KEPT_EVERY_VENDOR_BYTES))
+        self.kept_max, self.kept_bytes = ((KEPT_POSTBACKS, KEPT_BYTES) if every_vendor
+                                          else (CACHE_OUTCOMES, KEPT_BYTES))
 
     def render(self, job: Job) -> EncodedPostback | Skip:
         """The job's postback, or a Skip saying why it can no longer be built.

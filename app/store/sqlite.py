@@ -73,7 +73,7 @@ HOUSEKEEPING_BATCH = 500
 HOUSEKEEPING_ROUNDS = 64  # ... and transactions of one kind per call, at most: 32,000 rows a second per table
 FAN_OUT_EVENTS = 256  # events whose job rows one transaction writes (about 1,000 rows): a few ms with the lock held
 OLDEST_UNFANNED = 64  # events not fanned out yet that `oldest_due` looks at for each vendor's oldest
-# Delivery processes share the queue by event (`SQLiteStore._share`): a process that has leased in the last
+# Delivery processes share the queue by event (`SQLiteStore._share_of`): a process that has leased in the last
 # LIVE_SECONDS counts; each looks again at most every SHARE_REFRESH seconds; another's jobs due this long are taken.
 LIVE_SECONDS = 5.0
 SHARE_REFRESH = 1.0
@@ -328,7 +328,7 @@ class SQLiteStore:
     # is held (the writer thread gives up the GIL at every step, and the HTTP processes wait for the lock).
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
-        """Up to `limit` due jobs of the vendor, oldest first, from this process's share of the events (`_share`)."""
+        """Up to `limit` due jobs of the vendor, oldest first, from this process's share of the events (`_share_of`)."""
         def op(c: sqlite3.Connection) -> list[Job]:
             fan_out_op(c, max(FAN_OUT_EVENTS, limit))  # the newest accepts' jobs, every vendor's, before looking
             index, of = self._share_of(c, now)
