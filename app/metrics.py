@@ -43,6 +43,8 @@ SKIPS = Counter("segrelay_skips", "Postbacks skipped, by vendor and reason code"
 DUPLICATES = Counter("segrelay_duplicates", "Events answered as duplicates of an earlier messageId")
 STITCHED = Counter("segrelay_stitched_fields", "Fields of accepted events filled from a remembered identity",
                    ["field"])
+EVENTS_OPENED = Counter("segrelay_delivery_events_opened", "Stored events a delivery process opened and parsed to "
+                        "build postbacks; divided by the events accepted, how many times each was parsed")
 VENDOR_SECONDS = Histogram("segrelay_vendor_request_duration_seconds", "Vendor request duration", ["vendor"],
                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30))
 ACCEPT_WRITER_SECONDS = Histogram("segrelay_accept_writer_transaction_seconds", "The accept writer's groups "

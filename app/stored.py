@@ -88,6 +88,7 @@ class Renderer:
     def __init__(self, sealer: Sealer, *, every_vendor: bool = False, size: int = CACHE_EVENTS,
                  body_bytes: int = CACHE_BODY_BYTES) -> None:
         self.sealer, self.every_vendor = sealer, every_vendor
+        self.opened = 0  # stored events opened and parsed (segrelay_delivery_events_opened_total)
         self.size, self.body_bytes = (0, 0) if every_vendor else (size, body_bytes)
         # Keyed by the event's id and its payload's random nonce: unique to one accepted event, whatever a store
         # does with ids.
@@ -148,6 +149,7 @@ class Renderer:
         found = self._events.get(event_key)
         if found is None:
             stored = unpack_event(self.sealer.open(job.payload))
+            self.opened += 1
             document = orjson.loads(stored.body)
             now = datetime.fromtimestamp(stored.received_at, UTC)
             event = parse_event(document, stored.body, now, stored.settings.get("defaultCurrency"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -177,6 +178,8 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         arrivals = sorted(seen["arrivals"])
         most = arrivals[int(len(arrivals) * 0.99) - 1] - started if arrivals else 0.0
         server = server_durations(tmp / "segrelay.log")
+        opened = re.search(r"^segrelay_delivery_events_opened_total ([0-9.e+]+)$",
+                           httpx.get(url + "/metrics", timeout=10).text, re.MULTILINE)
         return {
             "accepted": accepted, "accepted_per_s": load["rps"], "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
             "non_2xx": load["non_2xx"], "load_s": args.seconds, "last_delivery_after_s": round(drained, 2),
@@ -188,6 +191,8 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
             "delivery_cpu_us_per_event": round(sum(cpu_all[p] for p in delivery_pids) / max(accepted, 1) * 1e6, 1),
             **({"redis_cpu_us_per_event": round(redis_cpu / max(accepted, 1) * 1e6, 1)} if redis_pid else {}),
             "standin_cpu_us_per_event": round(standin_cpu / max(accepted, 1) * 1e6, 1),  # the vendors' share
+            # how many times delivery parsed each stored event (segrelay's own counter; prefilled events are not due)
+            "parses_per_event": round(float(opened.group(1)) / max(accepted, 1), 2) if opened else None,
             "server_p99_ms": server[int(len(server) * 0.99) - 1] if server else 0.0,
             "server_max_ms": server[-1] if server else 0.0,
             "server_over_25ms": sum(1 for ms in server if ms > 25),

@@ -664,6 +664,14 @@ async def test_delivery_processes_share_sqlites_queue_by_event_and_take_over_wha
         for n in range(4):
             assert await http.accept("acme", f"late{n}", b"p", [job("tracify")], now=later, ttl=60)
         assert len(await first.lease("tracify", now=later, limit=10, lease_seconds=30)) == 4
+        # A look past blocked tenants (`every_share`) takes fresh jobs of every share at once.
+        again = later + SHARE_REFRESH
+        assert await second.lease("segmentstream", now=again, limit=10, lease_seconds=30) == []  # back, noted
+        for n in range(8):
+            assert await http.accept("acme", f"look{n}", b"p", [job("audiohook", "pixel")], now=again, ttl=60)
+        assert len(await first.lease("audiohook", now=again, limit=2, lease_seconds=30)) == 2  # its own share
+        look = await first.lease("audiohook", now=again, limit=10, lease_seconds=30, every_share=True)
+        assert len(look) == 6 and len({int(j.event_id) % 2 for j in look}) == 2
     finally:
         for store in (http, first, second):
             await store.close()

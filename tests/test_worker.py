@@ -346,6 +346,7 @@ def test_one_parse_serves_every_vendor_and_nothing_is_kept_once_rendered(monkeyp
         assert isinstance(rendered, EncodedPostback), rendered
         assert (rendered.vendor, rendered.target) == (vendor, target)
     assert parses == ["parse"]
+    assert renderer.opened == 1  # counted in segrelay_delivery_events_opened_total
     assert sorted(builds) == ["audiohook", "segmentstream", "tracify"]
     assert not renderer._outcomes  # segmentstream's two postbacks were both rendered; the others kept nothing
     assert renderer._outcome_bytes == 0

@@ -196,7 +196,10 @@ class Deliverer:
                     wanted = min(PROBE_SIZE * batch_size, READY_MAX - len(ready))
         if wanted <= 0 or self._stopping:
             return False
-        leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds)
+        # A look past blocked tenants takes another tenant's jobs from every delivery process's share of the
+        # queue: the process whose share it is may be blocked on the same tenant, and look only a second later.
+        leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds,
+                                        every_share=probing)
         self._ready[slug].extend((now, job) for job in leased)
         if probing:
             # A look that found only the blocked tenants' jobs (the others' are not due: retries waiting for their
@@ -227,10 +230,14 @@ class Deliverer:
                 rendered[job.id] = self._render_one(job)
 
     def _render_one(self, job: Job) -> EncodedPostback | Skip | Exception:
+        opened = self.renderer.opened
         try:
             return self.renderer.render(job)
         except Exception as exc:  # kept for the job's send, which dead-letters it with the reason
             return exc
+        finally:
+            if self.renderer.opened != opened:  # the stored event was opened and parsed for this job
+                metrics.add(metrics.EVENTS_OPENED)
 
     def _forget(self, slug: str, jobs: list[Job]) -> None:
         """Jobs handed back unsent: their rendered postbacks go (a later lease renders them again)."""

@@ -175,11 +175,14 @@ class Store(Protocol):
         """What became of one event, per postback: queued, retrying, leased, delivered, dead or skipped."""
         ...
 
-    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
+    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float,
+                    every_share: bool = False) -> list[Job]:
         """Up to `limit` due jobs of one vendor, leased: they are due again once a lease expires.
 
         Every caller passes the same lease_seconds (SEGRELAY_LEASE_SECONDS): Redis applies it when it takes
-        over an idle entry, SQLite when it hands one out.
+        over an idle entry, SQLite when it hands one out. `every_share`: where delivery processes share the queue
+        by event (`leases_by_event`), look at every process's share, not this one's first (a look past blocked
+        tenants for another tenant's jobs, which must not wait for another process's look).
         """
         ...
     async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:

@@ -234,7 +234,8 @@ class RedisStore:
 
     # queue ---------------------------------------------------------------------------------------------
 
-    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
+    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float,
+                    every_share: bool = False) -> list[Job]:
         """Due jobs, new or retried, and a dead replica's jobs once idle past the lease.
 
         The pending list is looked through for idle entries at the first lease, then from where the last look

@@ -327,11 +327,15 @@ class SQLiteStore:
     # Lease and complete touch their rows a statement per chunk, not per row: fewer SQLite steps while the write lock
     # is held (the writer thread gives up the GIL at every step, and the HTTP processes wait for the lock).
 
-    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float) -> list[Job]:
-        """Up to `limit` due jobs of the vendor, oldest first, from this process's share of the events (`_share_of`)."""
+    async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float,
+                    every_share: bool = False) -> list[Job]:
+        """Up to `limit` due jobs of the vendor, oldest first, from this process's share of the events (`_share_of`)
+        unless `every_share`."""
         def op(c: sqlite3.Connection) -> list[Job]:
             fan_out_op(c, max(FAN_OUT_EVENTS, limit))  # the newest accepts' jobs, every vendor's, before looking
             index, of = self._share_of(c, now)
+            if every_share:
+                of = 1
             due = _JOB_SELECT + " WHERE j.vendor = ? AND j.dead = 0 AND j.due_at <= ?"
             if of == 1:
                 rows = c.execute(due + " ORDER BY j.due_at LIMIT ?", (vendor, now, limit)).fetchall()
