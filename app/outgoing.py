@@ -69,12 +69,11 @@ def render(vendor: Vendor, postbacks: Sequence[Postback | EncodedPostback], base
     encoded = [p if isinstance(p, EncodedPostback) else encode(p) for p in postbacks]
     first = encoded[0]
     headers = {"user-agent": USER_AGENT}
+    content = first.content
     if first.form:
         headers["content-type"] = "application/x-www-form-urlencoded"
-        content = first.content
     else:
         headers["content-type"] = "application/json"
-        content = first.content
         if vendor.batch is not None:
             content = b"".join((b"{", orjson.dumps(vendor.batch.envelope), b":[",
                                 b",".join(p.content for p in encoded), b"]}"))

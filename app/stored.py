@@ -106,10 +106,11 @@ class Renderer:
         Raises cryptography's InvalidTag when the payload was sealed under another secret, and what a vendor's
         build or the encoding raises for an event that no longer builds.
         """
-        key = (job.event_id, job.payload[:NONCE], job.vendor)
+        nonce = job.payload[:NONCE]
+        key = (job.event_id, nonce, job.vendor)
         kept = self._outcomes.pop(key, None)
         if kept is None:
-            kept = self._build(job)
+            kept = self._build(job, nonce)
         else:
             self._outcome_bytes -= kept.size
         kept.waiting.discard(job.target)
@@ -121,13 +122,13 @@ class Renderer:
         reasons = "; ".join(o.reason for o in kept.outcomes if isinstance(o, Skip))
         return Skip(job.vendor, "not_rendered", reasons or f"{job.vendor} has no {job.target} postback for it")
 
-    def _build(self, job: Job) -> _Kept:
+    def _build(self, job: Job, nonce: bytes) -> _Kept:
         """The job's vendor's outcomes; with `every_vendor`, the other enabled vendors' are built and kept too."""
-        event, settings = self._event(job)
+        event, settings = self._event(job, nonce)
         own = _built(BY_SLUG[job.vendor], event, settings)
         if self.every_vendor:
             for vendor in VENDORS:
-                key = (job.event_id, job.payload[:NONCE], vendor.slug)
+                key = (job.event_id, nonce, vendor.slug)
                 if vendor.slug == job.vendor or key in self._outcomes or not vendor.is_active(settings):
                     continue
                 try:
@@ -144,8 +145,8 @@ class Renderer:
         while len(self._outcomes) > self.kept_max or self._outcome_bytes > self.kept_bytes:
             self._outcome_bytes -= self._outcomes.popitem(last=False)[1].size
 
-    def _event(self, job: Job) -> tuple[Event, Mapping[str, Any]]:
-        event_key = (job.event_id, job.payload[:NONCE])
+    def _event(self, job: Job, nonce: bytes) -> tuple[Event, Mapping[str, Any]]:
+        event_key = (job.event_id, nonce)
         found = self._events.get(event_key)
         if found is None:
             stored = unpack_event(self.sealer.open(job.payload))

@@ -333,11 +333,9 @@ class SQLiteStore:
         unless `every_share`."""
         def op(c: sqlite3.Connection) -> list[Job]:
             fan_out_op(c, max(FAN_OUT_EVENTS, limit))  # the newest accepts' jobs, every vendor's, before looking
-            index, of = self._share_of(c, now)
-            if every_share:
-                of = 1
+            index, of = self._share_of(c, now)  # noted even when looking at every share
             due = _JOB_SELECT + " WHERE j.vendor = ? AND j.dead = 0 AND j.due_at <= ?"
-            if of == 1:
+            if of == 1 or every_share:
                 rows = c.execute(due + " ORDER BY j.due_at LIMIT ?", (vendor, now, limit)).fetchall()
             else:
                 rows = c.execute(due + " AND j.event_id % ? = ? ORDER BY j.due_at LIMIT ?",
