@@ -87,7 +87,10 @@ def tally(url: str) -> dict[str, Any]:
 PARK = """
 local entries = redis.call('XRANGE', 'segrelay:stream:audiohook', '-', '+', 'COUNT', 10000)
 for _, entry in ipairs(entries) do
-  redis.call('ZADD', 'segrelay:delayed:audiohook', ARGV[1], entry[2][2])
+  local f = entry[2]  -- a job waiting for its retry has a hash of its own (app/store/redis_scripts.py)
+  redis.call('HSET', 'segrelay:job:' .. f[2], 'event', f[6], 'vendor', 'audiohook', 'target', f[8], 'tenant', f[10],
+    'event_name', f[12], 'batch_key', f[14], 'size', f[16], 'created_at', f[18], 'attempts', f[20], 'message_id', f[22])
+  redis.call('ZADD', 'segrelay:delayed:audiohook', ARGV[1], f[2])
   redis.call('XDEL', 'segrelay:stream:audiohook', entry[1])
 end
 return #entries
@@ -107,7 +110,7 @@ async def main():
     for start in range(0, {count}, 2000):
         await asyncio.gather(*(store.accept("prefill", f"p{{i}}", b"x" * 1200, jobs, now=now + 86400, ttl=604800)
                                for i in range(start, min(start + 2000, {count}))))
-    await store.fan_out()  # SQLite writes the jobs' rows when delivery first leases: before the load
+    await store.fan_out()  # the jobs are written when delivery first leases: before the load
     if hasattr(store, "client"):  # Redis queues every accepted job as due: park them as retries due tomorrow
         while await store.client.eval(PARK, 0, now + 86400):
             pass

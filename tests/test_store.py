@@ -184,6 +184,79 @@ async def test_a_dead_replicas_jobs_are_taken_over_without_a_look_at_every_lease
         await alive.close()
 
 
+async def test_a_redis_accept_writes_the_event_once_and_its_jobs_wait_for_a_lease(redis_server: RedisServer) -> None:
+    """Redis: an accept is the event's idempotency key, its hash and one `accepted` entry with its routes; the jobs'
+    stream entries (each carrying its job: no hash of its own) and trace rows are written by the next lease of any
+    vendor, once, whichever replica leases first."""
+    url = f"redis://127.0.0.1:{redis_server.port}/12"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    one, other = RedisStore(url, consumer="one"), RedisStore(url, consumer="other")
+    try:
+        now = time.time()
+        client.config_resetstat()
+        assert await one.accept("acme", "m1", b"p1", [job("tracify"), job("audiohook", "pixel")], now=now, ttl=60,
+                                skips=[("segmentstream", "no token")])
+        called = {name.removeprefix("cmdstat_"): stat["calls"] for name, stat in client.info("commandstats").items()}
+        assert {"xadd": 1, "hset": 1, "set": 1, "get": 1}.items() <= called.items(), called
+        assert client.xlen("segrelay:accepted") == 1 and client.keys("segrelay:stream:*") == []
+        assert client.keys("segrelay:job:*") == []
+        assert await other.lease("audiohook", now=now, limit=5, lease_seconds=30) != []  # fans out every vendor
+        assert client.xlen("segrelay:accepted") == 0 and client.xlen("segrelay:stream:tracify") == 1
+        (leased,) = await one.lease("tracify", now=now, limit=5, lease_seconds=30)
+        assert (leased.message_id, leased.payload, leased.target, leased.size) == ("m1", b"p1", "events", 2)
+        assert await one.fan_out() == 0 and client.keys("segrelay:job:*") == []
+        states = {(o.vendor, o.target): o.state for o in await one.trace("m1")}
+        assert states == {("tracify", "events"): "queued", ("audiohook", "pixel"): "queued",
+                          ("segmentstream", ""): "skipped"}
+        assert 0 < client.pttl("segrelay:trace:m1") <= 60_000
+    finally:
+        await one.close()
+        await other.close()
+
+
+async def test_a_redis_store_of_0_13_10_is_delivered_as_it_is(redis_server: RedisServer) -> None:
+    """Up to 0.13.10 the accept script wrote a hash per job and stream entries carrying only the job's id: such jobs,
+    due, waiting for a retry or dead, are leased, retried, replayed and completed as before, beside new ones."""
+    url = f"redis://127.0.0.1:{redis_server.port}/12"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    now = time.time()
+    client.hset("segrelay:event:e1", mapping={"tenant": "acme", "message_id": "m-old", "payload": b"p-old", "left": 3})
+    for n, vendor, target in ((1, "tracify", "events"), (2, "audiohook", "pixel"), (3, "segmentstream", "track")):
+        client.hset(f"segrelay:job:e1.{n}", mapping={
+            "event": "e1", "vendor": vendor, "target": target, "tenant": "acme", "event_name": "Order Completed",
+            "batch_key": "", "size": 5, "attempts": 0, "created_at": repr(now)})
+    client.xadd("segrelay:stream:tracify", {"id": "e1.1", "due": repr(now)})  # due
+    client.hset("segrelay:job:e1.2", mapping={"attempts": 1, "last_status": 503})  # waiting for its retry
+    client.zadd("segrelay:delayed:audiohook", {"e1.2": now})
+    client.hset("segrelay:job:e1.3", mapping={"attempts": 3, "last_status": 400, "died_at": now})  # dead
+    client.zadd("segrelay:dead:segmentstream", {"e1.3": now})
+    client.hset("segrelay:counters", mapping={"pending:tracify": 1, "pending:audiohook": 1, "dead:segmentstream": 1,
+                                              "bytes:acme": 10, "bytes:*": 10})
+    store = RedisStore(url, consumer="new")
+    try:
+        assert await store.accept("acme", "m-new", b"p-new", [job("tracify")], now=now + 1, ttl=60)
+        tracify = await store.lease("tracify", now=now + 2, limit=5, lease_seconds=30)
+        assert [(j.id, j.message_id, j.payload, j.attempts, j.size) for j in tracify] == [
+            ("e1.1", "m-old", b"p-old", 0, 5), (tracify[1].id, "m-new", b"p-new", 0, 5)]
+        (audiohook,) = await store.lease("audiohook", now=now + 2, limit=5, lease_seconds=30)
+        assert (audiohook.id, audiohook.message_id, audiohook.attempts, audiohook.created_at) == ("e1.2", "m-old", 1,
+                                                                                                 now)
+        (letter,) = await store.dead_letters()
+        assert (letter.id, letter.message_id, letter.attempts, letter.last_status) == ("e1.3", "m-old", 3, 400)
+        assert await store.replay([letter.id], now=now + 2) == 1
+        (again,) = await store.lease("segmentstream", now=now + 2, limit=5, lease_seconds=30)
+        assert (again.id, again.message_id, again.attempts, again.target) == ("e1.3", "m-old", 0, "track")
+        await store.complete([*tracify, audiohook, again], status=200, now=now + 3)
+        counts = await store.counts()
+        assert counts.pending == {"tracify": 0, "audiohook": 0, "segmentstream": 0} and counts.dead["segmentstream"] == 0
+        assert counts.queued_bytes == {"acme": 0, "*": 0}
+        assert client.keys("segrelay:job:*") == [] and client.keys("segrelay:event:*") == []
+    finally:
+        await store.close()
+
+
 async def test_retry_counts_an_attempt_and_waits_until_due(store: Store) -> None:
     now = time.time()
     await store.accept("acme", "m1", b"sealed", [job()], now=now, ttl=60)

@@ -4,11 +4,14 @@ Layout (prefix `segrelay:`):
   key:<key_id>          hash   API key record            keys            set of key ids
   seen:<tenant>:<msg>   string expiry time, with a TTL   (idempotency)
   event:<id>            hash   the accepted event, once: tenant, message_id, payload (sealed), left (jobs not done)
-  job:<id>              hash   one postback: event, vendor, target, tenant, attempts, size, last answer... (its id:
-                               the event's id, a dot and its number)
-  stream:<vendor>       stream one entry per due job (its id and since when it is due), consumer group `workers`;
-                               a leased job is one in the group's pending list; XAUTOCLAIM takes over the
-                               entries of a dead replica
+  accepted              stream one entry per accepted event whose jobs are not written yet: its id, tenant,
+                               message id, time, ttl, size, routes and skips (JSON); the next lease writes its jobs
+                               (`FAN_OUT` in app/store/redis_scripts.py) and deletes the entry
+  stream:<vendor>       stream one entry per due job, carrying the job (its id: the event's id, a dot and its number;
+                               event, target, tenant, event name, batch key, size, attempts, message id...), consumer
+                               group `workers`; a leased job is one in the group's pending list; XAUTOCLAIM takes
+                               over the entries of a dead replica
+  job:<id>              hash   a job waiting for its retry or dead: its entry's fields and its last answer
   delayed:<vendor>      zset   job ids waiting for their retry time (score = due time)
   dead:<vendor>         zset   dead-lettered job ids (score = time of death)
   counters              hash   pending:<vendor>, dead:<vendor>, bytes:<tenant>, bytes:* (kept by the scripts)
@@ -17,9 +20,10 @@ Layout (prefix `segrelay:`):
   identity:<key>        string a remembered browser context (sealed), expiring on its own
   identities            zset   identity keys by expiry time: how many there are, and which go first past the bound
 
-Accepting an event (idempotency record + event + jobs + counters) is one Lua script, so it is atomic (one call
-stores the accepts of one event loop turn, each as if alone: `TurnBatch`); so are
-completing, retrying and burying a job (the scripts are app/store/redis_scripts.py). Needs one Redis primary (not
+Accepting an event (idempotency record + event + its `accepted` entry + counters) is one Lua script, so it is
+atomic (one call stores the accepts of one event loop turn, each as if alone: `TurnBatch`); so are fanning out,
+leasing, completing, retrying and burying jobs (the scripts are app/store/redis_scripts.py). A store written by
+0.13.10 or before (a hash per job, stream entries with only its id) is read as it is. Needs one Redis primary (not
 Cluster) with AOF persistence; see the README.
 """
 
@@ -66,6 +70,9 @@ HOUSEKEEPING_ROUNDS = 16  # rounds per housekeeping call, at most (as on SQLite)
 POOL_SIZE = 64  # connections per process; more concurrent calls wait for one (redis-py's own pool fails at 100)
 POOL_WAIT_SECONDS = 10.0  # a call waiting longer for a connection fails as unavailable (503)
 ACCEPT_BATCH = 64  # accepts per script call at most (those of one event loop turn)
+ACCEPTED = P + "accepted"  # the stream of accepted events whose jobs are not written yet
+FAN_OUT_EVENTS = 64  # accepted events whose jobs one lease (or one fan-out call) writes at most
+OLDEST_UNFANNED = 256  # events not yet fanned out that `oldest_due` looks at
 
 
 def _s(value: Any) -> str:
@@ -85,6 +92,7 @@ class RedisStore:
         self._move = self.client.register_script(scripts.MOVE)
         self._complete = self.client.register_script(scripts.COMPLETE)
         self._replay = self.client.register_script(scripts.REPLAY)
+        self._fan_out = self.client.register_script(scripts.FAN_OUT)
         self._remember = self.client.register_script(scripts.REMEMBER)
         self._groups: set[str] = set()
         # Per vendor: where this process's next look for a dead replica's idle entries starts, and not before when
@@ -185,10 +193,10 @@ class RedisStore:
 
     async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
                      ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> bool:
-        event_id = new_id()  # its jobs' ids are the event's and their number: one id drawn per event, not five
-        event = [orjson.dumps([repr(now), repr(ttl), event_id, tenant, message_id,
-                               [[f"{event_id}.{n}", job.vendor, job.target, job.event_name, job.batch_key]
-                                for n, job in enumerate(jobs, 1)], skips]), payload]
+        event_id = new_id()  # its jobs' ids are the event's and their number, given when they are fanned out
+        event = [orjson.dumps([repr(now), repr(ttl), event_id, tenant, message_id, [job.vendor for job in jobs]]),
+                 orjson.dumps([[job.vendor, job.target, job.event_name, job.batch_key] for job in jobs]),
+                 orjson.dumps(skips) if skips else b"", payload]
         return await self._accepts.submit((f"{P}seen:{tenant}:{message_id}", event), timeout)  # the pipe's errors
 
     async def _accept_batch(self, events: list[tuple[str, list[Any]]]) -> list[bool]:
@@ -246,7 +254,8 @@ class RedisStore:
         cursor, not_before = self._claims.get(vendor, ("0-0", 0.0))
         looking = now >= not_before
         found, rows = await self._lease(keys=[], args=[vendor, GROUP, self.consumer, now, limit,
-                                                       int(lease_seconds * 1000), cursor if looking else ""])
+                                                       int(lease_seconds * 1000), cursor if looking else "",
+                                                       FAN_OUT_EVENTS])
         if looking:
             ended = _s(found)
             self._claims[vendor] = ("0-0", now + lease_seconds / 4) if ended == "0-0" else (ended, 0.0)
@@ -256,16 +265,21 @@ class RedisStore:
     async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:
         args: list[Any] = [GROUP, "" if status is None else status, now]
         for job in jobs:
-            args += [job.id, job.vendor, job.receipt, job.message_id]
+            args += [job.id, job.vendor, job.receipt, job.message_id, job.event_id, job.tenant, job.target, job.size,
+                     job.attempts]
         await self._complete(keys=[], args=args)
 
     async def _move_to(self, job: Job, zset: str, score: float, fields: dict[str, Any], *, bury: bool = False,
                        state: str = "", status: int | None = None, body: str = "", client: Any = None) -> None:
-        """Ack the job's stream entry and park its id in `zset`, unless the job is gone (completed
-        elsewhere after its lease expired): atomic, so a late answer never resurrects a delivered job."""
+        """Ack the job's stream entry and park the job in its hash and its id in `zset`, unless its lease is no
+        longer its own (completed or moved elsewhere after its lease expired): atomic, so a late answer never
+        resurrects a delivered job."""
         args: list[Any] = [GROUP, job.receipt, score, job.id, "1" if bury else "0", state, _status(status), body,
-                           job.attempts + 1]
-        for name, value in fields.items():
+                           job.attempts + 1, job.message_id]
+        whole = {"event": job.event_id, "vendor": job.vendor, "target": job.target, "tenant": job.tenant,
+                 "event_name": job.event_name, "batch_key": job.batch_key, "size": job.size,
+                 "created_at": repr(job.created_at), "attempts": job.attempts, "message_id": job.message_id}
+        for name, value in {**whole, **fields}.items():
             args += [name, value]
         await self._move(keys=[f"{P}job:{job.id}", f"{P}{zset}:{job.vendor}", f"{P}stream:{job.vendor}"],
                          args=args, client=client)
@@ -310,12 +324,13 @@ class RedisStore:
             vendor = await self.client.hget(f"{P}job:{job_id}", "vendor")
             if vendor is None:
                 continue
-            stream = await self._group(_s(vendor))
-            count += int(await self._replay(keys=[f"{P}job:{job_id}", f"{P}dead:{_s(vendor)}", stream],
-                                            args=[job_id, now]))
+            await self._group(_s(vendor))
+            count += int(await self._replay(keys=[f"{P}job:{job_id}", f"{P}dead:{_s(vendor)}"],
+                                            args=[job_id, now, _s(vendor)]))
         return count
 
     async def trace(self, message_id: str, tenant: str | None = None) -> list[Outcome]:
+        await self.fan_out()  # an event's trace rows are written with its jobs
         raw = await self.client.hgetall(f"{P}trace:{message_id}")
         outcomes = []
         for field, value in raw.items():
@@ -347,12 +362,15 @@ class RedisStore:
         await self.client.hset(f"{P}event:{event_id}", "payload", payload)
 
     async def fan_out(self) -> int:
-        """Nothing to write: the accept script writes an event's jobs itself. (Writing them at the next lease instead,
-        as SQLite does, was tried in 0.13.6: redis-server's CPU per event end to end rose by about a fifth, and the
-        p99 of accepts with it.)"""
-        return 0
+        """Write the jobs of every event accepted since delivery last leased (`scripts.FAN_OUT`), FAN_OUT_EVENTS per
+        call so that accepts are served in between; how many events."""
+        total = 0
+        while count := int(await self._fan_out(keys=[], args=[FAN_OUT_EVENTS])):
+            total += count
+        return total
 
     async def stats(self, *, now: float) -> QueueStats:
+        await self.fan_out()  # exact figures: every event's jobs written first
         stats = QueueStats()
         for vendor in VENDORS:
             stream = await self._group(vendor.slug)
@@ -370,6 +388,13 @@ class RedisStore:
         return stats
 
     async def oldest_due(self, *, now: float) -> dict[str, float]:
+        # Events whose jobs are not written yet (delivery has not leased since they came) are due for their vendors
+        # too: the oldest of them, as far as the first OLDEST_UNFANNED tell.
+        unfanned: dict[str, float] = {}
+        accepted: Any = await self.client.xrange(ACCEPTED, count=OLDEST_UNFANNED)
+        for _, fields in accepted:
+            for vendor, *_ in orjson.loads(fields[b"r"]):
+                unfanned.setdefault(vendor, float(fields[b"c"]))
         ages = {}
         for vendor in VENDORS:
             stream = await self._group(vendor.slug)
@@ -381,6 +406,7 @@ class RedisStore:
             delayed: Any = await self.client.zrangebyscore(f"{P}delayed:{vendor.slug}", "-inf", now, start=0, num=1,
                                                            withscores=True)
             oldest += [float(entry[1]) for entry in delayed]
+            oldest += [unfanned[vendor.slug]] if vendor.slug in unfanned else []
             ages[vendor.slug] = max(0.0, now - min(oldest)) if oldest else 0.0
         return ages
 

@@ -3,88 +3,125 @@ atomic and one round trip. Their keys are the store's layout (redis.py's docstri
 takes (KEYS, ARGV) and returns.
 """
 
-# KEYS: the seen key of each event. ARGV per event, two arguments: one JSON array [its clock and ttl as text, its id,
-# tenant, messageId, its jobs as [job id, vendor, target, event name, batch key], its skips as [vendor, reason]],
-# then its sealed payload (bytes, which JSON cannot carry). Returns 1 (new) or 0 (a duplicate) per event, in order:
-# each event is stored as if alone, and a messageId twice in one batch is new only the first time. The counters
-# are summed over the call and written once at its end, and an event's trace rows in one HSET: per event, the
-# script's commands went from 22 to 13 and redis-server's CPU per accept fell by about a tenth. (redis-py packed
-# about 19 µs of arguments per event when each field was an argument of its own.)
+# KEYS: the seen key of each event. ARGV per event, four arguments: a JSON array [its clock and ttl as text, its id,
+# tenant, messageId, the vendor of each of its jobs], its jobs as a JSON array of [vendor, target, event name, batch
+# key] (kept as it came), its skips as a JSON array of [vendor, reason] ('' for none), then its sealed payload
+# (bytes, which JSON cannot carry). Returns 1 (new) or 0 (a duplicate) per event, in order: each event is stored as
+# if alone, and a messageId twice in one batch is new only the first time. An event is its idempotency key, its
+# hash and one entry in the `accepted` stream with its routes: its jobs' stream entries and trace rows are written
+# by the next lease (FAN_OUT, below), off the accept path. The counters are summed over the call and written once
+# at its end. Writing the jobs here (a hash and a stream entry per postback, and the trace rows: 13 commands per
+# event) took about half of redis-server's CPU per accept (README, 0.13.11).
 ACCEPT = """
 local pending, queued_bytes, total = {}, {}, 0  -- counters, summed over the call and written once at its end
-local function accept(seen_key, now_text, ttl_text, event_id, tenant, message_id, payload, jobs, skips)
+local function accept(seen_key, head, jobs, skips, payload)
   local seen = redis.call('GET', seen_key)
-  local now, ttl = tonumber(now_text), tonumber(ttl_text)
+  local now, ttl = tonumber(head[1]), tonumber(head[2])
   if seen and tonumber(seen) > now then return 0 end
   redis.call('SET', seen_key, tostring(now + ttl), 'PX', math.max(1, math.floor(ttl * 1000)))
-  local n = #jobs
+  local vendors = head[6]
+  local n = #vendors
   if n == 0 then return 1 end
-  local size = string.len(payload)
-  local trace = 'segrelay:trace:' .. message_id
-  redis.call('HSET', 'segrelay:event:' .. event_id, 'tenant', tenant, 'message_id', message_id, 'payload', payload,
+  local event_id, tenant, size = head[3], head[4], string.len(payload)
+  redis.call('HSET', 'segrelay:event:' .. event_id, 'tenant', tenant, 'message_id', head[5], 'payload', payload,
     'left', n)
-  local rows, queued = {}, '{"s":"queued","n":' .. now_text .. '}'
-  for _, job in ipairs(jobs) do
-    local id, vendor = job[1], job[2]
-    redis.call('HSET', 'segrelay:job:' .. id, 'event', event_id, 'vendor', vendor, 'target', job[3],
-      'tenant', tenant, 'event_name', job[4], 'batch_key', job[5], 'size', size, 'attempts', 0,
-      'created_at', now_text)
-    redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', id, 'due', now_text)
-    pending[vendor] = (pending[vendor] or 0) + 1
-    rows[#rows + 1] = tenant .. '|' .. vendor .. '|' .. job[3]
-    rows[#rows + 1] = queued
-  end
-  for _, skip in ipairs(skips) do
-    rows[#rows + 1] = tenant .. '|' .. skip[1] .. '|'
-    rows[#rows + 1] = cjson.encode({s = 'skipped', d = skip[2], at = now})
-  end
-  redis.call('HSET', trace, unpack(rows))
-  redis.call('PEXPIRE', trace, math.max(1, math.floor(ttl * 1000)))
+  redis.call('XADD', 'segrelay:accepted', '*', 'e', event_id, 'tn', tenant, 'm', head[5], 'c', head[1], 'x', head[2],
+    's', size, 'r', jobs, 'k', skips)
+  for _, vendor in ipairs(vendors) do pending[vendor] = (pending[vendor] or 0) + 1 end
   queued_bytes[tenant] = (queued_bytes[tenant] or 0) + size * n
   total = total + size * n
   return 1
 end
 local fresh = {}
 for k = 1, #KEYS do
-  local e = cjson.decode(ARGV[2 * k - 1])
-  fresh[k] = accept(KEYS[k], e[1], e[2], e[3], e[4], e[5], ARGV[2 * k], e[6], e[7])
+  fresh[k] = accept(KEYS[k], cjson.decode(ARGV[4 * k - 3]), ARGV[4 * k - 2], ARGV[4 * k - 1], ARGV[4 * k])
 end
 for vendor, count in pairs(pending) do redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. vendor, count) end
 for tenant, added in pairs(queued_bytes) do redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. tenant, added) end
 if total > 0 then redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', total) end
 return fresh
 """
-# ARGV: group, the vendor's status, now, then (job id, vendor, entry id, message id) per job. Only a job that still
-# exists counts (a slower replica's late answer for a job completed elsewhere changes nothing). One call completes the
-# jobs of a batch of answered requests (app/delivery/completions.py) and records them delivered for `trace`. The
-# stream entries are acknowledged and deleted, and the jobs deleted, by one command per stream for the whole call;
-# the counters, and each event's count of jobs left, are summed over the call and written once at its end. With
-# the message id from the lease instead of a look-up, a job went from 12 commands to about 3 (`bench/delivery.py
-# --store redis` prints the commands per event).
+# A job's stream entry carries the job itself, in this order (LEASE reads the values by position): id, due, e (its
+# event), t (target), tn (tenant), n (event name), b (batch key), s (size), c (created at), a (attempts before this
+# one), m (message id). A job has a hash of its own (job:<id>, the same fields by their full names) only while it
+# waits for a retry or is dead. Entries of 0.13.10 and before carry only id and due, with the rest in the job's hash.
+_ENTRY = """
+local function add_entry(vendor, job_id, due, event_id, target, tenant, event_name, batch_key, size, created_at,
+                         attempts, message_id)
+  redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', job_id, 'due', due, 'e', event_id, 't', target,
+    'tn', tenant, 'n', event_name, 'b', batch_key, 's', size, 'c', created_at, 'a', attempts, 'm', message_id)
+end
+"""
+# The jobs of up to `limit` events of the `accepted` stream, in the order they came: a stream entry per job, and
+# the event's trace rows (queued, skipped), expiring with its idempotency key. Inside a script, so each event is
+# fanned out once whichever replica leases first. Returns how many events. (Needs _ENTRY before it.)
+_FAN_OUT = """
+local function fan_out(limit)
+  if limit < 1 then return 0 end
+  local entries = redis.call('XRANGE', 'segrelay:accepted', '-', '+', 'COUNT', limit)
+  if not entries or #entries == 0 then return 0 end
+  local done = {}
+  for _, entry in ipairs(entries) do
+    local f = entry[2]  -- e, tn, m, c, x, s, r, k: values at the even positions
+    local event_id, tenant, message_id, now_text, size = f[2], f[4], f[6], f[8], f[12]
+    local rows, queued = {}, '{"s":"queued","n":' .. now_text .. '}'
+    for k, job in ipairs(cjson.decode(f[14])) do
+      add_entry(job[1], event_id .. '.' .. k, now_text, event_id, job[2], tenant, job[3], job[4], size, now_text, 0,
+        message_id)
+      rows[#rows + 1] = tenant .. '|' .. job[1] .. '|' .. job[2]
+      rows[#rows + 1] = queued
+    end
+    if f[16] ~= '' then
+      for _, skip in ipairs(cjson.decode(f[16])) do
+        rows[#rows + 1] = tenant .. '|' .. skip[1] .. '|'
+        rows[#rows + 1] = cjson.encode({s = 'skipped', d = skip[2], at = tonumber(now_text)})
+      end
+    end
+    local trace = 'segrelay:trace:' .. message_id
+    redis.call('HSET', trace, unpack(rows))
+    redis.call('PEXPIREAT', trace, math.max(1, math.floor((tonumber(now_text) + tonumber(f[10])) * 1000)))
+    done[#done + 1] = entry[1]
+  end
+  redis.call('XDEL', 'segrelay:accepted', unpack(done))
+  return #done
+end
+"""
+# ARGV: limit.
+FAN_OUT = _ENTRY + _FAN_OUT + "return fan_out(tonumber(ARGV[1]))"
+# ARGV: group, the vendor's status, now, then (job id, vendor, entry id, message id, event id, tenant, target, size,
+# attempts) per job. A job counts only if its lease was still the job's: its entry still pending (XACK answers 1),
+# or, for a late answer, the job waiting for its retry (which this answer makes needless); a slower replica's late
+# answer for a job completed elsewhere changes nothing. One call completes the jobs of a batch of answered requests
+# (app/delivery/completions.py) and records them delivered for `trace`. The stream entries are deleted, and the jobs'
+# hashes (a retried one's, or a job of 0.13.10's), by one command per stream for the whole call; the counters, and
+# each event's count of jobs left, are summed over the call and written once at its end.
 COMPLETE = """
 local done, pending, queued_bytes, total, left, entries, gone, counted = 0, {}, {}, 0, {}, {}, {}, {}
-for i = 4, #ARGV, 4 do
-  local job_key, stream = 'segrelay:job:' .. ARGV[i], 'segrelay:stream:' .. ARGV[i + 1]
+for i = 4, #ARGV, 9 do
+  local job_id, vendor = ARGV[i], ARGV[i + 1]
+  local stream = 'segrelay:stream:' .. vendor
   entries[stream] = entries[stream] or {}
   table.insert(entries[stream], ARGV[i + 2])
-  local job = redis.call('HMGET', job_key, 'event', 'vendor', 'tenant', 'size', 'died_at', 'target', 'attempts')
-  if job[1] and not job[5] and not counted[job_key] then  -- a job named twice in one call counts once
-    counted[job_key] = true
-    table.insert(gone, job_key)
-    redis.call('HSET', 'segrelay:trace:' .. ARGV[i + 3], job[3] .. '|' .. job[2] .. '|' .. job[6],
-      cjson.encode({s = 'delivered', st = tonumber(ARGV[2]), a = tonumber(job[7]) + 1, at = tonumber(ARGV[3])}))
-    left[job[1]] = (left[job[1]] or 0) + 1
-    pending[job[2]] = (pending[job[2]] or 0) + 1
-    queued_bytes[job[3]] = (queued_bytes[job[3]] or 0) + tonumber(job[4])
-    total = total + tonumber(job[4])
+  local ours = redis.call('XACK', stream, ARGV[1], ARGV[i + 2]) == 1
+  if not ours and not counted[job_id] then
+    ours = redis.call('ZREM', 'segrelay:delayed:' .. vendor, job_id) == 1
+  end
+  if ours and not counted[job_id] then  -- a job named twice in one call counts once
+    counted[job_id] = true
+    table.insert(gone, 'segrelay:job:' .. job_id)
+    local tenant, size = ARGV[i + 5], tonumber(ARGV[i + 7])
+    redis.call('HSET', 'segrelay:trace:' .. ARGV[i + 3], tenant .. '|' .. vendor .. '|' .. ARGV[i + 6],
+      cjson.encode({s = 'delivered', st = tonumber(ARGV[2]), a = tonumber(ARGV[i + 8]) + 1, at = tonumber(ARGV[3])}))
+    left[ARGV[i + 4]] = (left[ARGV[i + 4]] or 0) + 1
+    pending[vendor] = (pending[vendor] or 0) + 1
+    queued_bytes[tenant] = (queued_bytes[tenant] or 0) + size
+    total = total + size
     done = done + 1
   end
 end
 for stream, ids in pairs(entries) do
   for start = 1, #ids, 1000 do  -- unpack() has a bound on its values
-    local chunk = {unpack(ids, start, math.min(start + 999, #ids))}
-    redis.call('XACK', stream, ARGV[1], unpack(chunk))
-    redis.call('XDEL', stream, unpack(chunk))
+    redis.call('XDEL', stream, unpack(ids, start, math.min(start + 999, #ids)))
   end
 end
 for start = 1, #gone, 1000 do redis.call('DEL', unpack(gone, start, math.min(start + 999, #gone))) end
@@ -97,58 +134,72 @@ for tenant, size in pairs(queued_bytes) do redis.call('HINCRBY', 'segrelay:count
 if total > 0 then redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', -total) end
 return done
 """
-# KEYS: job, zset (delayed or dead), stream. ARGV: group, entry id, score, job id, bury (1/0), trace state
-# ('' for none), status, body, attempts, then fields...
+# KEYS: job, zset (delayed or dead), stream. ARGV: group, entry id, score, job id, bury (1/0), trace state ('' for
+# none), status, body, attempts, message id, then the job's fields (name, value, ...: the whole job, written to its
+# hash). Only a job whose lease was still its own moves (its entry still pending): atomic, so a late answer never
+# resurrects a job completed or moved elsewhere.
 MOVE = """
-redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+if redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[3], ARGV[2])
-local job = redis.call('HMGET', KEYS[1], 'event', 'vendor', 'tenant', 'size', 'died_at', 'target')
-if not job[1] or job[5] then return 0 end
-if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 11))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-local message_id = ARGV[6] ~= '' and redis.call('HGET', 'segrelay:event:' .. job[1], 'message_id')
-if message_id then
+local job = redis.call('HMGET', KEYS[1], 'vendor', 'tenant', 'size', 'target')
+if ARGV[6] ~= '' then
   local at = tonumber(ARGV[3])
-  redis.call('HSET', 'segrelay:trace:' .. message_id, job[3] .. '|' .. job[2] .. '|' .. job[6], cjson.encode({
+  redis.call('HSET', 'segrelay:trace:' .. ARGV[10], job[2] .. '|' .. job[1] .. '|' .. job[4], cjson.encode({
     s = ARGV[6], st = tonumber(ARGV[7]), d = ARGV[8], a = tonumber(ARGV[9]), at = ARGV[6] == 'dead' and at or nil,
     n = ARGV[6] ~= 'dead' and at or nil}))
 end
 if ARGV[5] == '1' then
-  redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[2], -1)
-  redis.call('HINCRBY', 'segrelay:counters', 'dead:' .. job[2], 1)
-  redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[3], -tonumber(job[4]))
-  redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', -tonumber(job[4]))
+  redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[1], -1)
+  redis.call('HINCRBY', 'segrelay:counters', 'dead:' .. job[1], 1)
+  redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[2], -tonumber(job[3]))
+  redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', -tonumber(job[3]))
 end
 return 1
 """
-# KEYS: job, dead zset, stream. ARGV: job id, now.
-REPLAY = """
+# The fields of a job's hash that its stream entry carries again, in the entry's order after id and due.
+_REQUEUE = """
+local function requeue(vendor, job_id, due, attempts)
+  local job = redis.call('HMGET', 'segrelay:job:' .. job_id, 'event', 'target', 'tenant', 'event_name', 'batch_key',
+    'size', 'created_at', 'attempts', 'message_id', 'died_at')
+  if not job[1] then return false end
+  local message_id = job[9] or redis.call('HGET', 'segrelay:event:' .. job[1], 'message_id')
+  if not message_id then return false end
+  add_entry(vendor, job_id, due, job[1], job[2], job[3], job[4], job[5], job[6], job[7], attempts or job[8],
+    message_id)
+  redis.call('DEL', 'segrelay:job:' .. job_id)
+  return job
+end
+"""
+# KEYS: job, dead zset. ARGV: job id, now, vendor.
+REPLAY = _ENTRY + _REQUEUE + """
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-local job = redis.call('HMGET', KEYS[1], 'vendor', 'tenant', 'size')
-if not job[1] then return 0 end
-redis.call('HSET', KEYS[1], 'attempts', 0, 'created_at', ARGV[2])
-redis.call('HDEL', KEYS[1], 'died_at')
-redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'due', ARGV[2])
-redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. job[1], 1)
-redis.call('HINCRBY', 'segrelay:counters', 'dead:' .. job[1], -1)
-redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. job[2], tonumber(job[3]))
-redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', tonumber(job[3]))
+local job = requeue(ARGV[3], ARGV[1], ARGV[2], 0)
+if not job then return 0 end
+local vendor, tenant, size = ARGV[3], job[3], tonumber(job[6])
+redis.call('HINCRBY', 'segrelay:counters', 'pending:' .. vendor, 1)
+redis.call('HINCRBY', 'segrelay:counters', 'dead:' .. vendor, -1)
+redis.call('HINCRBY', 'segrelay:counters', 'bytes:' .. tenant, size)
+redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', size)
 return 1
 """
-# ARGV: vendor, group, consumer, now, limit, min idle ms, where to look for idle entries ('' not this time). Due
-# retries join the stream, a dead replica's idle entries are claimed, new ones read; each comes back with its job and
-# its event's payload, in one round trip. Entries whose job is gone (completed elsewhere, or buried) are acknowledged
-# and dropped. Returns {where the look for idle entries ended ('0-0': the whole pending list seen; '' none made),
-# the jobs}: XAUTOCLAIM walks up to ten entries of the pending list per entry asked for, and made at every lease it
-# took over half of redis-server's CPU for leasing (see RedisStore.lease).
-LEASE = """
+# ARGV: vendor, group, consumer, now, limit, min idle ms, where to look for idle entries ('' not this time), how
+# many accepted events to fan out first. New events' jobs are written (FAN_OUT), due retries join the stream, a dead
+# replica's idle entries are claimed, new ones read; each comes back with its job and its event's payload, in one
+# round trip. Entries whose job or event is gone are acknowledged and dropped. Returns {where the look for idle
+# entries ended ('0-0': the whole pending list seen; '' none made), the jobs}: XAUTOCLAIM walks up to ten entries of
+# the pending list per entry asked for, and made at every lease it took over half of redis-server's CPU for leasing
+# (see RedisStore.lease).
+LEASE = _ENTRY + _FAN_OUT + _REQUEUE + """
 local vendor, group, consumer = ARGV[1], ARGV[2], ARGV[3]
 local now, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
 local stream, delayed = 'segrelay:stream:' .. vendor, 'segrelay:delayed:' .. vendor
+fan_out(tonumber(ARGV[8]))
 local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
 for i = 1, #due, 2 do
   redis.call('ZREM', delayed, due[i])
-  redis.call('XADD', stream, '*', 'id', due[i], 'due', due[i + 1])
+  requeue(vendor, due[i], due[i + 1], nil)
 end
 local entries, cursor = {}, ''
 if ARGV[7] ~= '' then
@@ -164,25 +215,34 @@ if #entries < limit then
     for _, entry in ipairs(read[1][2]) do table.insert(entries, entry) end
   end
 end
-local out, events = {}, {}  -- events: those read in this call (an event's jobs for one vendor often come together)
+local out, payloads = {}, {}  -- payloads: of the events read in this call (their jobs often come together)
 for _, entry in ipairs(entries) do
-  local eid, job_id = entry[1], entry[2][2]
-  local job = redis.call('HMGET', 'segrelay:job:' .. job_id, 'event', 'vendor', 'target', 'tenant', 'event_name',
-    'batch_key', 'attempts', 'created_at', 'size', 'died_at')
-  local event = {false, false}
-  if job[1] then
-    event = events[job[1]]
-    if not event then
-      event = redis.call('HMGET', 'segrelay:event:' .. job[1], 'message_id', 'payload')
-      events[job[1]] = event
+  local eid, f = entry[1], entry[2]
+  local job_id = f[2]
+  local job  -- event, target, tenant, event name, batch key, attempts, created at, size, message id
+  if #f >= 22 then
+    job = {f[6], f[8], f[10], f[12], f[14], f[20], f[18], f[16], f[22]}
+  else  -- an entry of 0.13.10 or before: the job is its hash
+    local old = redis.call('HMGET', 'segrelay:job:' .. job_id, 'event', 'target', 'tenant', 'event_name', 'batch_key',
+      'attempts', 'created_at', 'size', 'died_at')
+    if old[1] and not old[9] then
+      job = old
+      job[9] = redis.call('HGET', 'segrelay:event:' .. old[1], 'message_id')
     end
   end
-  if not job[2] or job[10] or not event[2] then
+  local payload = false
+  if job and job[9] then
+    payload = payloads[job[1]]
+    if payload == nil then
+      payload = redis.call('HGET', 'segrelay:event:' .. job[1], 'payload')
+      payloads[job[1]] = payload
+    end
+  end
+  if not payload then
     redis.call('XACK', stream, group, eid)
     redis.call('XDEL', stream, eid)
   else
-    table.insert(out, {eid, job_id, job[1], job[3], job[4], job[5], job[6], job[7], job[8], job[9], event[1],
-      event[2]})
+    table.insert(out, {eid, job_id, job[1], job[2], job[3], job[4], job[5], job[6], job[7], job[8], job[9], payload})
   end
 end
 return {cursor, out}
