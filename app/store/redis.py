@@ -71,7 +71,7 @@ POOL_SIZE = 64  # connections per process; more concurrent calls wait for one (r
 POOL_WAIT_SECONDS = 10.0  # a call waiting longer for a connection fails as unavailable (503)
 ACCEPT_BATCH = 64  # accepts per script call at most (those of one event loop turn)
 ACCEPTED = P + "accepted"  # the stream of accepted events whose jobs are not written yet
-FAN_OUT_EVENTS = 64  # accepted events whose jobs one lease (or one fan-out call) writes at most
+FAN_OUT_EVENTS = 16  # accepted events whose jobs one lease (or one fan-out call) writes at most
 OLDEST_UNFANNED = 256  # events not yet fanned out that `oldest_due` looks at
 
 
