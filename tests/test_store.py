@@ -340,6 +340,20 @@ async def test_a_job_completed_elsewhere_is_not_resurrected_by_a_late_retry(stor
     assert await store.dead_letters() == []
 
 
+async def test_a_late_success_of_a_job_waiting_for_its_retry_delivers_it(store: Store) -> None:
+    """Another replica gave up on the job (its lease had expired) and set it to retry; then the first attempt's
+    answer came: the job is delivered, once, and never sent again."""
+    now = time.time()
+    await store.accept("acme", "m1", b"sealed", [job()], now=now, ttl=60)
+    (leased,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+    await store.retry(leased, due_at=now + 5, status=503, body="the other replica's attempt")
+    await store.complete([leased], status=200, now=now + 1)  # the first attempt's late answer: delivered
+    await store.complete([leased], status=200, now=now + 1)  # and again: counted once
+    assert await store.lease("tracify", now=now + 10, limit=10, lease_seconds=30) == []
+    assert await pending(store) == 0 and (await store.counts()).queued_bytes["acme"] == 0
+    assert [(o.state, o.status) for o in await store.trace("m1")] == [("delivered", 200)]
+
+
 async def test_one_payload_per_event_and_counters_follow_every_move(store: Store) -> None:
     now = time.time()
     payload = b"x" * 100
