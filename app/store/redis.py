@@ -72,7 +72,7 @@ POOL_WAIT_SECONDS = 10.0  # a call waiting longer for a connection fails as unav
 ACCEPT_BATCH = 64  # accepts per script call at most (those of one event loop turn)
 ACCEPTED = P + "accepted"  # the stream of accepted events whose jobs are not written yet
 FAN_OUT_EVENTS = 16  # accepted events whose jobs one lease (or one fan-out call) writes at most
-OLDEST_UNFANNED = 256  # events not yet fanned out that `oldest_due` looks at
+OLDEST_UNFANNED = 64  # events not yet fanned out that `oldest_due` looks at (as on SQLite)
 
 
 def _s(value: Any) -> str:
