@@ -85,13 +85,13 @@ def tally(url: str) -> dict[str, Any]:
 
 # Redis: move up to 10,000 entries of the Audiohook stream to its retry set, due at ARGV[1]; returns how many.
 PARK = """
-local entries = redis.call('XRANGE', 'segrelay:stream:audiohook', '-', '+', 'COUNT', 10000)
+local entries = redis.call('XRANGE', 'segrelay:jobs:audiohook', '-', '+', 'COUNT', 10000)
 for _, entry in ipairs(entries) do
   local f = entry[2]  -- a job waiting for its retry has a hash of its own (app/store/redis_scripts.py)
   redis.call('HSET', 'segrelay:job:' .. f[2], 'event', f[6], 'vendor', 'audiohook', 'target', f[8], 'tenant', f[10],
     'event_name', f[12], 'batch_key', f[14], 'size', f[16], 'created_at', f[18], 'attempts', f[20], 'message_id', f[22])
   redis.call('ZADD', 'segrelay:delayed:audiohook', ARGV[1], f[2])
-  redis.call('XDEL', 'segrelay:stream:audiohook', entry[1])
+  redis.call('XDEL', 'segrelay:jobs:audiohook', entry[1])
 end
 return #entries
 """

@@ -199,10 +199,12 @@ async def test_a_redis_accept_writes_the_event_once_and_its_jobs_wait_for_a_leas
                                 skips=[("segmentstream", "no token")])
         called = {name.removeprefix("cmdstat_"): stat["calls"] for name, stat in client.info("commandstats").items()}
         assert {"xadd": 1, "hset": 1, "set": 1, "get": 1}.items() <= called.items(), called
-        assert client.xlen("segrelay:accepted") == 1 and client.keys("segrelay:stream:*") == []
+        assert client.xlen("segrelay:accepted") == 1 and client.keys("segrelay:jobs:*") == []
         assert client.keys("segrelay:job:*") == []
         assert await other.lease("audiohook", now=now, limit=5, lease_seconds=30) != []  # fans out every vendor
-        assert client.xlen("segrelay:accepted") == 0 and client.xlen("segrelay:stream:tracify") == 1
+        assert client.xlen("segrelay:accepted") == 0 and client.xlen("segrelay:jobs:tracify") == 1
+        # 0.13.10's streams are never written: a replica of it, during a rolling upgrade, would drop such an entry
+        assert client.keys("segrelay:stream:*") == []
         (leased,) = await one.lease("tracify", now=now, limit=5, lease_seconds=30)
         assert (leased.message_id, leased.payload, leased.target, leased.size) == ("m1", b"p1", "events", 2)
         assert await one.fan_out() == 0 and client.keys("segrelay:job:*") == []
@@ -216,8 +218,9 @@ async def test_a_redis_accept_writes_the_event_once_and_its_jobs_wait_for_a_leas
 
 
 async def test_a_redis_store_of_0_13_10_is_delivered_as_it_is(redis_server: RedisServer) -> None:
-    """Up to 0.13.10 the accept script wrote a hash per job and stream entries carrying only the job's id: such jobs,
-    due, waiting for a retry or dead, are leased, retried, replayed and completed as before, beside new ones."""
+    """Up to 0.13.10 the accept script wrote a hash per job and entries carrying only the job's id in a vendor's
+    `stream` (this version writes `jobs` streams, which 0.13.10 does not read): such jobs, due, waiting for a retry
+    or dead, are counted, leased, replayed and completed as before, beside new ones, the old stream's first."""
     url = f"redis://127.0.0.1:{redis_server.port}/12"
     client = redis.Redis.from_url(url)
     client.flushdb()
@@ -227,7 +230,7 @@ async def test_a_redis_store_of_0_13_10_is_delivered_as_it_is(redis_server: Redi
         client.hset(f"segrelay:job:e1.{n}", mapping={
             "event": "e1", "vendor": vendor, "target": target, "tenant": "acme", "event_name": "Order Completed",
             "batch_key": "", "size": 5, "attempts": 0, "created_at": repr(now)})
-    client.xadd("segrelay:stream:tracify", {"id": "e1.1", "due": repr(now)})  # due
+    client.xadd("segrelay:stream:tracify", {"id": "e1.1", "due": repr(now)})  # due (no lease made its group yet)
     client.hset("segrelay:job:e1.2", mapping={"attempts": 1, "last_status": 503})  # waiting for its retry
     client.zadd("segrelay:delayed:audiohook", {"e1.2": now})
     client.hset("segrelay:job:e1.3", mapping={"attempts": 3, "last_status": 400, "died_at": now})  # dead
@@ -237,6 +240,9 @@ async def test_a_redis_store_of_0_13_10_is_delivered_as_it_is(redis_server: Redi
     store = RedisStore(url, consumer="new")
     try:
         assert await store.accept("acme", "m-new", b"p-new", [job("tracify")], now=now + 1, ttl=60)
+        stats = await store.stats(now=now + 2)  # the old stream's entry counts, beside the new one's
+        assert (stats.vendors["tracify"].pending, stats.vendors["audiohook"].pending) == (2, 1)
+        assert (await store.oldest_due(now=now + 2))["tracify"] == pytest.approx(2.0)
         tracify = await store.lease("tracify", now=now + 2, limit=5, lease_seconds=30)
         assert [(j.id, j.message_id, j.payload, j.attempts, j.size) for j in tracify] == [
             ("e1.1", "m-old", b"p-old", 0, 5), (tracify[1].id, "m-new", b"p-new", 0, 5)]
@@ -248,7 +254,10 @@ async def test_a_redis_store_of_0_13_10_is_delivered_as_it_is(redis_server: Redi
         assert await store.replay([letter.id], now=now + 2) == 1
         (again,) = await store.lease("segmentstream", now=now + 2, limit=5, lease_seconds=30)
         assert (again.id, again.message_id, again.attempts, again.target) == ("e1.3", "m-old", 0, "track")
-        await store.complete([*tracify, audiohook, again], status=200, now=now + 3)
+        await store.retry(tracify[0], due_at=now + 2, status=503, body="busy")  # from the old stream
+        (retried,) = await store.lease("tracify", now=now + 2, limit=5, lease_seconds=30)
+        assert (retried.id, retried.message_id, retried.attempts, retried.payload) == ("e1.1", "m-old", 1, b"p-old")
+        await store.complete([retried, tracify[1], audiohook, again], status=200, now=now + 3)
         counts = await store.counts()
         assert counts.pending == {"tracify": 0, "audiohook": 0, "segmentstream": 0} and counts.dead["segmentstream"] == 0
         assert counts.queued_bytes == {"acme": 0, "*": 0}

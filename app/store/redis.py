@@ -7,10 +7,12 @@ Layout (prefix `segrelay:`):
   accepted              stream one entry per accepted event whose jobs are not written yet: its id, tenant,
                                message id, time, ttl, size, routes and skips (JSON); the next lease writes its jobs
                                (`FAN_OUT` in app/store/redis_scripts.py) and deletes the entry
-  stream:<vendor>       stream one entry per due job, carrying the job (its id: the event's id, a dot and its number;
+  jobs:<vendor>         stream one entry per due job, carrying the job (its id: the event's id, a dot and its number;
                                event, target, tenant, event name, batch key, size, attempts, message id...), consumer
                                group `workers`; a leased job is one in the group's pending list; XAUTOCLAIM takes
                                over the entries of a dead replica
+  stream:<vendor>       stream 0.13.10's: an entry per due job with only its id (the job in its hash); read by leases
+                               until it is empty, never written (a 0.13.10 replica would drop an entry it cannot read)
   job:<id>              hash   a job waiting for its retry or dead: its entry's fields and its last answer
   delayed:<vendor>      zset   job ids waiting for their retry time (score = due time)
   dead:<vendor>         zset   dead-lettered job ids (score = time of death)
@@ -23,7 +25,9 @@ Layout (prefix `segrelay:`):
 Accepting an event (idempotency record + event + its `accepted` entry + counters) is one Lua script, so it is
 atomic (one call stores the accepts of one event loop turn, each as if alone: `TurnBatch`); so are fanning out,
 leasing, completing, retrying and burying jobs (the scripts are app/store/redis_scripts.py). A store written by
-0.13.10 or before (a hash per job, stream entries with only its id) is read as it is. Needs one Redis primary (not
+0.13.10 or before (a hash per job, stream entries with only its id) is read as it is, and its replicas may run beside
+this version's during a rolling upgrade: this version delivers what they accept, and they never meet an entry they
+cannot read (the events accepted here are delivered by replicas of this version). Needs one Redis primary (not
 Cluster) with AOF persistence; see the README.
 """
 
@@ -103,7 +107,7 @@ class RedisStore:
         self._accept_sha = hashlib.sha1(scripts.ACCEPT.encode(), usedforsecurity=False).hexdigest()  # its name
 
     async def _group(self, vendor: str) -> str:
-        stream = f"{P}stream:{vendor}"
+        stream = f"{P}jobs:{vendor}"
         if vendor not in self._groups:
             try:
                 await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -112,6 +116,22 @@ class RedisStore:
                     raise
             self._groups.add(vendor)
         return stream
+
+    async def _streams(self, vendor: str) -> list[str]:
+        """The vendor's job streams, for operators: its `jobs` stream, and 0.13.10's `stream` while it exists (with
+        its group, which LEASE makes too when a 0.13.10 replica's accepts wrote the stream before any lease)."""
+        streams = [await self._group(vendor)]
+        legacy = f"{P}stream:{vendor}"
+        if await self.client.exists(legacy):
+            if legacy not in self._groups:
+                try:
+                    await self.client.xgroup_create(legacy, GROUP, id="0")
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+                self._groups.add(legacy)
+            streams.append(legacy)
+        return streams
 
     async def ping(self) -> None:
         try:
@@ -274,14 +294,16 @@ class RedisStore:
         """Ack the job's stream entry and park the job in its hash and its id in `zset`, unless its lease is no
         longer its own (completed or moved elsewhere after its lease expired): atomic, so a late answer never
         resurrects a delivered job."""
-        args: list[Any] = [GROUP, job.receipt, score, job.id, "1" if bury else "0", state, _status(status), body,
+        legacy, entry = job.receipt.startswith("old:"), job.receipt.removeprefix("old:")  # 0.13.10's stream
+        stream = f"{P}stream:{job.vendor}" if legacy else f"{P}jobs:{job.vendor}"
+        args: list[Any] = [GROUP, entry, score, job.id, "1" if bury else "0", state, _status(status), body,
                            job.attempts + 1, job.message_id]
         whole = {"event": job.event_id, "vendor": job.vendor, "target": job.target, "tenant": job.tenant,
                  "event_name": job.event_name, "batch_key": job.batch_key, "size": job.size,
                  "created_at": repr(job.created_at), "attempts": job.attempts, "message_id": job.message_id}
         for name, value in {**whole, **fields}.items():
             args += [name, value]
-        await self._move(keys=[f"{P}job:{job.id}", f"{P}{zset}:{job.vendor}", f"{P}stream:{job.vendor}"],
+        await self._move(keys=[f"{P}job:{job.id}", f"{P}{zset}:{job.vendor}", stream],
                          args=args, client=client)
 
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None:
@@ -373,16 +395,17 @@ class RedisStore:
         await self.fan_out()  # exact figures: every event's jobs written first
         stats = QueueStats()
         for vendor in VENDORS:
-            stream = await self._group(vendor.slug)
+            streams = await self._streams(vendor.slug)
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.xlen(stream)
-                pipe.xpending(stream, GROUP)
                 pipe.zcard(f"{P}delayed:{vendor.slug}")
                 pipe.zcount(f"{P}delayed:{vendor.slug}", "-inf", now)
                 pipe.zcard(f"{P}dead:{vendor.slug}")
-                length, pending, delayed, delayed_due, dead = await pipe.execute()
-            leased = int(pending["pending"])
-            waiting = int(length) - leased
+                for stream in streams:
+                    pipe.xlen(stream)
+                    pipe.xpending(stream, GROUP)
+                delayed, delayed_due, dead, *per_stream = await pipe.execute()
+            leased = sum(int(pending["pending"]) for pending in per_stream[1::2])
+            waiting = sum(int(length) for length in per_stream[0::2]) - leased
             stats.vendors[vendor.slug] = VendorStats(pending=waiting + int(delayed), leased=leased,
                                                      due=waiting + int(delayed_due), dead=int(dead))
         return stats
@@ -397,12 +420,12 @@ class RedisStore:
                 unfanned.setdefault(vendor, float(fields[b"c"]))
         ages = {}
         for vendor in VENDORS:
-            stream = await self._group(vendor.slug)
-            groups = await self.client.xinfo_groups(stream)
-            last = next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == GROUP), "0-0")
-            waiting = await self.client.xrange(stream, min=f"({last}", count=1)
-            fields = waiting[0][1] if waiting else None
-            oldest = [float(fields.get(b"due", now))] if fields else []
+            oldest = []
+            for stream in await self._streams(vendor.slug):
+                groups = await self.client.xinfo_groups(stream)
+                last = next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == GROUP), "0-0")
+                waiting: Any = await self.client.xrange(stream, min=f"({last}", count=1)
+                oldest += [float(waiting[0][1].get(b"due", now))] if waiting else []
             delayed: Any = await self.client.zrangebyscore(f"{P}delayed:{vendor.slug}", "-inf", now, start=0, num=1,
                                                            withscores=True)
             oldest += [float(entry[1]) for entry in delayed]
@@ -443,10 +466,10 @@ class RedisStore:
             if excess < HOUSEKEEPING_BATCH:
                 break
         for vendor in VENDORS:
-            stream = await self._group(vendor.slug)
-            for consumer in await self.client.xinfo_consumers(stream, GROUP):
-                if int(consumer["pending"]) == 0 and int(consumer["idle"]) > 3_600_000:
-                    await self.client.xgroup_delconsumer(stream, GROUP, consumer["name"])
+            for stream in await self._streams(vendor.slug):
+                for consumer in await self.client.xinfo_consumers(stream, GROUP):
+                    if int(consumer["pending"]) == 0 and int(consumer["idle"]) > 3_600_000:
+                        await self.client.xgroup_delconsumer(stream, GROUP, consumer["name"])
 
 
 def _status(status: int | None) -> str:

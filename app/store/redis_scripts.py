@@ -41,14 +41,17 @@ for tenant, added in pairs(queued_bytes) do redis.call('HINCRBY', 'segrelay:coun
 if total > 0 then redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', total) end
 return fresh
 """
-# A job's stream entry carries the job itself, in this order (LEASE reads the values by position): id, due, e (its
-# event), t (target), tn (tenant), n (event name), b (batch key), s (size), c (created at), a (attempts before this
-# one), m (message id). A job has a hash of its own (job:<id>, the same fields by their full names) only while it
-# waits for a retry or is dead. Entries of 0.13.10 and before carry only id and due, with the rest in the job's hash.
+# A job's entry in its vendor's `jobs` stream carries the job itself, in this order (LEASE reads the values by
+# position): id, due, e (its event), t (target), tn (tenant), n (event name), b (batch key), s (size), c (created at),
+# a (attempts before this one), m (message id). A job has a hash of its own (job:<id>, the same fields by their full
+# names) only while it waits for a retry or is dead. 0.13.10 and before wrote a vendor's `stream` instead, whose
+# entries carry only id and due, with the rest in the job's hash: it is only read here (LEASE), never written, so a
+# replica of 0.13.10 running beside this one during a rolling upgrade never meets an entry it cannot read (it
+# would drop it). A lease's receipt for an entry of that stream is its id prefixed with `old:`.
 _ENTRY = """
 local function add_entry(vendor, job_id, due, event_id, target, tenant, event_name, batch_key, size, created_at,
                          attempts, message_id)
-  redis.call('XADD', 'segrelay:stream:' .. vendor, '*', 'id', job_id, 'due', due, 'e', event_id, 't', target,
+  redis.call('XADD', 'segrelay:jobs:' .. vendor, '*', 'id', job_id, 'due', due, 'e', event_id, 't', target,
     'tn', tenant, 'n', event_name, 'b', batch_key, 's', size, 'c', created_at, 'a', attempts, 'm', message_id)
 end
 """
@@ -88,7 +91,7 @@ end
 """
 # ARGV: limit.
 FAN_OUT = _ENTRY + _FAN_OUT + "return fan_out(tonumber(ARGV[1]))"
-# ARGV: group, the vendor's status, now, then (job id, vendor, entry id, message id, event id, tenant, target, size,
+# ARGV: group, the vendor's status, now, then (job id, vendor, receipt, message id, event id, tenant, target, size,
 # attempts) per job. A job counts only if its lease was still the job's: its entry still pending (XACK answers 1),
 # or, for a late answer, the job waiting for its retry (which this answer makes needless); a slower replica's late
 # answer for a job completed elsewhere changes nothing. One call completes the jobs of a batch of answered requests
@@ -98,11 +101,12 @@ FAN_OUT = _ENTRY + _FAN_OUT + "return fan_out(tonumber(ARGV[1]))"
 COMPLETE = """
 local done, pending, queued_bytes, total, left, entries, gone, counted = 0, {}, {}, 0, {}, {}, {}, {}
 for i = 4, #ARGV, 9 do
-  local job_id, vendor = ARGV[i], ARGV[i + 1]
-  local stream = 'segrelay:stream:' .. vendor
+  local job_id, vendor, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local stream = 'segrelay:jobs:' .. vendor
+  if string.sub(entry, 1, 4) == 'old:' then stream, entry = 'segrelay:stream:' .. vendor, string.sub(entry, 5) end
   entries[stream] = entries[stream] or {}
-  table.insert(entries[stream], ARGV[i + 2])
-  local ours = redis.call('XACK', stream, ARGV[1], ARGV[i + 2]) == 1
+  table.insert(entries[stream], entry)
+  local ours = redis.call('XACK', stream, ARGV[1], entry) == 1
   if not ours and not counted[job_id] then
     ours = redis.call('ZREM', 'segrelay:delayed:' .. vendor, job_id) == 1
   end
@@ -134,10 +138,10 @@ for tenant, size in pairs(queued_bytes) do redis.call('HINCRBY', 'segrelay:count
 if total > 0 then redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', -total) end
 return done
 """
-# KEYS: job, zset (delayed or dead), stream. ARGV: group, entry id, score, job id, bury (1/0), trace state ('' for
-# none), status, body, attempts, message id, then the job's fields (name, value, ...: the whole job, written to its
-# hash). Only a job whose lease was still its own moves (its entry still pending): atomic, so a late answer never
-# resurrects a job completed or moved elsewhere.
+# KEYS: job, zset (delayed or dead), the stream of its entry. ARGV: group, entry id, score, job id, bury (1/0), trace
+# state ('' for none), status, body, attempts, message id, then the job's fields (name, value, ...: the whole job,
+# written to its hash). Only a job whose lease was still its own moves (its entry still pending): atomic, so a late
+# answer never resurrects a job completed or moved elsewhere.
 MOVE = """
 if redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[3], ARGV[2])
@@ -194,16 +198,42 @@ return 1
 LEASE = _ENTRY + _FAN_OUT + _REQUEUE + """
 local vendor, group, consumer = ARGV[1], ARGV[2], ARGV[3]
 local now, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
-local stream, delayed = 'segrelay:stream:' .. vendor, 'segrelay:delayed:' .. vendor
+local stream, delayed = 'segrelay:jobs:' .. vendor, 'segrelay:delayed:' .. vendor
+local legacy = 'segrelay:stream:' .. vendor  -- 0.13.10's: read until it is empty, never written
 fan_out(tonumber(ARGV[8]))
 local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
 for i = 1, #due, 2 do
   redis.call('ZREM', delayed, due[i])
   requeue(vendor, due[i], due[i + 1], nil)
 end
-local entries, cursor = {}, ''
-if ARGV[7] ~= '' then
-  local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[6], ARGV[7], 'COUNT', limit)
+local entries = {}
+if redis.call('EXISTS', legacy) == 1 then  -- first: its entries are the older ones
+  -- Its group is made by 0.13.10's first lease: a stream only 0.13.10's accepts wrote has none yet, made here.
+  if ARGV[7] ~= '' then
+    local claimed = redis.pcall('XAUTOCLAIM', legacy, group, consumer, ARGV[6], '0-0', 'COUNT', limit)
+    if claimed.err then
+      redis.pcall('XGROUP', 'CREATE', legacy, group, '0')
+    else
+      for _, entry in ipairs(claimed[2]) do
+        if entry and entry[2] then table.insert(entries, entry) end
+      end
+    end
+  end
+  if #entries < limit then
+    local read = {'GROUP', group, consumer, 'COUNT', limit - #entries, 'STREAMS', legacy, '>'}
+    local got = redis.pcall('XREADGROUP', unpack(read))
+    if type(got) == 'table' and got.err then
+      redis.pcall('XGROUP', 'CREATE', legacy, group, '0')
+      got = redis.call('XREADGROUP', unpack(read))
+    end
+    if got then
+      for _, entry in ipairs(got[1][2]) do table.insert(entries, entry) end
+    end
+  end
+end
+local old, cursor = #entries, ARGV[7]  -- the entries up to `old` are the legacy stream's
+if ARGV[7] ~= '' and #entries < limit then
+  local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[6], ARGV[7], 'COUNT', limit - #entries)
   cursor = claimed[1]
   for _, entry in ipairs(claimed[2]) do
     if entry and entry[2] then table.insert(entries, entry) end
@@ -216,7 +246,7 @@ if #entries < limit then
   end
 end
 local out, payloads = {}, {}  -- payloads: of the events read in this call (their jobs often come together)
-for _, entry in ipairs(entries) do
+for k, entry in ipairs(entries) do
   local eid, f = entry[1], entry[2]
   local job_id = f[2]
   local job  -- event, target, tenant, event name, batch key, attempts, created at, size, message id
@@ -238,11 +268,14 @@ for _, entry in ipairs(entries) do
       payloads[job[1]] = payload
     end
   end
+  local from = k <= old and legacy or stream
   if not payload then
-    redis.call('XACK', stream, group, eid)
-    redis.call('XDEL', stream, eid)
+    redis.call('XACK', from, group, eid)
+    redis.call('XDEL', from, eid)
   else
-    table.insert(out, {eid, job_id, job[1], job[2], job[3], job[4], job[5], job[6], job[7], job[8], job[9], payload})
+    local receipt = k <= old and 'old:' .. eid or eid
+    table.insert(out, {receipt, job_id, job[1], job[2], job[3], job[4], job[5], job[6], job[7], job[8], job[9],
+      payload})
   end
 end
 return {cursor, out}
