@@ -310,6 +310,41 @@ async def test_looks_that_find_only_jobs_not_yet_due_slow_down_until_a_tenant_co
     await deliverer.stop(drain_seconds=1)
 
 
+async def test_looks_that_find_nothing_keep_their_pace_while_another_tenants_queue_moves(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two delivery processes, one's look past a blocked tenant may find the other tenant's jobs already taken
+    by the other's look. Its queue is moving (new events come, the other process delivers them): the looks stay
+    once a second. Backing off there had a quiet tenant's postback wait 2 s (tests/test_tenant_isolation_e2e.py)."""
+    monkeypatch.setattr(worker, "READY_PER_TENANT", 0)
+    monkeypatch.setattr(worker, "READY_MIN", 8)
+    sealer, hang = Sealer(SECRET), asyncio.Event()
+    for n in range(60):
+        await accept_page(store, sealer, n, tenant="loud", token=f"loud-{n}")
+    lease = store.lease
+
+    async def taken_elsewhere(vendor: str, **kwargs: Any) -> list[Job]:
+        """The other process's looks take every quiet job first: this one's find only the loud tenant's."""
+        jobs = await lease(vendor, **kwargs)
+        await store.complete([j for j in jobs if j.tenant == "quiet"], status=200, now=time.time())
+        return [j for j in jobs if j.tenant != "quiet"]
+    monkeypatch.setattr(store, "lease", taken_elsewhere)
+
+    async def transport(vendor: str, request: OutgoingRequest) -> VendorAnswer:
+        await hang.wait()
+        return VendorAnswer(200, b'{"status": true}')
+
+    cfg = Config(secret=SECRET, vendor_concurrency=4, tenant_concurrency=1,
+                 vendor_urls={"segmentstream": "http://ss", "tracify": "http://tr", "audiohook": "http://ah"})
+    deliverer = Deliverer(cfg, store, sealer, transport=transport)
+    deliverer.start()
+    for n in range(100, 140):  # a quiet tenant's events keep coming, each taken by the other process
+        await accept_page(store, sealer, n, tenant="quiet", token="quiet")
+        await asyncio.sleep(0.1)
+    assert deliverer._probes["tracify"].every == worker.PROBE_SECONDS
+    hang.set()
+    await deliverer.stop(drain_seconds=1)
+
+
 @pytest.mark.parametrize("every_vendor", [False, True])
 def test_one_parse_serves_every_vendor_and_nothing_is_kept_once_rendered(monkeypatch: pytest.MonkeyPatch,
                                                                          every_vendor: bool) -> None:

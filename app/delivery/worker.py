@@ -50,6 +50,7 @@ class _Probe:
     at: float = 0.0
     every: float = PROBE_SECONDS
     others: frozenset[str] = frozenset()
+    queued: tuple[tuple[str, int], ...] = ()  # the others' queued bytes at the last look
 
 
 class Deliverer:
@@ -73,8 +74,8 @@ class Deliverer:
         # error that prevented it), by job id; a job's entry goes when it is sent or handed back.
         self._rendered: dict[str, dict[str, EncodedPostback | Skip | Exception]] = {v.slug: {} for v in VENDORS}
         self._probes = {v.slug: _Probe() for v in VENDORS}
-        self._counted_at = 0.0  # when _tenants_queued was read from the store's counters
-        self._tenants_queued: frozenset[str] = frozenset()
+        self._counted_at = 0.0  # when _queued was read from the store's counters
+        self._queued: dict[str, int] = {}  # bytes queued per tenant with any
         self._tenant_inflight: Counter[tuple[str, str]] = Counter()
         self._dispatchers: list[asyncio.Task[None]] = []
         self._top_ups: dict[str, asyncio.Task[None]] = {}  # per vendor: the lease that tops its ready list up
@@ -202,10 +203,14 @@ class Deliverer:
                                         every_share=probing)
         self._ready[slug].extend((now, job) for job in leased)
         if probing:
-            # A look that found only the blocked tenants' jobs (the others' are not due: retries waiting for their
-            # time, say) is repeated less and less often, up to PROBE_MAX_SECONDS apart.
+            # A look that found only the blocked tenants' jobs while the others' queues stood still (their jobs are
+            # not due: retries waiting for their time, say) is repeated less and less often, up to PROBE_MAX_SECONDS
+            # apart. Queues that moved are being served (another delivery process's look took their jobs first,
+            # say) or grow: the next look comes at the normal pace.
             found = any(job.tenant not in blocked for job in leased)
-            probe.every = PROBE_SECONDS if found else min(probe.every * 2, PROBE_MAX_SECONDS)
+            queued = tuple(sorted((tenant, size) for tenant, size in self._queued.items() if tenant not in blocked))
+            moved, probe.queued = queued != probe.queued, queued
+            probe.every = PROBE_SECONDS if found or moved else min(probe.every * 2, PROBE_MAX_SECONDS)
         excess = self._beyond_tenant_share(slug, share)
         self._render_ahead(slug, leased, excess)
         if excess:
@@ -273,9 +278,9 @@ class Deliverer:
         if now - self._counted_at >= PROBE_SECONDS:
             counts = await self.store.counts()
             self._counted_at = now
-            self._tenants_queued = frozenset(tenant for tenant, size in counts.queued_bytes.items()
-                                             if tenant != ALL_TENANTS and size > 0)
-        return self._tenants_queued - tenants
+            self._queued = {tenant: size for tenant, size in counts.queued_bytes.items()
+                            if tenant != ALL_TENANTS and size > 0}
+        return frozenset(self._queued) - tenants
 
     def _tenant_limit(self, tenants: int) -> int:
         """Requests in flight per (vendor, tenant). A tenant alone may use every slot but one tenant's share,
