@@ -40,6 +40,7 @@ READY_PER_TENANT = 4  # a tenant's share of that list: this many times its concu
 TENANT_BACKOFF = 1.0  # a job past its tenant's share is due again this much later
 PROBE_SECONDS = 1.0  # how often a vendor blocked on one tenant's limit looks for other tenants' jobs
 PROBE_MAX_SECONDS = 8.0  # ... at the slowest, after looks that found none (their jobs not due yet)
+PROBE_GRACE_SECONDS = 4.0  # ... but only once no look has found any for this long
 PROBE_SIZE = 256  # jobs (times the batch size) such a look leases
 
 
@@ -50,7 +51,7 @@ class _Probe:
     at: float = 0.0
     every: float = PROBE_SECONDS
     others: frozenset[str] = frozenset()
-    queued: tuple[tuple[str, int], ...] = ()  # the others' queued bytes at the last look
+    found_at: float = 0.0  # when a look last found other tenants' jobs (or the others changed)
 
 
 class Deliverer:
@@ -74,8 +75,8 @@ class Deliverer:
         # error that prevented it), by job id; a job's entry goes when it is sent or handed back.
         self._rendered: dict[str, dict[str, EncodedPostback | Skip | Exception]] = {v.slug: {} for v in VENDORS}
         self._probes = {v.slug: _Probe() for v in VENDORS}
-        self._counted_at = 0.0  # when _queued was read from the store's counters
-        self._queued: dict[str, int] = {}  # bytes queued per tenant with any
+        self._counted_at = 0.0  # when _tenants_queued was read from the store's counters
+        self._tenants_queued: frozenset[str] = frozenset()
         self._tenant_inflight: Counter[tuple[str, str]] = Counter()
         self._dispatchers: list[asyncio.Task[None]] = []
         self._top_ups: dict[str, asyncio.Task[None]] = {}  # per vendor: the lease that tops its ready list up
@@ -191,7 +192,7 @@ class Deliverer:
             if now - probe.at >= PROBE_SECONDS:
                 others = await self._others_queued(blocked, now)
                 if others != probe.others:  # a tenant came or went: look at the normal pace again
-                    probe.others, probe.every = others, PROBE_SECONDS
+                    probe.others, probe.every, probe.found_at = others, PROBE_SECONDS, now
                 if others and now - probe.at >= probe.every:
                     probe.at, probing = now, True
                     wanted = min(PROBE_SIZE * batch_size, READY_MAX - len(ready))
@@ -203,14 +204,13 @@ class Deliverer:
                                         every_share=probing)
         self._ready[slug].extend((now, job) for job in leased)
         if probing:
-            # A look that found only the blocked tenants' jobs while the others' queues stood still (their jobs are
-            # not due: retries waiting for their time, say) is repeated less and less often, up to PROBE_MAX_SECONDS
-            # apart. Queues that moved are being served (another delivery process's look took their jobs first,
-            # say) or grow: the next look comes at the normal pace.
-            found = any(job.tenant not in blocked for job in leased)
-            queued = tuple(sorted((tenant, size) for tenant, size in self._queued.items() if tenant not in blocked))
-            moved, probe.queued = queued != probe.queued, queued
-            probe.every = PROBE_SECONDS if found or moved else min(probe.every * 2, PROBE_MAX_SECONDS)
+            # Once no look has found another tenant's jobs for PROBE_GRACE_SECONDS (their jobs are not due:
+            # retries waiting for their time, say), the looks come less and less often, up to PROBE_MAX_SECONDS
+            # apart. One empty look is no such sign: another delivery process's look may have taken them first.
+            if any(job.tenant not in blocked for job in leased):
+                probe.found_at = now
+            grace = now - probe.found_at < PROBE_GRACE_SECONDS
+            probe.every = PROBE_SECONDS if grace else min(probe.every * 2, PROBE_MAX_SECONDS)
         excess = self._beyond_tenant_share(slug, share)
         self._render_ahead(slug, leased, excess)
         if excess:
@@ -278,9 +278,9 @@ class Deliverer:
         if now - self._counted_at >= PROBE_SECONDS:
             counts = await self.store.counts()
             self._counted_at = now
-            self._queued = {tenant: size for tenant, size in counts.queued_bytes.items()
-                            if tenant != ALL_TENANTS and size > 0}
-        return frozenset(self._queued) - tenants
+            self._tenants_queued = frozenset(tenant for tenant, size in counts.queued_bytes.items()
+                                             if tenant != ALL_TENANTS and size > 0)
+        return self._tenants_queued - tenants
 
     def _tenant_limit(self, tenants: int) -> int:
         """Requests in flight per (vendor, tenant). A tenant alone may use every slot but one tenant's share,
