@@ -233,6 +233,20 @@ async def test_a_stored_event_that_no_longer_builds_is_a_dead_letter_not_a_retry
     assert calls == [] and await pending(store) == 0
 
 
+def loud_tenant_hangs(store: SQLiteStore, sealer: Sealer, hang: asyncio.Event, seen: list[str]) -> Deliverer:
+    """A deliverer (not started) of 4 Tracify slots, 1 per tenant while others wait, whose vendor notes each
+    request's token in `seen` and hangs the loud tenant's requests until `hang` is set: it stays at its limit."""
+    async def transport(vendor: str, request: OutgoingRequest) -> VendorAnswer:
+        seen.append(request.headers["tracify-token"])
+        if request.headers["tracify-token"].startswith("loud"):
+            await hang.wait()
+        return VendorAnswer(200, b'{"status": true}')
+
+    cfg = Config(secret=SECRET, vendor_concurrency=4, tenant_concurrency=1,
+                 vendor_urls={"segmentstream": "http://ss", "tracify": "http://tr", "audiohook": "http://ah"})
+    return Deliverer(cfg, store, sealer, transport=transport)
+
+
 async def test_a_tenant_alone_at_its_limit_is_not_leased_and_handed_back_while_another_is_found(
         store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tenant at its in-flight limit with a backlog: the once-a-second look for other tenants' jobs happens only
@@ -243,15 +257,7 @@ async def test_a_tenant_alone_at_its_limit_is_not_leased_and_handed_back_while_a
     for n in range(60):
         await accept_page(store, sealer, n, tenant="loud", token=f"loud-{n}")  # one request each
 
-    async def transport(vendor: str, request: OutgoingRequest) -> VendorAnswer:
-        seen.append(request.headers["tracify-token"])
-        if request.headers["tracify-token"].startswith("loud"):
-            await hang.wait()  # the loud tenant's endpoint hangs: it stays at its limit
-        return VendorAnswer(200, b'{"status": true}')
-
-    cfg = Config(secret=SECRET, vendor_concurrency=4, tenant_concurrency=1,
-                 vendor_urls={"segmentstream": "http://ss", "tracify": "http://tr", "audiohook": "http://ah"})
-    deliverer = Deliverer(cfg, store, sealer, transport=transport)
+    deliverer = loud_tenant_hangs(store, sealer, hang, seen)
     released: list[int] = []
     release = store.release
 
@@ -286,15 +292,7 @@ async def test_looks_that_find_only_jobs_not_yet_due_slow_down_until_a_tenant_co
     for n in range(60):
         await accept_page(store, sealer, n, tenant="loud", token=f"loud-{n}")
 
-    async def transport(vendor: str, request: OutgoingRequest) -> VendorAnswer:
-        seen.append(request.headers["tracify-token"])
-        if request.headers["tracify-token"].startswith("loud"):
-            await hang.wait()
-        return VendorAnswer(200, b'{"status": true}')
-
-    cfg = Config(secret=SECRET, vendor_concurrency=4, tenant_concurrency=1,
-                 vendor_urls={"segmentstream": "http://ss", "tracify": "http://tr", "audiohook": "http://ah"})
-    deliverer = Deliverer(cfg, store, sealer, transport=transport)
+    deliverer = loud_tenant_hangs(store, sealer, hang, seen)
     deliverer.start()
     await asyncio.sleep(worker.PROBE_GRACE_SECONDS + 3.5)
     assert deliverer._probes["tracify"].every >= 4  # past the grace: 1 s, then 2, then 4: each look found none due
@@ -335,14 +333,7 @@ async def test_a_look_that_finds_nothing_does_not_slow_the_looks_while_others_fi
         return [j for j in jobs if j.tenant != "quiet"]
     monkeypatch.setattr(store, "lease", every_other_taken_elsewhere)
 
-    async def transport(vendor: str, request: OutgoingRequest) -> VendorAnswer:
-        if request.headers["tracify-token"].startswith("loud"):
-            await hang.wait()
-        return VendorAnswer(200, b'{"status": true}')
-
-    cfg = Config(secret=SECRET, vendor_concurrency=4, tenant_concurrency=1,
-                 vendor_urls={"segmentstream": "http://ss", "tracify": "http://tr", "audiohook": "http://ah"})
-    deliverer = Deliverer(cfg, store, sealer, transport=transport)
+    deliverer = loud_tenant_hangs(store, sealer, hang, [])
     deliverer.start()
     paces = []
     for n in range(100, 160):  # a quiet tenant's events keep coming
