@@ -107,14 +107,18 @@ class RedisStore:
         self._accept_sha = hashlib.sha1(scripts.ACCEPT.encode(), usedforsecurity=False).hexdigest()  # its name
 
     async def _group(self, vendor: str) -> str:
-        stream = f"{P}jobs:{vendor}"
-        if vendor not in self._groups:
+        """The vendor's `jobs` stream, with its consumer group."""
+        return await self._grouped(f"{P}jobs:{vendor}", create=True)
+
+    async def _grouped(self, stream: str, *, create: bool) -> str:
+        """`stream`, its consumer group made once per process (the stream too when `create`)."""
+        if stream not in self._groups:
             try:
-                await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                await self.client.xgroup_create(stream, GROUP, id="0", mkstream=create)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-            self._groups.add(vendor)
+            self._groups.add(stream)
         return stream
 
     async def _streams(self, vendor: str) -> list[str]:
@@ -123,14 +127,7 @@ class RedisStore:
         streams = [await self._group(vendor)]
         legacy = f"{P}stream:{vendor}"
         if await self.client.exists(legacy):
-            if legacy not in self._groups:
-                try:
-                    await self.client.xgroup_create(legacy, GROUP, id="0")
-                except ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
-                        raise
-                self._groups.add(legacy)
-            streams.append(legacy)
+            streams.append(await self._grouped(legacy, create=False))
         return streams
 
     async def ping(self) -> None:
