@@ -207,44 +207,34 @@ for i = 1, #due, 2 do
   requeue(vendor, due[i], due[i + 1], nil)
 end
 local entries = {}
-if redis.call('EXISTS', legacy) == 1 then  -- first: its entries are the older ones
-  -- Its group is made by 0.13.10's first lease: a stream only 0.13.10's accepts wrote has none yet, made here.
-  if ARGV[7] ~= '' then
-    local claimed = redis.pcall('XAUTOCLAIM', legacy, group, consumer, ARGV[6], '0-0', 'COUNT', limit)
-    if claimed.err then
-      redis.pcall('XGROUP', 'CREATE', legacy, group, '0')
-    else
-      for _, entry in ipairs(claimed[2]) do
-        if entry and entry[2] then table.insert(entries, entry) end
-      end
+local function take(from, start)
+  -- A dead replica's entries idle past the lease, claimed from `start` ('' not this time), then new ones, up to the
+  -- limit; where the next look for idle entries starts.
+  local next_start = start
+  if start ~= '' and #entries < limit then
+    local claimed = redis.call('XAUTOCLAIM', from, group, consumer, ARGV[6], start, 'COUNT', limit - #entries)
+    next_start = claimed[1]
+    for _, entry in ipairs(claimed[2]) do
+      if entry and entry[2] then table.insert(entries, entry) end
     end
   end
   if #entries < limit then
-    local read = {'GROUP', group, consumer, 'COUNT', limit - #entries, 'STREAMS', legacy, '>'}
-    local got = redis.pcall('XREADGROUP', unpack(read))
-    if type(got) == 'table' and got.err then
-      redis.pcall('XGROUP', 'CREATE', legacy, group, '0')
-      got = redis.call('XREADGROUP', unpack(read))
-    end
-    if got then
-      for _, entry in ipairs(got[1][2]) do table.insert(entries, entry) end
+    local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', limit - #entries, 'STREAMS', from, '>')
+    if read then
+      for _, entry in ipairs(read[1][2]) do table.insert(entries, entry) end
     end
   end
+  return next_start
 end
-local old, cursor = #entries, ARGV[7]  -- the entries up to `old` are the legacy stream's
-if ARGV[7] ~= '' and #entries < limit then
-  local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[6], ARGV[7], 'COUNT', limit - #entries)
-  cursor = claimed[1]
-  for _, entry in ipairs(claimed[2]) do
-    if entry and entry[2] then table.insert(entries, entry) end
+if redis.call('EXISTS', legacy) == 1 then  -- first: its entries are the older ones, looked through whole
+  if not pcall(take, legacy, ARGV[7] ~= '' and '0-0' or '') then
+    -- Its group is made by 0.13.10's first lease: a stream only 0.13.10's accepts wrote has none yet.
+    redis.call('XGROUP', 'CREATE', legacy, group, '0')
+    take(legacy, '')
   end
 end
-if #entries < limit then
-  local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', limit - #entries, 'STREAMS', stream, '>')
-  if read then
-    for _, entry in ipairs(read[1][2]) do table.insert(entries, entry) end
-  end
-end
+local old = #entries  -- the entries up to here are the legacy stream's
+local cursor = take(stream, ARGV[7])
 local out, payloads = {}, {}  -- payloads: of the events read in this call (their jobs often come together)
 for k, entry in ipairs(entries) do
   local eid, f = entry[1], entry[2]
