@@ -256,33 +256,6 @@ async def test_a_redis_delivery_process_takes_every_job_of_the_events_it_fans_ou
         await other.close()
 
 
-async def test_a_fan_out_behind_jobs_no_process_took_leaves_each_to_one_lease(redis_server: RedisServer) -> None:
-    """Redis: jobs an operator's command fanned out (taken by no process) wait in their stream; a lease's fan-out
-    after them takes the oldest waiting entries instead of marking its own as delivered past them: every job is
-    leased, once."""
-    url = f"redis://127.0.0.1:{redis_server.port}/12"
-    redis.Redis.from_url(url).flushdb()
-    one, other, operator = (RedisStore(url, consumer=name) for name in ("one", "other", "operator"))
-    try:
-        now = time.time()
-        await one.lease("tracify", now=now, limit=10, lease_seconds=30)  # the groups exist
-        await one.accept("acme", "m-operator", b"sealed", EVERY_VENDOR, now=now, ttl=60)
-        assert await operator.fan_out() == 1  # `segrelay trace` or `queue stats` before any lease
-        await one.accept("acme", "m-lease", b"sealed", EVERY_VENDOR, now=now, ttl=60)
-        leased = await one.lease("audiohook", now=now, limit=1, lease_seconds=30)
-        assert len(leased) == 1
-        leased += [j for store in (one, other, one, other) for vendor in ("tracify", "segmentstream", "audiohook")
-                   for j in await store.lease(vendor, now=now, limit=10, lease_seconds=30)]
-        targets = (("tracify", "events"), ("audiohook", "pixel"), ("segmentstream", "track"),
-                   ("segmentstream", "data_stream"))
-        assert sorted((j.message_id, j.vendor, j.target) for j in leased) == sorted(
-            (m, v, t) for m in ("m-operator", "m-lease") for v, t in targets)
-    finally:
-        await one.close()
-        await other.close()
-        await operator.close()
-
-
 async def test_jobs_taken_by_a_process_that_stops_or_dies_go_to_another(redis_server: RedisServer) -> None:
     """Redis: a delivery process that stops gives back the jobs it had taken and not leased, so another leases them
     at once; one that dies leaves them for a lease's look for idle entries, which hands each to one process once."""

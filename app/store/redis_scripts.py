@@ -51,7 +51,7 @@ return fresh
 _ENTRY = """
 local function add_entry(vendor, job_id, due, event_id, target, tenant, event_name, batch_key, size, created_at,
                          attempts, message_id)
-  return redis.call('XADD', 'segrelay:jobs:' .. vendor, '*', 'id', job_id, 'due', due, 'e', event_id, 't', target,
+  redis.call('XADD', 'segrelay:jobs:' .. vendor, '*', 'id', job_id, 'due', due, 'e', event_id, 't', target,
     'tn', tenant, 'n', event_name, 'b', batch_key, 's', size, 'c', created_at, 'a', attempts, 'm', message_id)
 end
 """
@@ -63,37 +63,9 @@ end
 # out"). Without (an operator's command), they wait in their streams for any lease. Returns how many events. (Needs
 # _ENTRY before it.)
 _FAN_OUT = """
-local function take_new(stream, ids, taker)
-  -- The entries just added (`ids`, the stream's newest), into the taker's pending list: XCLAIM ... FORCE JUSTID
-  -- (no reply of their fields), then the group's last delivered entry moved past them so that no XREADGROUP '>'
-  -- delivers them again; only when no entry before them waits for a '>' (a replay's, an operator's fan-out's), which
-  -- that move would skip. Else XREADGROUP '>' takes the oldest waiting ones (those, then as many of these as fit).
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
-  if not ok then return end  -- no group yet (a stream that appeared meanwhile): they wait for any lease
-  local last
-  for _, group in ipairs(groups) do
-    local name, delivered
-    for i = 1, #group, 2 do
-      if group[i] == 'name' then name = group[i + 1] elseif group[i] == 'last-delivered-id' then
-        delivered = group[i + 1] end
-    end
-    if name == 'workers' then last = delivered end
-  end
-  if not last then return end
-  if #redis.call('XRANGE', stream, '(' .. last, '(' .. ids[1], 'COUNT', 1) == 0 then
-    local claim = {'XCLAIM', stream, 'workers', taker, 0}
-    for _, id in ipairs(ids) do claim[#claim + 1] = id end
-    claim[#claim + 1] = 'FORCE'
-    claim[#claim + 1] = 'JUSTID'
-    redis.call(unpack(claim))
-    redis.call('XGROUP', 'SETID', stream, 'workers', ids[#ids])
-  else
-    redis.call('XREADGROUP', 'GROUP', 'workers', taker, 'COUNT', #ids, 'STREAMS', stream, '>')
-  end
-end
 local function fan_out(limit, taker)
   if limit < 1 then return 0 end
-  local added = {}  -- vendor -> ids of the entries added to its stream
+  local added = {}  -- vendor -> entries added to its stream
   local entries = redis.call('XRANGE', 'segrelay:accepted', '-', '+', 'COUNT', limit)
   if not entries or #entries == 0 then return 0 end
   local done = {}
@@ -102,10 +74,9 @@ local function fan_out(limit, taker)
     local event_id, tenant, message_id, now_text, size = f[2], f[4], f[6], f[8], f[12]
     local rows, queued = {}, '{"s":"queued","n":' .. now_text .. '}'
     for k, job in ipairs(cjson.decode(f[14])) do
-      local id = add_entry(job[1], event_id .. '.' .. k, now_text, event_id, job[2], tenant, job[3], job[4], size,
-        now_text, 0, message_id)
-      added[job[1]] = added[job[1]] or {}
-      table.insert(added[job[1]], id)
+      add_entry(job[1], event_id .. '.' .. k, now_text, event_id, job[2], tenant, job[3], job[4], size, now_text, 0,
+        message_id)
+      added[job[1]] = (added[job[1]] or 0) + 1
       rows[#rows + 1] = tenant .. '|' .. job[1] .. '|' .. job[2]
       rows[#rows + 1] = queued
     end
@@ -122,7 +93,13 @@ local function fan_out(limit, taker)
   end
   redis.call('XDEL', 'segrelay:accepted', unpack(done))
   if taker then
-    for vendor, ids in pairs(added) do take_new('segrelay:jobs:' .. vendor, ids, taker) end
+    for vendor, n in pairs(added) do
+      -- The stream's oldest undelivered entries: these ones, unless a replay or an operator's fan-out left some
+      -- before them (taken instead: they are due too; these then wait for any lease). No group yet (a stream that
+      -- appeared meanwhile): they wait for any lease.
+      pcall(redis.call, 'XREADGROUP', 'GROUP', 'workers', taker, 'COUNT', n, 'STREAMS', 'segrelay:jobs:' .. vendor,
+        '>')
+    end
   end
   return #done
 end
