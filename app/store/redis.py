@@ -34,7 +34,6 @@ Cluster) with AOF persistence; see the README.
 from __future__ import annotations
 
 import hashlib
-import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -66,10 +65,8 @@ from app.store.redis_pipe import RedisPipe
 from app.store.turn_batch import TurnBatch
 from handlers import VENDORS
 
-log = logging.getLogger("segrelay.store")
 P = "segrelay:"
 GROUP = "workers"
-SLUGS = tuple(vendor.slug for vendor in VENDORS)
 COUNTERS = P + "counters"
 IDENTITIES = P + "identities"
 HOUSEKEEPING_BATCH = 2000  # identities evicted per round past their bound
@@ -80,9 +77,6 @@ ACCEPT_BATCH = 64  # accepts per script call at most (those of one event loop tu
 ACCEPTED = P + "accepted"  # the stream of accepted events whose jobs are not written yet
 FAN_OUT_EVENTS = 16  # accepted events whose jobs one lease (or one fan-out call) writes at most
 OLDEST_UNFANNED = 64  # events not yet fanned out that `oldest_due` looks at (as on SQLite)
-PENDING_PAGE = 1024  # entries of a pending list read at once (`oldest_due` reads one page)
-GIVE_BACK_PAGE = 1000  # taken jobs given back per script call when a delivery process stops
-GIVE_BACK_ROUNDS = 100  # calls per vendor at most: past 100,000 jobs, the rest are taken over once idle
 
 
 def _s(value: Any) -> str:
@@ -90,7 +84,7 @@ def _s(value: Any) -> str:
 
 
 class RedisStore:
-    leases_by_event = True  # a delivery process takes every job of the events it fans out (LEASE)
+    leases_by_event = False  # a vendor's stream is read by every consumer: any process may lease any job
 
     def __init__(self, url: str, *, consumer: str = "") -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -103,14 +97,10 @@ class RedisStore:
         self._complete = self.client.register_script(scripts.COMPLETE)
         self._replay = self.client.register_script(scripts.REPLAY)
         self._fan_out = self.client.register_script(scripts.FAN_OUT)
-        self._give_back = self.client.register_script(scripts.GIVE_BACK)
         self._remember = self.client.register_script(scripts.REMEMBER)
         self._groups: set[str] = set()
         # Per vendor: where this process's next look for a dead replica's idle entries starts, and not before when
         self._claims: dict[str, tuple[str, float]] = {}
-        # Per vendor: the last entry of its jobs stream this process has handed out (its pending entries after it are
-        # the jobs it has taken and not leased yet)
-        self._handed: dict[str, str] = {}
         self._accepts = TurnBatch(self._accept_batch, limit=ACCEPT_BATCH)
         # The accept path's calls (accept scripts, identity look-ups): one pipelined connection of their own
         self._pipe = RedisPipe(pool, connect_timeout=5, reply_timeout=10)
@@ -179,28 +169,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._accepts.drain()
-        if self._handed:
-            try:
-                await self.give_back()
-            except RedisError:  # they are taken over once idle past the lease, as a dead replica's are
-                log.warning("could not give back the jobs this process had taken", exc_info=True)
         self._pipe.close()
         await self.client.aclose()
-
-    async def give_back(self) -> int:
-        """The jobs this process has taken (its fan-outs) and not leased, back to any lease (GIVE_BACK), up to
-        GIVE_BACK_ROUNDS pages of GIVE_BACK_PAGE per vendor; how many. Its leased jobs are its deliverer's to finish
-        or release."""
-        given = 0
-        for vendor in SLUGS:  # its fan-outs took every vendor's jobs, leased or not
-            handed = self._handed.get(vendor, "0-0")
-            for _ in range(GIVE_BACK_ROUNDS):
-                count, last = await self._give_back(keys=[], args=[f"{P}jobs:{vendor}", GROUP, self.consumer, handed,
-                                                                   GIVE_BACK_PAGE])
-                given, handed = given + int(count), _s(last)
-                if int(count) < GIVE_BACK_PAGE:
-                    break
-        return given
 
     # keys ----------------------------------------------------------------------------------------------
 
@@ -297,14 +267,12 @@ class RedisStore:
         ended until it has been seen whole, then again a quarter of a lease later: a dead replica's jobs are taken
         over at most a quarter of a lease after their lease ends (`bench/delivery.py --store redis`: the look at
         every lease took 17-21 µs of redis-server's CPU per job leased, of 32-41)."""
-        for slug in SLUGS:  # a fan-out takes the new entries of every vendor's stream
-            await self._group(slug)
+        await self._group(vendor)
         cursor, not_before = self._claims.get(vendor, ("0-0", 0.0))
         looking = now >= not_before
-        found, rows, handed = await self._lease(keys=[], args=[vendor, GROUP, self.consumer, now, limit,
-                                                               int(lease_seconds * 1000), cursor if looking else "",
-                                                               FAN_OUT_EVENTS, self._handed.get(vendor, "0-0")])
-        self._handed[vendor] = _s(handed)
+        found, rows = await self._lease(keys=[], args=[vendor, GROUP, self.consumer, now, limit,
+                                                       int(lease_seconds * 1000), cursor if looking else "",
+                                                       FAN_OUT_EVENTS])
         if looking:
             ended = _s(found)
             self._claims[vendor] = ("0-0", now + lease_seconds / 4) if ended == "0-0" else (ended, 0.0)
@@ -433,8 +401,7 @@ class RedisStore:
                     pipe.xlen(stream)
                     pipe.xpending(stream, GROUP)
                 delayed, delayed_due, dead, *per_stream = await pipe.execute()
-            taken = await self._taken(streams[0])  # by a delivery process, not leased yet: waiting
-            leased = sum(int(pending["pending"]) for pending in per_stream[1::2]) - taken
+            leased = sum(int(pending["pending"]) for pending in per_stream[1::2])
             waiting = sum(int(length) for length in per_stream[0::2]) - leased
             stats.vendors[vendor.slug] = VendorStats(pending=waiting + int(delayed), leased=leased,
                                                      due=waiting + int(delayed_due), dead=int(dead))
@@ -451,38 +418,17 @@ class RedisStore:
         ages = {}
         for vendor in VENDORS:
             oldest = []
-            streams = await self._streams(vendor.slug)
-            for stream in streams:
+            for stream in await self._streams(vendor.slug):
                 groups = await self.client.xinfo_groups(stream)
                 last = next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == GROUP), "0-0")
                 waiting: Any = await self.client.xrange(stream, min=f"({last}", count=1)
                 oldest += [float(waiting[0][1].get(b"due", now))] if waiting else []
-            taken = await self._first_taken(streams[0])
-            if taken is not None:
-                entry: Any = await self.client.xrange(streams[0], min=taken, max=taken)
-                oldest += [float(entry[0][1].get(b"due", now))] if entry else []
             delayed: Any = await self.client.zrangebyscore(f"{P}delayed:{vendor.slug}", "-inf", now, start=0, num=1,
                                                            withscores=True)
             oldest += [float(entry[1]) for entry in delayed]
             oldest += [unfanned[vendor.slug]] if vendor.slug in unfanned else []
             ages[vendor.slug] = max(0.0, now - min(oldest)) if oldest else 0.0
         return ages
-
-    async def _taken(self, stream: str) -> int:
-        """The entries of a jobs stream that a delivery process has taken (its fan-out) and not leased yet: those
-        delivered once by XREADGROUP (LEASE's docstring), counted through the whole pending list, a page at a time
-        (an operator's command: it is never read on a hot path)."""
-        taken, start = 0, "-"
-        while page := await self.client.xpending_range(stream, GROUP, min=start, max="+", count=PENDING_PAGE):
-            taken += sum(1 for entry in page if int(entry["times_delivered"]) == 1)
-            start = "(" + _s(page[-1]["message_id"])
-        return taken
-
-    async def _first_taken(self, stream: str) -> str | None:
-        """The oldest entry of a jobs stream taken and not leased yet, among the first PENDING_PAGE pending (those
-        before it are being delivered: at most the jobs every delivery process has in hand)."""
-        page = await self.client.xpending_range(stream, GROUP, min="-", max="+", count=PENDING_PAGE)
-        return next((_s(entry["message_id"]) for entry in page if int(entry["times_delivered"]) == 1), None)
 
     async def counts(self) -> Counts:
         try:

@@ -57,15 +57,10 @@ end
 """
 # The jobs of up to `limit` events of the `accepted` stream, in the order they came: a stream entry per job, and
 # the event's trace rows (queued, skipped), expiring with its idempotency key. Inside a script, so each event is
-# fanned out once whichever replica leases first. With a `taker` (a lease's consumer), the new entries of every
-# vendor's stream go to its pending list at once: that delivery process takes all the jobs of the events it fans
-# out, so it parses each event once for all its vendors (the README's "Redis: a process takes the events it fans
-# out"). Without (an operator's command), they wait in their streams for any lease. Returns how many events. (Needs
-# _ENTRY before it.)
+# fanned out once whichever replica leases first. Returns how many events. (Needs _ENTRY before it.)
 _FAN_OUT = """
-local function fan_out(limit, taker)
+local function fan_out(limit)
   if limit < 1 then return 0 end
-  local added = {}  -- vendor -> entries added to its stream
   local entries = redis.call('XRANGE', 'segrelay:accepted', '-', '+', 'COUNT', limit)
   if not entries or #entries == 0 then return 0 end
   local done = {}
@@ -76,7 +71,6 @@ local function fan_out(limit, taker)
     for k, job in ipairs(cjson.decode(f[14])) do
       add_entry(job[1], event_id .. '.' .. k, now_text, event_id, job[2], tenant, job[3], job[4], size, now_text, 0,
         message_id)
-      added[job[1]] = (added[job[1]] or 0) + 1
       rows[#rows + 1] = tenant .. '|' .. job[1] .. '|' .. job[2]
       rows[#rows + 1] = queued
     end
@@ -92,20 +86,11 @@ local function fan_out(limit, taker)
     done[#done + 1] = entry[1]
   end
   redis.call('XDEL', 'segrelay:accepted', unpack(done))
-  if taker then
-    for vendor, n in pairs(added) do
-      -- The stream's oldest undelivered entries: these ones, unless a replay or an operator's fan-out left some
-      -- before them (taken instead: they are due too; these then wait for any lease). No group yet (a stream that
-      -- appeared meanwhile): they wait for any lease.
-      pcall(redis.call, 'XREADGROUP', 'GROUP', 'workers', taker, 'COUNT', n, 'STREAMS', 'segrelay:jobs:' .. vendor,
-        '>')
-    end
-  end
   return #done
 end
 """
 # ARGV: limit.
-FAN_OUT = _ENTRY + _FAN_OUT + "return fan_out(tonumber(ARGV[1]), false)"
+FAN_OUT = _ENTRY + _FAN_OUT + "return fan_out(tonumber(ARGV[1]))"
 # ARGV: group, the vendor's status, now, then (job id, vendor, receipt, message id, event id, tenant, target, size,
 # attempts) per job. A job counts only if its lease was still the job's: its entry still pending (XACK answers 1),
 # or, for a late answer, the job waiting for its retry (which this answer makes needless); a slower replica's late
@@ -204,79 +189,52 @@ redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', size)
 return 1
 """
 # ARGV: vendor, group, consumer, now, limit, min idle ms, where to look for idle entries ('' not this time), how
-# many accepted events to fan out first, the last entry of the jobs stream this consumer has handed out ('0-0' at
-# first). New events' jobs are written and taken by this consumer (FAN_OUT), due retries join the stream, a dead
-# replica's idle entries are claimed, then this consumer's own entries not handed out yet are read from its pending
-# list (XREADGROUP from its last one), then new ones taken; each comes back with its job and its event's payload, in
-# one round trip. An entry handed out has been delivered twice by XREADGROUP (taken, then read from the pending
-# list): one taken but not handed out yet, once (`oldest_due`, `stats`). An idle entry claimed from the jobs stream
-# is added again at its end instead of being handed out at once (its copy is taken like a new one): this
-# consumer's entries after its last one must all be entries it has not handed out. Entries whose job or event is
-# gone are acknowledged and dropped. Returns {where the look for idle entries ended ('0-0': the whole pending list
-# seen; '' none made), the jobs, the last entry of the jobs stream handed out}: XAUTOCLAIM walks up to ten entries
-# of the pending list per entry asked for, and made at every lease it took over half of redis-server's CPU for
-# leasing (see RedisStore.lease).
+# many accepted events to fan out first. New events' jobs are written (FAN_OUT), due retries join the stream, a dead
+# replica's idle entries are claimed, new ones read; each comes back with its job and its event's payload, in one
+# round trip. Entries whose job or event is gone are acknowledged and dropped. Returns {where the look for idle
+# entries ended ('0-0': the whole pending list seen; '' none made), the jobs}: XAUTOCLAIM walks up to ten entries of
+# the pending list per entry asked for, and made at every lease it took over half of redis-server's CPU for leasing
+# (see RedisStore.lease).
 LEASE = _ENTRY + _FAN_OUT + _REQUEUE + """
 local vendor, group, consumer = ARGV[1], ARGV[2], ARGV[3]
 local now, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
 local stream, delayed = 'segrelay:jobs:' .. vendor, 'segrelay:delayed:' .. vendor
 local legacy = 'segrelay:stream:' .. vendor  -- 0.13.10's: read until it is empty, never written
-fan_out(tonumber(ARGV[8]), consumer)
+fan_out(tonumber(ARGV[8]))
 local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
 for i = 1, #due, 2 do
   redis.call('ZREM', delayed, due[i])
   requeue(vendor, due[i], due[i + 1], nil)
 end
 local entries = {}
-local function read_own(from, after)
-  -- This consumer's pending entries after `after`, up to the limit: the ones it has not handed out yet.
-  local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', limit - #entries, 'STREAMS', from, after)
-  for _, entry in ipairs(read and read[1][2] or {}) do
-    after = entry[1]
-    if entry[2] then table.insert(entries, entry) else redis.call('XACK', from, group, entry[1]) end  -- deleted
-  end
-  return after
-end
-local function take(from, start, own)
-  -- A dead replica's entries idle past the lease, claimed from `start` ('' not this time), then (`own`: the jobs
-  -- stream, where this consumer's last handed-out entry is `own`) this consumer's own entries, then new ones, up to
-  -- the limit; where the next look for idle entries starts, and the last entry handed out of the jobs stream.
+local function take(from, start)
+  -- A dead replica's entries idle past the lease, claimed from `start` ('' not this time), then new ones, up to the
+  -- limit; where the next look for idle entries starts.
   local next_start = start
   if start ~= '' and #entries < limit then
     local claimed = redis.call('XAUTOCLAIM', from, group, consumer, ARGV[6], start, 'COUNT', limit - #entries)
     next_start = claimed[1]
     for _, entry in ipairs(claimed[2]) do
-      if entry and entry[2] then
-        if own then
-          redis.call('XADD', from, '*', unpack(entry[2]))
-          redis.call('XACK', from, group, entry[1])
-          redis.call('XDEL', from, entry[1])
-        else
-          table.insert(entries, entry)
-        end
-      end
+      if entry and entry[2] then table.insert(entries, entry) end
     end
   end
-  if own and #entries < limit then own = read_own(from, own) end
   if #entries < limit then
     local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', limit - #entries, 'STREAMS', from, '>')
-    if read and own then
-      own = read_own(from, own)  -- just taken: handed out from the pending list, as the fanned-out ones are
-    elseif read then
+    if read then
       for _, entry in ipairs(read[1][2]) do table.insert(entries, entry) end
     end
   end
-  return next_start, own
+  return next_start
 end
 if redis.call('EXISTS', legacy) == 1 then  -- first: its entries are the older ones, looked through whole
-  if not pcall(take, legacy, ARGV[7] ~= '' and '0-0' or '', false) then
+  if not pcall(take, legacy, ARGV[7] ~= '' and '0-0' or '') then
     -- Its group is made by 0.13.10's first lease: a stream only 0.13.10's accepts wrote has none yet.
     redis.call('XGROUP', 'CREATE', legacy, group, '0')
-    take(legacy, '', false)
+    take(legacy, '')
   end
 end
 local old = #entries  -- the entries up to here are the legacy stream's
-local cursor, own = take(stream, ARGV[7], ARGV[9])
+local cursor = take(stream, ARGV[7])
 local out, payloads = {}, {}  -- payloads: of the events read in this call (their jobs often come together)
 for k, entry in ipairs(entries) do
   local eid, f = entry[1], entry[2]
@@ -310,25 +268,9 @@ for k, entry in ipairs(entries) do
       payload})
   end
 end
-return {cursor, out, own}
+return {cursor, out}
 """
 
-# ARGV: stream, group, consumer, the last entry it has handed out, how many at most. The entries this consumer has
-# taken (its fan-outs) and not handed out, given back to any lease at once: each added again at the stream's end
-# and its own acknowledged and deleted (a delivery process that stops; else they wait for a lease's look for idle
-# entries). Returns how many entries it read and the last one.
-GIVE_BACK = """
-local stream, group = ARGV[1], ARGV[2]
-local read = redis.call('XREADGROUP', 'GROUP', group, ARGV[3], 'COUNT', tonumber(ARGV[5]), 'STREAMS', stream, ARGV[4])
-local last, entries = ARGV[4], read and read[1][2] or {}
-for _, entry in ipairs(entries) do
-  last = entry[1]
-  if entry[2] then redis.call('XADD', stream, '*', unpack(entry[2])) end
-  redis.call('XACK', stream, group, entry[1])
-  redis.call('XDEL', stream, entry[1])
-end
-return {#entries, last}
-"""
 
 # ARGV: (key, sealed record, expiry in ms since the epoch, expiry in s) per identity
 REMEMBER = """
