@@ -217,6 +217,34 @@ async def test_a_redis_accept_writes_the_event_once_and_its_jobs_wait_for_a_leas
         await other.close()
 
 
+async def test_a_redis_completion_deletes_only_what_exists(redis_server: RedisServer) -> None:
+    """Redis: a job leased from a `jobs` stream has no hash of its own, so completing it deletes its entry and, with
+    its event's last job, the event: no DEL of job hashes that are not there. Its trace row says delivered, with the
+    vendor's status, the attempt and the time."""
+    url = f"redis://127.0.0.1:{redis_server.port}/12"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    store = RedisStore(url, consumer="one")
+    try:
+        now = time.time()
+        for n in range(2):
+            await store.accept("acme", f"m{n}", b"sealed", [job()], now=now, ttl=60)
+        leased = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+        client.config_resetstat()
+        await store.complete(leased, status=202, now=now + 1)
+        assert client.info("commandstats")["cmdstat_del"]["calls"] == 2  # the two events, nothing else
+        assert client.keys("segrelay:event:*") == [] and client.xlen("segrelay:jobs:tracify") == 0
+        (delivered,) = await store.trace("m0")
+        assert (delivered.state, delivered.status, delivered.attempts) == ("delivered", 202, 1)
+        await store.accept("acme", "m2", b"sealed", [job()], now=now, ttl=60)
+        (unanswered,) = await store.lease("tracify", now=now, limit=10, lease_seconds=30)
+        await store.complete([unanswered], now=now + 1)  # no status (a batch vendor's answer counted elsewhere)
+        (row,) = await store.trace("m2")
+        assert (row.state, row.status, row.attempts) == ("delivered", None, 1)
+    finally:
+        await store.close()
+
+
 async def test_a_redis_store_of_0_13_10_is_delivered_as_it_is(redis_server: RedisServer) -> None:
     """Up to 0.13.10 the accept script wrote a hash per job and entries carrying only the job's id in a vendor's
     `stream` (this version writes `jobs` streams, which 0.13.10 does not read): such jobs, due, waiting for a retry

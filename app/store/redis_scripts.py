@@ -95,27 +95,31 @@ FAN_OUT = _ENTRY + _FAN_OUT + "return fan_out(tonumber(ARGV[1]))"
 # attempts) per job. A job counts only if its lease was still the job's: its entry still pending (XACK answers 1),
 # or, for a late answer, the job waiting for its retry (which this answer makes needless); a slower replica's late
 # answer for a job completed elsewhere changes nothing. One call completes the jobs of a batch of answered requests
-# (app/delivery/completions.py) and records them delivered for `trace`. The stream entries are deleted, and the jobs'
-# hashes (a retried one's, or a job of 0.13.10's), by one command per stream for the whole call; the counters, and
-# each event's count of jobs left, are summed over the call and written once at its end.
+# (app/delivery/completions.py) and records them delivered for `trace` (the row's JSON put together here: its status
+# and time are the call's, its attempts the job's). The stream entries are deleted by one command per stream for the
+# whole call, and the hashes of the jobs that have one (a job of 0.13.10's, or one waiting for its retry: a job in a
+# `jobs` stream has none) by one more; the counters, and each event's count of jobs left, are summed over the call
+# and written once at its end.
 COMPLETE = """
 local done, pending, queued_bytes, total, left, entries, gone, counted = 0, {}, {}, 0, {}, {}, {}, {}
+local row = '{"s":"delivered","st":' .. (ARGV[2] == '' and 'null' or ARGV[2]) .. ',"at":' .. ARGV[3] .. ',"a":'
 for i = 4, #ARGV, 9 do
   local job_id, vendor, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local stream = 'segrelay:jobs:' .. vendor
-  if string.sub(entry, 1, 4) == 'old:' then stream, entry = 'segrelay:stream:' .. vendor, string.sub(entry, 5) end
+  local stream, legacy = 'segrelay:jobs:' .. vendor, string.sub(entry, 1, 4) == 'old:'
+  if legacy then stream, entry = 'segrelay:stream:' .. vendor, string.sub(entry, 5) end
   entries[stream] = entries[stream] or {}
   table.insert(entries[stream], entry)
-  local ours = redis.call('XACK', stream, ARGV[1], entry) == 1
+  local ours, hashed = redis.call('XACK', stream, ARGV[1], entry) == 1, legacy
   if not ours and not counted[job_id] then
     ours = redis.call('ZREM', 'segrelay:delayed:' .. vendor, job_id) == 1
+    hashed = true
   end
   if ours and not counted[job_id] then  -- a job named twice in one call counts once
     counted[job_id] = true
-    table.insert(gone, 'segrelay:job:' .. job_id)
+    if hashed then table.insert(gone, 'segrelay:job:' .. job_id) end
     local tenant, size = ARGV[i + 5], tonumber(ARGV[i + 7])
     redis.call('HSET', 'segrelay:trace:' .. ARGV[i + 3], tenant .. '|' .. vendor .. '|' .. ARGV[i + 6],
-      cjson.encode({s = 'delivered', st = tonumber(ARGV[2]), a = tonumber(ARGV[i + 8]) + 1, at = tonumber(ARGV[3])}))
+      row .. (tonumber(ARGV[i + 8]) + 1) .. '}')
     left[ARGV[i + 4]] = (left[ARGV[i + 4]] or 0) + 1
     pending[vendor] = (pending[vendor] or 0) + 1
     queued_bytes[tenant] = (queued_bytes[tenant] or 0) + size
