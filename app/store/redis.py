@@ -291,17 +291,14 @@ class RedisStore:
         """Ack the job's stream entry and park the job in its hash and its id in `zset`, unless its lease is no
         longer its own (completed or moved elsewhere after its lease expired): atomic, so a late answer never
         resurrects a delivered job."""
-        legacy, entry = job.receipt.startswith("old:"), job.receipt.removeprefix("old:")  # 0.13.10's stream
-        stream = f"{P}stream:{job.vendor}" if legacy else f"{P}jobs:{job.vendor}"
-        args: list[Any] = [GROUP, entry, score, job.id, "1" if bury else "0", state, _status(status), body,
-                           job.attempts + 1, job.message_id]
+        args: list[Any] = [GROUP, job.receipt, score, job.id, "1" if bury else "0", state, _status(status), body,
+                           job.attempts + 1, job.message_id, job.vendor]
         whole = {"event": job.event_id, "vendor": job.vendor, "target": job.target, "tenant": job.tenant,
                  "event_name": job.event_name, "batch_key": job.batch_key, "size": job.size,
                  "created_at": repr(job.created_at), "attempts": job.attempts, "message_id": job.message_id}
         for name, value in {**whole, **fields}.items():
             args += [name, value]
-        await self._move(keys=[f"{P}job:{job.id}", f"{P}{zset}:{job.vendor}", stream],
-                         args=args, client=client)
+        await self._move(keys=[f"{P}job:{job.id}", f"{P}{zset}:{job.vendor}"], args=args, client=client)
 
     async def retry(self, job: Job, *, due_at: float, status: int | None, body: str) -> None:
         await self._move_to(job, "delayed", due_at,

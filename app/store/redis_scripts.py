@@ -41,6 +41,14 @@ for tenant, added in pairs(queued_bytes) do redis.call('HINCRBY', 'segrelay:coun
 if total > 0 then redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', total) end
 return fresh
 """
+# A lease's receipt for a job (LEASE makes them): its entry's id in the vendor's `jobs` stream, or `old:` and its id in
+# 0.13.10's `stream` of the vendor. Returns the stream and the entry's id.
+_RECEIPT = """
+local function entry_of(vendor, receipt)
+  if string.sub(receipt, 1, 4) == 'old:' then return 'segrelay:stream:' .. vendor, string.sub(receipt, 5), true end
+  return 'segrelay:jobs:' .. vendor, receipt, false
+end
+"""
 # A job's entry in its vendor's `jobs` stream carries the job itself, in this order (LEASE reads the values by
 # position): id, due, e (its event), t (target), tn (tenant), n (event name), b (batch key), s (size), c (created at),
 # a (attempts before this one), m (message id). A job has a hash of its own (job:<id>, the same fields by their full
@@ -100,13 +108,12 @@ FAN_OUT = _ENTRY + _FAN_OUT + "return fan_out(tonumber(ARGV[1]))"
 # whole call, and the hashes of the jobs that have one (a job of 0.13.10's, or one waiting for its retry: a job in a
 # `jobs` stream has none) by one more; the counters, and each event's count of jobs left, are summed over the call
 # and written once at its end.
-COMPLETE = """
+COMPLETE = _RECEIPT + """
 local done, pending, queued_bytes, total, left, entries, gone, counted = 0, {}, {}, 0, {}, {}, {}, {}
 local row = '{"s":"delivered","st":' .. (ARGV[2] == '' and 'null' or ARGV[2]) .. ',"at":' .. ARGV[3] .. ',"a":'
 for i = 4, #ARGV, 9 do
-  local job_id, vendor, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local stream, legacy = 'segrelay:jobs:' .. vendor, string.sub(entry, 1, 4) == 'old:'
-  if legacy then stream, entry = 'segrelay:stream:' .. vendor, string.sub(entry, 5) end
+  local job_id, vendor = ARGV[i], ARGV[i + 1]
+  local stream, entry, legacy = entry_of(vendor, ARGV[i + 2])
   entries[stream] = entries[stream] or {}
   table.insert(entries[stream], entry)
   local ours, hashed = redis.call('XACK', stream, ARGV[1], entry) == 1, legacy
@@ -142,14 +149,15 @@ for tenant, size in pairs(queued_bytes) do redis.call('HINCRBY', 'segrelay:count
 if total > 0 then redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', -total) end
 return done
 """
-# KEYS: job, zset (delayed or dead), the stream of its entry. ARGV: group, entry id, score, job id, bury (1/0), trace
-# state ('' for none), status, body, attempts, message id, then the job's fields (name, value, ...: the whole job,
-# written to its hash). Only a job whose lease was still its own moves (its entry still pending): atomic, so a late
-# answer never resurrects a job completed or moved elsewhere.
-MOVE = """
-if redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('XDEL', KEYS[3], ARGV[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 11))
+# KEYS: job, zset (delayed or dead). ARGV: group, the lease's receipt, score, job id, bury (1/0), trace state ('' for
+# none), status, body, attempts, message id, vendor, then the job's fields (name, value, ...: the whole job, written to
+# its hash). Only a job whose lease was still its own moves (its entry still pending): atomic, so a late answer never
+# resurrects a job completed or moved elsewhere.
+MOVE = _RECEIPT + """
+local stream, entry = entry_of(ARGV[11], ARGV[2])
+if redis.call('XACK', stream, ARGV[1], entry) == 0 then return 0 end
+redis.call('XDEL', stream, entry)
+redis.call('HSET', KEYS[1], unpack(ARGV, 12))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 local job = redis.call('HMGET', KEYS[1], 'vendor', 'tenant', 'size', 'target')
 if ARGV[6] ~= '' then
