@@ -8,8 +8,9 @@ reached the stand-in for every postback. Printed, from one run:
   (accepted / that time), lost and duplicate postbacks (counted by the stand-in, by order id), server CPU per
   event (the accept side: HTTP processes and, on SQLite, the accept writer; and the delivery processes, from
   /proc; on Redis also redis-server's, over the load and the drain), the server's own request durations (p99, the
-  longest, how many over 25 ms: from serve's request lines) and the bare Starlette accept rate (same uvicorn, same
-  body, same wrk) as the reference.
+  longest, how many over 25 ms: from serve's request lines), on Redis the calls that held redis-server over 1 ms
+  (`SLOWLOG`, by script: what accepts waited behind) and the bare Starlette accept rate (same uvicorn, same body,
+  same wrk) as the reference.
 
     python bench/e2e.py [--store sqlite|redis|both] [--seconds 10] [--connections 32] [--prefill N]
                         [--rdbcompression no|yes]
@@ -23,6 +24,7 @@ delivery must not slow down as the queue grows).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -35,6 +37,7 @@ from typing import Any
 
 import httpx
 import orjson
+import redis as redis_client
 from common import (
     ALL_VENDORS,
     ROOT,
@@ -54,6 +57,34 @@ from common import (
 from ingest import run_bare
 
 KINDS = ("segmentstream_track", "segmentstream_data_stream", "tracify", "audiohook")
+SLOW_US = 1000  # redis-server calls longer than this are counted (SLOWLOG)
+
+
+def watch_slow_calls(url: str) -> None:
+    """Have redis-server log every call over SLOW_US, from now on."""
+    client = redis_client.Redis.from_url(url)
+    client.config_set("slowlog-log-slower-than", SLOW_US)
+    client.config_set("slowlog-max-len", 1_000_000)
+    client.slowlog_reset()
+
+
+def slow_calls(url: str) -> dict[str, Any]:
+    """The calls that held redis-server over SLOW_US since `watch_slow_calls`: how many, the longest, and by script
+    (app/store/redis_scripts.py's, named by their SHA1) or command."""
+    from app.store import redis_scripts
+
+    names = {hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest(): name
+             for name, text in vars(redis_scripts).items() if name.isupper() and isinstance(text, str)}
+    client = redis_client.Redis.from_url(url)
+    entries: Any = client.execute_command("SLOWLOG", "GET", -1)
+    by: dict[str, list[float]] = {}
+    for entry in entries:
+        args = [a.decode(errors="replace") if isinstance(a, bytes) else str(a) for a in entry[3]]
+        name = names.get(args[1], "script") if args[0].upper() in ("EVALSHA", "EVAL") and len(args) > 1 else args[0]
+        by.setdefault(name, []).append(entry[2] / 1000)
+    durations = sorted(ms for one in by.values() for ms in one)
+    return {"redis_over_1ms": len(durations), "redis_longest_ms": round(durations[-1], 1) if durations else 0.0,
+            "redis_over_1ms_by": {name: len(ms) for name, ms in sorted(by.items(), key=lambda kv: -len(kv[1]))}}
 
 
 def event_body() -> str:
@@ -157,6 +188,8 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         redis_before = cpu_seconds(redis_pid) if redis_pid else 0.0
         standin_before = cpu_seconds(standin_pid)
         before = 0
+        if redis_pid:
+            watch_slow_calls(store)
         started = time.time()
         load = wrk(url, event_body(), headers, seconds=args.seconds,
                    connections=args.connections)
@@ -200,6 +233,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
             "server_max_ms": server[-1] if server else 0.0,
             "server_over_25ms": sum(1 for ms in server if ms > 25),
             "last_by_kind_s": {kind: round(at - started, 1) for kind, at in sorted(seen["last_by_kind"].items())},
+            **(slow_calls(store) if redis_pid else {}),
         }
     finally:
         stop(proc)
