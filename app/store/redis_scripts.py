@@ -42,7 +42,8 @@ if total > 0 then redis.call('HINCRBY', 'segrelay:counters', 'bytes:*', total) e
 return fresh
 """
 # A lease's receipt for a job (LEASE makes them): its entry's id in the vendor's `jobs` stream, or `old:` and its id in
-# 0.13.10's `stream` of the vendor. Returns the stream and the entry's id.
+# 0.13.10's `stream` of the vendor. Returns the stream, the entry's id and whether it is 0.13.10's (whose jobs have a
+# hash of their own).
 _RECEIPT = """
 local function entry_of(vendor, receipt)
   if string.sub(receipt, 1, 4) == 'old:' then return 'segrelay:stream:' .. vendor, string.sub(receipt, 5), true end
