@@ -130,7 +130,14 @@ def run_bare(tmp: Path, args: argparse.Namespace, event: str | None = None) -> d
                    "Content-Type": "application/json"}
         event = event or body(args.fixture)
         wrk(f"http://127.0.0.1:{port}", event, headers, seconds=2, connections=args.connections)
-        return wrk(f"http://127.0.0.1:{port}", event, headers, seconds=args.seconds, connections=args.connections)
+        before, idle, started = cpu_seconds(proc.pid), machine_idle_seconds(), time.monotonic()
+        figures = wrk(f"http://127.0.0.1:{port}", event, headers, seconds=args.seconds, connections=args.connections)
+        elapsed = time.monotonic() - started
+        figures["cpu_us"] = (cpu_seconds(proc.pid) - before) / max(figures["rps"] * args.seconds, 1) * 1e6
+        figures["busy"] = (cpu_seconds(proc.pid) - before) / elapsed
+        figures["idle_cores"] = (machine_idle_seconds() - idle) / elapsed
+        figures["wrk_cores"] = figures["wrk_cpu_s"] / elapsed
+        return figures
     finally:
         stop(proc)
 
@@ -185,6 +192,9 @@ def main() -> None:
     rounds = f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else ""
     print_table(f"POST /segment, {args.fixture} with settings for all 3 vendors, {args.visitors} visitors, "
                 f"wrk -c{args.connections} -d{args.seconds}s{rounds}", rows)
+    if args.breakdown:
+        print(f"bare Starlette: {bare['cpu_us']:.0f} us of its CPU per request, {bare['busy']:.2f} on a core; "
+              f"wrk {bare['wrk_cores']:.2f}; idle {bare['idle_cores']:.2f} (of {os.cpu_count()})")
     for name, figures in rows[1:]:
         cpu = sorted(r["cpu_us"] for r in runs[name])
         print(f"{name}: {figures['rps'] / bare['rps']:.2f} x bare Starlette, {cpu[len(cpu) // 2]:.0f} us server CPU "
