@@ -83,18 +83,13 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
         event = body(args.fixture, args.visitors)
         wrk(url, event, headers, seconds=2, connections=args.connections)  # warm-up
         pids = http_and_delivery_pids(proc.pid)[0]
-        before = sum(cpu_seconds(p) for p in pids)
         names = {p: f"{'accept writer' if command(p)[3] == 'accept-writer' else 'HTTP process'} {p}" for p in pids}
         if redis_pid is not None:
             names[redis_pid] = f"redis-server {redis_pid}"
-        scheduled, idle, started = {p: scheduler_seconds(p) for p in names}, machine_idle_seconds(), time.monotonic()
-        figures = wrk(url, event, headers, seconds=args.seconds, connections=args.connections)
-        elapsed = time.monotonic() - started
-        requests = figures["rps"] * args.seconds
-        figures["cpu_us"] = (sum(cpu_seconds(p) for p in pids) - before) / max(requests, 1) * 1e6
+        scheduled = {p: scheduler_seconds(p) for p in names}
+        figures = measured_load(url, event, headers, args, pids)
+        elapsed = figures["elapsed_s"]
         figures["processes"] = len(pids)
-        figures["idle_cores"] = (machine_idle_seconds() - idle) / elapsed
-        figures["wrk_cores"] = figures["wrk_cpu_s"] / elapsed
         for pid, name in names.items():
             (on_cpu, queued), (on_cpu_before, queued_before) = scheduler_seconds(pid), scheduled[pid]
             figures[f"busy {name}"] = (on_cpu - on_cpu_before) / elapsed
@@ -104,6 +99,22 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
         return figures
     finally:
         stop(proc)
+
+
+def measured_load(url: str, event: str, headers: dict[str, str], args: argparse.Namespace,
+                  pids: list[int]) -> dict[str, float]:
+    """wrk's figures for the measured run, with the CPU the server's processes (`pids`) spent per request and in
+    cores, wrk's cores, the machine's idle cores and the run's length (`elapsed_s`)."""
+    before, idle, started = sum(cpu_seconds(p) for p in pids), machine_idle_seconds(), time.monotonic()
+    figures = wrk(url, event, headers, seconds=args.seconds, connections=args.connections)
+    elapsed = time.monotonic() - started
+    used = sum(cpu_seconds(p) for p in pids) - before
+    figures["cpu_us"] = used / max(figures["rps"] * args.seconds, 1) * 1e6
+    figures["cpu_cores"] = used / elapsed
+    figures["idle_cores"] = (machine_idle_seconds() - idle) / elapsed
+    figures["wrk_cores"] = figures["wrk_cpu_s"] / elapsed
+    figures["elapsed_s"] = elapsed
+    return figures
 
 
 def floors(url: str, event: str, headers: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
@@ -130,14 +141,7 @@ def run_bare(tmp: Path, args: argparse.Namespace, event: str | None = None) -> d
                    "Content-Type": "application/json"}
         event = event or body(args.fixture)
         wrk(f"http://127.0.0.1:{port}", event, headers, seconds=2, connections=args.connections)
-        before, idle, started = cpu_seconds(proc.pid), machine_idle_seconds(), time.monotonic()
-        figures = wrk(f"http://127.0.0.1:{port}", event, headers, seconds=args.seconds, connections=args.connections)
-        elapsed = time.monotonic() - started
-        figures["cpu_us"] = (cpu_seconds(proc.pid) - before) / max(figures["rps"] * args.seconds, 1) * 1e6
-        figures["busy"] = (cpu_seconds(proc.pid) - before) / elapsed
-        figures["idle_cores"] = (machine_idle_seconds() - idle) / elapsed
-        figures["wrk_cores"] = figures["wrk_cpu_s"] / elapsed
-        return figures
+        return measured_load(f"http://127.0.0.1:{port}", event, headers, args, [proc.pid])
     finally:
         stop(proc)
 
@@ -193,7 +197,7 @@ def main() -> None:
     print_table(f"POST /segment, {args.fixture} with settings for all 3 vendors, {args.visitors} visitors, "
                 f"wrk -c{args.connections} -d{args.seconds}s{rounds}", rows)
     if args.breakdown:
-        print(f"bare Starlette: {bare['cpu_us']:.0f} us of its CPU per request, {bare['busy']:.2f} on a core; "
+        print(f"bare Starlette: {bare['cpu_us']:.0f} us of its CPU per request, {bare['cpu_cores']:.2f} on a core; "
               f"wrk {bare['wrk_cores']:.2f}; idle {bare['idle_cores']:.2f} (of {os.cpu_count()})")
     for name, figures in rows[1:]:
         cpu = sorted(r["cpu_us"] for r in runs[name])
