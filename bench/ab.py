@@ -5,7 +5,8 @@ On a machine whose speed changes within a minute (this one: bare Starlette 5,400
 separate `bench/ingest.py` runs cannot tell a 10 % change from the noise. Here each round loads bare Starlette,
 then every tree (in turn forward and backward on alternate rounds), then bare Starlette again; each tree's ratio in
 a round is its rate over the mean of that round's two bare Starlette slices. Prints every round's figures, the
-median and mean ratio, and the HTTP side's CPU per request (its processes, on SQLite the accept writer too).
+median and mean ratio, and the HTTP side's CPU per request (its processes, on SQLite the accept writer too, whose
+own share is also shown).
 
 A tree is a directory holding segrelay's `app/` and `handlers/`: a `git worktree add /tmp/old <commit>` of another
 commit, or this checkout. Delivery is off (`SEGRELAY_DELIVERY=off`), identity stitching on, returning visitors,
@@ -28,6 +29,7 @@ from common import (
     SECRET,
     RedisServer,
     basic,
+    command,
     cpu_seconds,
     free_port,
     http_and_delivery_pids,
@@ -61,6 +63,7 @@ def main() -> None:
     running.append(bare)
     bare_headers = {"Authorization": "Basic eDo=", "X-Segment-Settings": settings_header(ALL_VENDORS),
                     "Content-Type": "application/json"}
+    writers: set[int] = set()  # the accept writers' pids (SQLite)
     targets = [("bare Starlette", f"http://127.0.0.1:{port}", bare_headers, [bare.pid])]
     try:
         for index, tree in enumerate(trees):
@@ -78,20 +81,24 @@ def main() -> None:
             headers = {"Authorization": basic(key), "Content-Type": "application/json",
                        "X-Segment-Settings": settings_header({**ALL_VENDORS, "identityStitching": True})}
             targets.append((tree, url, headers, http_and_delivery_pids(proc.pid)[0]))
+            writers.update(pid for pid in targets[-1][3] if command(pid)[3] == "accept-writer")
         for _, url, headers, _ in targets:
             wrk(url, event, headers, seconds=2, connections=args.connections)  # warm-up
         rates: dict[str, list[float]] = {name: [] for name, *_ in targets}
         cpu: dict[str, list[float]] = {name: [] for name, *_ in targets}
+        writer_cpu: dict[str, list[float]] = {name: [] for name, *_ in targets}  # of it, the accept writer's
         for round_ in range(args.rounds):
             trees_in_turn = targets[1:] if round_ % 2 == 0 else targets[:0:-1]
             for name, url, headers, pids in [targets[0], *trees_in_turn, targets[0]]:
-                before = sum(cpu_seconds(pid) for pid in pids)
+                before = {pid: cpu_seconds(pid) for pid in pids}
                 figures = wrk(url, event, headers, seconds=args.seconds, connections=args.connections)
                 if figures["non_2xx"]:
                     raise SystemExit(f"{name}: {figures['non_2xx']:.0f} answers were not 2xx")
                 rates[name].append(figures["rps"])
-                cpu[name].append((sum(cpu_seconds(pid) for pid in pids) - before)
-                                 / max(figures["rps"] * args.seconds, 1) * 1e6)
+                spent = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+                requests = max(figures["rps"] * args.seconds, 1)
+                cpu[name].append(sum(spent.values()) / requests * 1e6)
+                writer_cpu[name].append(sum(s for pid, s in spent.items() if pid in writers) / requests * 1e6)
     finally:
         for proc in running:
             stop(proc)
@@ -106,7 +113,8 @@ def main() -> None:
         print(f"{name}\n  req/s {' '.join(f'{rate:.0f}' for rate in rates[name])}\n"
               f"  x bare Starlette {' '.join(f'{ratio:.3f}' for ratio in ratios)}: median "
               f"{statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f}; server CPU per request median "
-              f"{statistics.median(cpu[name]):.0f} us")
+              f"{statistics.median(cpu[name]):.0f} us"
+              + (f" (accept writer {statistics.median(writer_cpu[name]):.0f})" if args.store == "sqlite" else ""))
 
 
 if __name__ == "__main__":
