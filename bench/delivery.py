@@ -16,7 +16,10 @@ deliver` with SEGRELAY_HTTP_CLIENT=aiohttp.
 SQLite's write lock); the CPU per event is theirs summed. `--store redis` queues the events in a private
 redis-server (AOF, appendfsync always) instead, and also prints redis-server's CPU per event and the commands
 it ran per event (`INFO commandstats`, delivery only: the counts are reset once the queue is full).
-`--no-references` skips the raw clients (raw httpx alone takes minutes for large N).
+`--no-references` skips the raw clients (raw httpx alone takes minutes for large N). `--stages` runs each delivery
+process under bench/staged_deliver.py and prints where its CPU went, per event: rendering, SQLite's statements
+(COMMIT and BEGIN apart) and the rest (the event loop, the HTTP client, the worker's bookkeeping), each timed with
+its thread's CPU clock.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -155,6 +159,8 @@ def main() -> None:
                         help="where the events are queued (redis: a private redis-server, AOF always)")
     parser.add_argument("--no-references", action="store_true",
                         help="skip the raw clients: only `segrelay deliver`")
+    parser.add_argument("--stages", action="store_true",
+                        help="the delivery processes' CPU per event by step (bench/staged_deliver.py)")
     args = parser.parse_args()
     settings = SETTINGS[args.vendors]
     with tempfile.TemporaryDirectory() as raw_tmp:
@@ -186,8 +192,11 @@ def main() -> None:
             if redis:
                 redis_client.Redis.from_url(redis.url).config_resetstat()
             redis_cpu = cpu_seconds(redis.proc.pid) if redis else 0.0
-            procs = [subprocess.Popen([sys.executable, "-m", "app", "deliver", *extra], env=env, cwd=tmp)
-                     for extra in slots]
+            command = [sys.executable, str(ROOT / "bench/staged_deliver.py")] if args.stages else [
+                sys.executable, "-m", "app"]
+            if args.stages:
+                env["SEGRELAY_BENCH_STAGES"] = str(tmp / "stages")
+            procs = [subprocess.Popen([*command, "deliver", *extra], env=env, cwd=tmp) for extra in slots]
             try:
                 rate, cpu = drained(url, [proc.pid for proc in procs], len(items))
                 results[f"segrelay deliver ({args.client})"] = rate
@@ -199,6 +208,7 @@ def main() -> None:
             if redis:
                 redis_cpu = cpu_seconds(redis.proc.pid) - redis_cpu
                 commands = command_counts(redis)
+            stages = [orjson.loads(path.read_bytes()) for path in tmp.glob("stages.*")]
         finally:
             vendor.terminate()
             if redis:
@@ -216,10 +226,29 @@ def main() -> None:
         shown = ", ".join(f"{name} {count / args.n:.1f}" for name, count in commands.most_common(12))
         print(f"redis-server: {redis_cpu / args.n * 1e6:.0f} µs of its CPU per event (from the first delivery's "
               f"start to the last), {total / args.n:.1f} commands per event: {shown}")
+    if args.stages:
+        print_stages(stages, args.n)
     if not args.no_references:
         ours = results[f"segrelay deliver ({args.client})"]
         print(f"ratio segrelay deliver / raw segrelay client: {ours / results['raw segrelay client']:.2f}; "
               f"/ raw aiohttp: {ours / results['raw aiohttp']:.2f}; / raw httpx: {ours / results['raw httpx']:.2f}")
+
+
+def print_stages(stages: list[dict[str, Any]], n: int) -> None:
+    """The delivery processes' CPU per event by step, summed over the processes (bench/staged_deliver.py)."""
+    cpu = sum(stage["cpu"] for stage in stages)
+    spent: Counter[str] = Counter()
+    for stage in stages:
+        spent.update(stage["spent"])
+    sql = {name: seconds for name, seconds in spent.items() if name.startswith("sqlite: ")}
+    parts = [("rendering", spent["render"]), ("SQLite", sum(sql.values())),
+             ("the rest", cpu - spent["render"] - sum(sql.values()))]
+    print(f"where delivery's CPU went (thread CPU clock, first job rendered to last): {cpu / n * 1e6:.0f} µs per event;"
+          + "".join(f" {name} {seconds / n * 1e6:.0f} µs ({seconds / cpu:.0%})" + (";" if name != "the rest" else "")
+                    for name, seconds in parts))
+    top = sorted(sql.items(), key=lambda item: -item[1])[:8]
+    print("  SQLite by statement, per event: " + ", ".join(f"{name.removeprefix('sqlite: ')} {seconds / n * 1e6:.0f} µs"
+                                                          for name, seconds in top))
 
 
 def command_counts(redis: RedisServer) -> Counter[str]:
