@@ -195,7 +195,7 @@ def main() -> None:
             command = [sys.executable, str(ROOT / "bench/staged_deliver.py")] if args.stages else [
                 sys.executable, "-m", "app"]
             if args.stages:
-                env["SEGRELAY_BENCH_STAGES"] = str(tmp / "stages")
+                env["STAGED_DELIVER_FILE"] = str(tmp / "stages")
             procs = [subprocess.Popen([*command, "deliver", *extra], env=env, cwd=tmp) for extra in slots]
             try:
                 rate, cpu = drained(url, [proc.pid for proc in procs], len(items))

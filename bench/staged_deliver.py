@@ -6,13 +6,13 @@ thread's CPU clock (user and system time of the calling thread):
 - SQLite: every statement a writer connection runs (`WriterConnection.execute`), by its first words, so COMMIT and
   BEGIN are counted apart from the statements of lease, complete and fan-out;
 and the process's whole CPU from the first job rendered to the last one. The rest is the event loop, the HTTP
-client and the worker's bookkeeping. Writes the totals as JSON to the file named by SEGRELAY_BENCH_STAGES (one per
+client and the worker's bookkeeping. Writes the totals as JSON to the file named by STAGED_DELIVER_FILE (one per
 process: `<file>.<pid>`) every second and at exit, as seconds.
 
 py-spy's samples do not give these shares: a profile of the same run put rendering at 69 % of the samples where its
 thread CPU clock says 38-42 % (README, 0.13.14).
 
-    SEGRELAY_BENCH_STAGES=/tmp/stages python bench/staged_deliver.py [deliver's options]
+    STAGED_DELIVER_FILE=/tmp/stages python bench/staged_deliver.py [deliver's options]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def keep_writing(path: str) -> None:
 
 
 if __name__ == "__main__":
-    target = os.environ["SEGRELAY_BENCH_STAGES"]
+    target = os.environ["STAGED_DELIVER_FILE"]
     install()
     atexit.register(write, target)
     threading.Thread(target=keep_writing, args=(target,), daemon=True).start()
