@@ -237,6 +237,9 @@ def main() -> None:
 def print_stages(stages: list[dict[str, Any]], n: int) -> None:
     """The delivery processes' CPU per event by step, summed over the processes (bench/staged_deliver.py)."""
     cpu = sum(stage["cpu"] for stage in stages)
+    if not cpu:
+        print("where delivery's CPU went: no delivery process wrote its figures (bench/staged_deliver.py)")
+        return
     spent: Counter[str] = Counter()
     for stage in stages:
         spent.update(stage["spent"])
