@@ -227,15 +227,16 @@ def main() -> None:
         print(f"redis-server: {redis_cpu / args.n * 1e6:.0f} µs of its CPU per event (from the first delivery's "
               f"start to the last), {total / args.n:.1f} commands per event: {shown}")
     if args.stages:
-        print_stages(stages, args.n)
+        print_stages(stages, args.n, args.store)
     if not args.no_references:
         ours = results[f"segrelay deliver ({args.client})"]
         print(f"ratio segrelay deliver / raw segrelay client: {ours / results['raw segrelay client']:.2f}; "
               f"/ raw aiohttp: {ours / results['raw aiohttp']:.2f}; / raw httpx: {ours / results['raw httpx']:.2f}")
 
 
-def print_stages(stages: list[dict[str, Any]], n: int) -> None:
-    """The delivery processes' CPU per event by step, summed over the processes (bench/staged_deliver.py)."""
+def print_stages(stages: list[dict[str, Any]], n: int, store: str) -> None:
+    """The delivery processes' CPU per event by step, summed over the processes (bench/staged_deliver.py). On Redis
+    the store's calls are not timed apart: they are in the rest."""
     cpu = sum(stage["cpu"] for stage in stages)
     if not cpu:
         print("where delivery's CPU went: no delivery process wrote its figures (bench/staged_deliver.py)")
@@ -244,11 +245,13 @@ def print_stages(stages: list[dict[str, Any]], n: int) -> None:
     for stage in stages:
         spent.update(stage["spent"])
     sql = {name: seconds for name, seconds in spent.items() if name.startswith("sqlite: ")}
-    parts = [("rendering", spent["render"]), ("SQLite", sum(sql.values())),
+    parts = [("rendering", spent["render"]), *([("SQLite", sum(sql.values()))] if store == "sqlite" else []),
              ("the rest", cpu - spent["render"] - sum(sql.values()))]
     print(f"where delivery's CPU went (thread CPU clock, first job rendered to last): {cpu / n * 1e6:.0f} µs per event;"
           + "".join(f" {name} {seconds / n * 1e6:.0f} µs ({seconds / cpu:.0%})" + (";" if name != "the rest" else "")
                     for name, seconds in parts))
+    if store != "sqlite":
+        return
     top = sorted(sql.items(), key=lambda item: -item[1])[:8]
     print("  SQLite by statement, per event: " + ", ".join(f"{name.removeprefix('sqlite: ')} {seconds / n * 1e6:.0f} µs"
                                                           for name, seconds in top))
