@@ -40,6 +40,7 @@ import aiohttp
 import httpx
 import orjson
 import redis as redis_client
+import staged_deliver
 from common import ALL_VENDORS, ROOT, SECRET, RedisServer, cpu_seconds
 from e2e import standin, tally
 
@@ -244,7 +245,7 @@ def print_stages(stages: list[dict[str, Any]], n: int, store: str) -> None:
     spent: Counter[str] = Counter()
     for stage in stages:
         spent.update(stage["spent"])
-    sql = {name: seconds for name, seconds in spent.items() if name.startswith("sqlite: ")}
+    sql = staged_deliver.by_statement(spent)
     parts = [("rendering", spent["render"]), *([("SQLite", sum(sql.values()))] if store == "sqlite" else []),
              ("the rest", cpu - spent["render"] - sum(sql.values()))]
     print(f"where delivery's CPU went (thread CPU clock, first job rendered to last): {cpu / n * 1e6:.0f} µs per event;"
@@ -253,7 +254,7 @@ def print_stages(stages: list[dict[str, Any]], n: int, store: str) -> None:
     if store != "sqlite":
         return
     top = sorted(sql.items(), key=lambda item: -item[1])[:8]
-    print("  SQLite by statement, per event: " + ", ".join(f"{name.removeprefix('sqlite: ')} {seconds / n * 1e6:.0f} µs"
+    print("  SQLite by statement, per event: " + ", ".join(f"{name} {seconds / n * 1e6:.0f} µs"
                                                           for name, seconds in top))
 
 

@@ -81,7 +81,7 @@ async def drain(location: str, args: argparse.Namespace) -> dict[str, float]:
     await deliverer.stop(1.0)
     await store.close()
     spent = staged_deliver.SPENT
-    sql = sum(seconds for name, seconds in spent.items() if name.startswith("sqlite: "))
+    sql = sum(staged_deliver.by_statement(spent).values())
     return {"events/s": args.n / wall, "cpu": cpu, "render": spent.get("render", 0.0), "sql": sql,
             "gc": collections.seconds, "collections": collections.count, "requests": requests}
 

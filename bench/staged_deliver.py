@@ -31,10 +31,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.cli import main
 from app.store.sqlite_writers import WriterConnection
 from app.stored import Renderer
 
+SQLITE = "sqlite: "  # the labels of SQLite's statements start with this, then their first words
 SPENT: dict[str, float] = {}  # label -> CPU seconds
 CALLS: dict[str, int] = {}
 SPAN = {"first": 0.0, "last": 0.0}  # the process's CPU clock at the first and the last job rendered
@@ -53,7 +53,12 @@ def timed(label: str | Callable[..., str], fn: Callable[..., Any]) -> Callable[.
 
 
 def statement(connection: sqlite3.Connection, sql: str, *args: Any) -> str:
-    return "sqlite: " + " ".join(sql.split()[:3])
+    return SQLITE + " ".join(sql.split()[:3])
+
+
+def by_statement(spent: dict[str, float]) -> dict[str, float]:
+    """SQLite's CPU seconds among the `spent` figures, by statement (its first words)."""
+    return {name.removeprefix(SQLITE): seconds for name, seconds in spent.items() if name.startswith(SQLITE)}
 
 
 def install() -> None:
@@ -83,6 +88,8 @@ def keep_writing(path: str) -> None:
 
 
 if __name__ == "__main__":
+    from app.cli import main  # only to run `deliver`: bench/delivery_cpu.py imports the timers alone
+
     target = os.environ["STAGED_DELIVER_FILE"]
     install()
     atexit.register(write, target)
