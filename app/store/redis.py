@@ -280,7 +280,7 @@ class RedisStore:
                     int(r[7]), float(r[8]), int(r[9]), _s(r[0])) for r in rows]
 
     async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:
-        args: list[Any] = [GROUP, "" if status is None else status, now]
+        args: list[Any] = [GROUP, _status(status), now]
         for job in jobs:
             args += [job.id, job.vendor, job.receipt, job.message_id, job.event_id, job.tenant, job.target, job.size,
                      job.attempts]
