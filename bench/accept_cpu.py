@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from accept_steps import install
 from common import ALL_VENDORS, SECRET, RedisServer, basic, settings_header
 from ingest import body
 
@@ -93,63 +94,16 @@ async def run(args: argparse.Namespace, store: str) -> dict[str, float]:
     if set(statuses) != {202}:
         raise SystemExit(f"unexpected answers: {statuses}")
     for name, spent in sorted(stages.items(), key=lambda item: -item[1]):
-        print(f"  {name:<34}{spent / args.n * 1e6:8.1f} us per event", file=sys.__stdout__)
+        print(f"  {name:<46}{spent / args.n * 1e6:8.1f} us per event", file=sys.__stdout__)
     return {"events/s": args.n / wall, "cpu_us": cpu / args.n * 1e6, "loop_us": thread / args.n * 1e6,
             "other_us": (cpu - thread) / args.n * 1e6}
 
 
-STAGES = [  # (module, attribute, label): the accept path's steps, as app.ingest and app.endpoint call them
-    ("app.ingest", "parse_event", "parse the event"),
-    ("app.ingest", "active_vendors", "vendors the settings enable"),
-    ("app.ingest", "route", "route"),
-    ("app.ingest", "summary", "answer rows"),
-    ("app.ingest", "pack_event", "pack the stored record"),
-    ("app.ingest", "_count", "metrics of the event"),
-    ("app.endpoint", "access", "the request line"),
-]
-ASYNC_STAGES = [  # (module, class, method, label)
-    ("app.auth", "Authenticator", "authenticate", "the key check"),
-    ("app.identity", "IdentityBook", "stitch", "identity stitching"),
-    ("app.crypto", "Sealer", "seal", "seal (AES-GCM)"),
-    ("app.store.sqlite", "SQLiteStore", "accept", "store the event (awaits the commit)"),
-    ("app.store.redis", "RedisStore", "accept", "store the event (awaits the commit)"),
-]
-
-
 def timed_stages() -> dict[str, float]:
-    """Wrap each step so that its thread CPU time adds up under its label; returns the running totals."""
-    import functools
-    import importlib
-    import inspect
-
+    """Wrap each step (bench/accept_steps.py, the awaiting ones too) so that its thread CPU time adds up under its
+    label; returns the running totals."""
     spent: dict[str, float] = {}
-
-    def timed(fn: Any, label: str) -> Any:
-        if inspect.iscoroutinefunction(fn):
-            @functools.wraps(fn)
-            async def wrapped_async(*a: Any, **k: Any) -> Any:
-                started = time.thread_time()
-                try:
-                    return await fn(*a, **k)
-                finally:
-                    spent[label] = spent.get(label, 0.0) + time.thread_time() - started
-            return wrapped_async
-
-        @functools.wraps(fn)
-        def wrapped(*a: Any, **k: Any) -> Any:
-            started = time.thread_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[label] = spent.get(label, 0.0) + time.thread_time() - started
-        return wrapped
-
-    for module, name, label in STAGES:
-        target = importlib.import_module(module)
-        setattr(target, name, timed(getattr(target, name), label))
-    for module, cls, name, label in ASYNC_STAGES:
-        owner = getattr(importlib.import_module(module), cls)
-        setattr(owner, name, timed(getattr(owner, name), label))
+    install(spent, {}, awaiting=True)
     return spent
 
 

@@ -165,13 +165,15 @@ def start(args: list[str], env: dict[str, str], ready: str, log: Path) -> subpro
     return proc
 
 
-def serve_segrelay(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, str]:
-    """`segrelay serve` as shipped, on a free port, with a key of its own: (process, base url, key)."""
+def serve_segrelay(tmp: Path, env: dict[str, str], entry: list[str] | None = None
+                   ) -> tuple[subprocess.Popen[bytes], str, str]:
+    """`segrelay serve` as shipped, on a free port, with a key of its own: (process, base url, key). `entry`: what
+    runs instead of `-m app` (a wrapper such as bench/staged_accept.py)."""
     port = free_port()
     created = subprocess.run([sys.executable, "-m", "app", "keys", "create", "--tenant", "bench", "--json"],
                              env={**os.environ, **env}, cwd=tmp, capture_output=True, text=True, check=True)
     url = f"http://127.0.0.1:{port}"
-    proc = start([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)], env,
+    proc = start([sys.executable, *(entry or ["-m", "app"]), "serve", "--host", "127.0.0.1", "--port", str(port)], env,
                  f"{url}/readyz", tmp / "segrelay.log")
     return proc, url, json.loads(created.stdout)["key"]
 

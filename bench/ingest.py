@@ -13,13 +13,16 @@ server CPU per request from /proc, summed over segrelay's HTTP processes and, on
 `--breakdown` also prints where the machine's cores went during each run: every segrelay process's (and
 redis-server's) share of a core on it (with that share as CPU per request) and waiting for it (the kernel's
 schedstat), wrk's own, and the cores left idle.
+`--stages` runs serve's HTTP process (one) under bench/staged_accept.py and prints its CPU per request by step
+during the measured run, with its event loop thread's thread CPU clock: the steps bench/accept_cpu.py --stages times
+in a loop, here under wrk with the sockets, the switches and the waits (the timing adds two clock reads per step).
 `--floors` also measures the same serve's cheapest answers: a screen call (501: the key check, the body, its JSON,
 the call type, the answer and its log line) and an unknown key (401: the key check alone), each against the bare
 Starlette figure it prints.
 
     python bench/ingest.py [--store sqlite|redis|both] [--stitching on|off|both] [--visitors unique|returning]
                            [--rounds N] [--seconds 10] [--connections 32] [--fixture F] [--http-processes N]
-                           [--breakdown] [--floors] [--rdbcompression no|yes]
+                           [--breakdown] [--stages] [--floors] [--rdbcompression no|yes]
 
 Redis runs as the README recommends (AOF with appendfsync always, rdbcompression no), a new one for each run as
 SQLite gets a new file: an accept-only load never drains, and a Redis kept across runs rewrites an ever larger AOF.
@@ -30,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,7 +80,12 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
            "SEGRELAY_MAX_QUEUE_MB": "100000", "SEGRELAY_MIN_FREE_DISK_MB": "0"}
     if args.http_processes is not None:
         env["SEGRELAY_HTTP_PROCESSES"] = str(args.http_processes)
-    proc, url, key = serve_segrelay(tmp, env)
+    entry = None
+    if args.stages:  # one HTTP process, the wrapped one
+        env["SEGRELAY_HTTP_PROCESSES"] = "1"
+        env["STAGED_ACCEPT_FILE"] = str(tmp / f"stages-{time.monotonic_ns()}.json")
+        entry = [str(ROOT / "bench/staged_accept.py")]
+    proc, url, key = serve_segrelay(tmp, env, entry)
     try:
         settings = {**ALL_VENDORS, "identityStitching": stitching}
         headers = {"Authorization": basic(key), "X-Segment-Settings": settings_header(settings),
@@ -87,7 +97,11 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
         if redis_pid is not None:
             names[redis_pid] = f"redis-server {redis_pid}"
         scheduled = {p: scheduler_seconds(p) for p in names}
+        if args.stages:
+            proc.send_signal(signal.SIGUSR1)  # count from here
         figures = measured_load(url, event, headers, args, pids)
+        if args.stages:
+            figures.update(counted_steps(proc, Path(env["STAGED_ACCEPT_FILE"])))
         elapsed = figures["elapsed_s"]
         figures["processes"] = len(pids)
         for pid, name in names.items():
@@ -115,6 +129,42 @@ def measured_load(url: str, event: str, headers: dict[str, str], args: argparse.
     figures["wrk_cores"] = figures["wrk_cpu_s"] / elapsed
     figures["elapsed_s"] = elapsed
     return figures
+
+
+def counted_steps(proc: subprocess.Popen[bytes], path: Path) -> dict[str, float]:
+    """What bench/staged_accept.py counted since SIGUSR1, per request: `step <label>` in µs, `step calls <label>`
+    in calls, `loop_us` (the event loop's thread), `other_threads_us` and `clock_us` (the timing's clock reads)."""
+    proc.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the staged HTTP process wrote no counts to {path}")
+        time.sleep(0.05)
+    counted = json.loads(path.read_text())
+    path.unlink()
+    requests = max(counted["calls"].get("the body's JSON and call type", 0), 1)
+    figures = {f"step {label}": seconds / requests * 1e6 for label, seconds in counted["spent"].items()}
+    figures.update({f"step calls {label}": calls / requests for label, calls in counted["calls"].items()})
+    timed_calls = sum(counted["calls"].values())
+    figures["loop_us"] = counted["thread"] / requests * 1e6
+    figures["other_threads_us"] = (counted["process"] - counted["thread"]) / requests * 1e6
+    figures["clock_us"] = 2 * counted["clock"] * timed_calls / requests * 1e6
+    return figures
+
+
+def print_steps(figures: dict[str, float]) -> None:
+    steps = {key.removeprefix("step "): value for key, value in figures.items()
+             if key.startswith("step ") and not key.startswith("step calls ")}
+    print("  the HTTP process by step, µs per request (its event loop thread's CPU clock under wrk; "
+          "bench/accept_cpu.py --stages times the same steps in a loop):")
+    for label, us in sorted(steps.items(), key=lambda item: -item[1]):
+        calls = figures[f"step calls {label}"]
+        every = f"  (once every {1 / calls:.1f} requests)" if calls < 0.95 else ""
+        print(f"    {label:<46}{us:7.1f}{every}")
+    rest = figures["loop_us"] - sum(steps.values())
+    print(f"    {'the rest: the event loop, sockets, tasks, the answer':<46}{rest:7.1f}")
+    print(f"    event loop thread in all {figures['loop_us']:.1f} (of which the timing's clock reads about "
+          f"{figures['clock_us']:.1f}); the process's other threads {figures['other_threads_us']:.1f}")
 
 
 def floors(url: str, event: str, headers: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
@@ -168,6 +218,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="also print each segrelay process's share of a core (on one, and waiting for one), "
                              "wrk's and the machine's idle cores during the run")
+    parser.add_argument("--stages", action="store_true",
+                        help="also print the HTTP process's CPU per request by step (one HTTP process)")
     parser.add_argument("--floors", action="store_true",
                         help="also measure the same serve's cheapest answers (501 screen call, 401 unknown key)")
     add_rdbcompression_option(parser)
@@ -210,6 +262,8 @@ def main() -> None:
                       for key, value in figures.items() if key.startswith("busy ")]
             print(f"  cores during the run: {'; '.join(shares)}; wrk {figures['wrk_cores']:.2f}; "
                   f"idle {figures['idle_cores']:.2f} (of {os.cpu_count()})")
+        if args.stages:
+            print_steps(figures)
         if args.floors:
             print(f"  the same serve's cheapest answers: 501 (a screen call) {figures['floor 501']:.0f} req/s = "
                   f"{figures['floor 501'] / bare['rps']:.2f} x; 401 (an unknown key) {figures['floor 401']:.0f} "
