@@ -224,6 +224,8 @@ def main() -> None:
                         help="also measure the same serve's cheapest answers (501 screen call, 401 unknown key)")
     add_rdbcompression_option(parser)
     args = parser.parse_args()
+    if args.stages and args.http_processes not in (None, 1):
+        parser.error("--stages times one HTTP process: leave out --http-processes or give 1")
     runs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as raw_tmp:
         tmp = Path(raw_tmp)
