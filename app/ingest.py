@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -104,9 +105,7 @@ class Ingest:
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            if "depth limit" in str(exc):
-                raise BadRequestError("Event is nested deeper than 1024 levels") from None
-            raise BadRequestError("Request body is not valid JSON") from None
+            raise BadRequestError(not_json(body, exc)) from None
         kind = call_type(document)
         return document, kind, _message_id(document)
 
@@ -199,6 +198,24 @@ class Ingest:
         if stitched:
             answer["stitched"] = stitched
         return answer
+
+
+def not_json(body: bytes, exc: orjson.JSONDecodeError) -> str:
+    """The 400's message for a body that is not JSON: what is wrong and where (orjson's own words, which never quote
+    the body), so that a customer can find it in the event they sent."""
+    problem = exc.msg
+    if "depth limit" in problem:
+        return "Event is nested deeper than 1024 levels"
+    if not body.strip():
+        return "Request body is empty: expected one Segment call as a JSON object"
+    if "not valid UTF-8" in problem:
+        return "Request body is not valid UTF-8 (JSON must be UTF-8 encoded)"
+    if not _PLAIN_PROBLEM.fullmatch(problem) or "memory" in problem:  # only orjson's phrases about the body
+        return f"Request body is not valid JSON (line {exc.lineno}, column {exc.colno})"
+    return f"Request body is not valid JSON: {problem} (line {exc.lineno}, column {exc.colno})"
+
+
+_PLAIN_PROBLEM = re.compile(r"[A-Za-z0-9 ,:'(){}\[\]-]{1,100}")
 
 
 def _message_id(document: dict[str, Any]) -> str:

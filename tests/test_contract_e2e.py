@@ -110,8 +110,10 @@ def test_duplicate_message_id_is_answered_200_duplicate(server: Segrelay) -> Non
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (b"{not json", "not valid JSON"),
-    (b"", "not valid JSON"),
+    (b"{not json", "not valid JSON: unexpected character, expected a string key (line 1, column 2)"),
+    (b'{"type": "track",}', "not valid JSON: trailing comma is not allowed (line 1, column 17)"),
+    (b"", "Request body is empty"),
+    (b'{"type": "track", "event": "\xed\xa0\x80"}', "not valid UTF-8"),
     (b"[1, 2]", "must be a JSON object, got list"),
     (b'"track"', "must be a JSON object, got str"),
     (b'{"userId": "u"}', "missing 'type'"),
@@ -333,7 +335,7 @@ def test_logs_never_hold_keys_settings_emails_ips_or_user_agents(server: Segrela
     server.post(fresh(TRACK), headers={"Authorization": "Basic !!!"})
     server.post(b"{broken", headers={"X-Segment-Settings": settings_header(ALL_VENDORS)})
     # a request's line is written at the end of the event-loop turn that answered it: maybe just after the answer
-    assert wait_until(lambda: "Request body is not valid JSON" in server.logs(), 5)
+    assert wait_until(lambda: "Request body is not valid JSON: " in server.logs(), 5)
     logs = server.logs()
     assert '"path":"/segment"' in logs
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
@@ -341,7 +343,8 @@ def test_logs_never_hold_keys_settings_emails_ips_or_user_agents(server: Segrela
     assert accepted["status"] == 202 and accepted["call_type"] == "track" and accepted["tenant"] == "acme"
     assert accepted["key_id"] == server.key.split("_")[1] and accepted["request_id"]
     refused = next(line for line in lines if line.get("status") == 400 and "reason" in line)
-    assert refused["reason"] == "Request body is not valid JSON"
+    assert refused["reason"] == ("Request body is not valid JSON: unexpected character, expected a string key "
+                                 "(line 1, column 2)")
     bad = fresh(TRACK)
     server.post(bad, {"audiohookId": "not-a-uuid"})
 

@@ -8,12 +8,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 
 from app import event as event_module
 from app.auth import api_key_from_header
 from app.errors import BadRequestError, UnauthorizedError, UnsupportedTypeError
 from app.event import MAX_KEY_LENGTH, MAX_KEYS, fold, folded, parse_event
+from app.ingest import Ingest, not_json
 from app.settings import coerce, decode_header, resolve
 from handlers._base import Setting
 from tests.support import fixture
@@ -143,3 +145,24 @@ def test_the_fast_path_for_plain_urls_answers_as_urlsplit_does(url: str, monkeyp
     fast = event_module.absolute_url(url)
     monkeypatch.setattr(event_module, "_PLAIN_URL", event_module.re.compile(r"(?!)"))  # never matches: urlsplit
     assert fast == event_module.absolute_url(url)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"type": "track" "event": "x"}',
+     "Request body is not valid JSON: unexpected character, expected ',' or '}' (line 1, column 18)"),
+    (b'{"type": "track", "userId": "a@b.co"', "Request body is not valid JSON: unexpected end of data (line 1, column 37)"),
+    (b" \n ", "Request body is empty: expected one Segment call as a JSON object"),
+    (b'{"name": "J\xf6rg"}', "Request body is not valid UTF-8 (JSON must be UTF-8 encoded)"),
+    (b"[" * 1100 + b"]" * 1100, "Event is nested deeper than 1024 levels"),
+    (b"[" * 1100, "Request body is not valid JSON (line 1, column 639)"),  # orjson: "failed to allocate memory"
+])
+def test_a_body_that_is_not_json_is_told_what_and_where(body: bytes, message: str) -> None:
+    with pytest.raises(BadRequestError) as refused:
+        Ingest.read(body)
+    assert refused.value.message == message
+
+
+def test_a_parser_message_that_is_not_a_plain_phrase_is_left_out() -> None:
+    """Only orjson's fixed phrases are repeated: anything else (it could quote the body) gives the place alone."""
+    odd = orjson.JSONDecodeError("invalid value: 'jane@example.com'", '{"email": jane@example.com}', 10)
+    assert not_json(b'{"email": jane@example.com}', odd) == "Request body is not valid JSON (line 1, column 11)"
