@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 
 class ContractError(Exception):
     status_code = 500
@@ -48,3 +51,16 @@ class UnavailableError(ContractError):
     def __init__(self, message: str, retry_after: int = 5) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+_PLAIN_PROBLEM = re.compile(r"[A-Za-z0-9 ,:'(){}\[\]-]{1,100}")
+
+
+def unreadable_json(subject: str, exc: json.JSONDecodeError) -> str:
+    """`subject`, then what the JSON parser found wrong and where: `<subject>: trailing comma is not allowed (line 1,
+    column 17)`. orjson's phrases never quote the input, so they are safe in an answer and a log line; anything
+    else (or a phrase about the parser's own memory, not the input) gives the place alone."""
+    where = f"(line {exc.lineno}, column {exc.colno})"
+    if _PLAIN_PROBLEM.fullmatch(exc.msg) and "memory" not in exc.msg:
+        return f"{subject}: {exc.msg} {where}"
+    return f"{subject} {where}"

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from app.errors import BadRequestError
+from app.errors import BadRequestError, unreadable_json
 from app.event import fold, is_currency
 from handlers import ALL_SETTINGS
 from handlers._base import Setting
@@ -46,8 +46,8 @@ def decode_header(header: str | None) -> dict[str, Any]:
         raise BadRequestError("X-Segment-Settings is not valid base64") from None
     try:
         value = orjson.loads(decoded)
-    except orjson.JSONDecodeError:
-        raise BadRequestError("X-Segment-Settings does not decode to JSON") from None
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(unreadable_json("X-Segment-Settings does not decode to JSON", exc)) from None
     if not isinstance(value, dict):
         raise BadRequestError(f"X-Segment-Settings must be a JSON object, got {type(value).__name__}")
     return value

@@ -166,3 +166,11 @@ def test_a_parser_message_that_is_not_a_plain_phrase_is_left_out() -> None:
     """Only orjson's fixed phrases are repeated: anything else (it could quote the body) gives the place alone."""
     odd = orjson.JSONDecodeError("invalid value: 'jane@example.com'", '{"email": jane@example.com}', 10)
     assert not_json(b'{"email": jane@example.com}', odd) == "Request body is not valid JSON (line 1, column 11)"
+
+
+def test_settings_that_are_not_json_are_told_what_and_where() -> None:
+    header = base64.b64encode(b'{"audiohookId": "x",}').decode()
+    with pytest.raises(BadRequestError) as refused:
+        decode_header(header)
+    assert refused.value.message == ("X-Segment-Settings does not decode to JSON: trailing comma is not allowed "
+                                     "(line 1, column 20)")
