@@ -17,11 +17,13 @@ import inspect
 import time
 from typing import Any
 
+PER_REQUEST = "the body's JSON and call type"  # a step every request takes once: what counts the requests
+
 # (module, class or None, attribute, label): synchronous steps, none of them inside another
 STEPS = [
     ("app.http_protocol", "GuardedHttpToolsProtocol", "data_received", "HTTP: parse and start the request (httptools)"),
     ("app.auth", "Authenticator", "verified", "the key check (cached)"),
-    ("app.ingest", "Ingest", "read", "the body's JSON and call type"),
+    ("app.ingest", "Ingest", "read", PER_REQUEST),
     ("app.ingest", None, "parse_event", "parse the event"),
     ("app.ingest", None, "active_vendors", "vendors the settings enable"),
     ("app.identity", "IdentityBook", "stitch_known", "identity stitching (a known visitor)"),

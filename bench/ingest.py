@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from accept_steps import PER_REQUEST
 from common import (
     ALL_VENDORS,
     ROOT,
@@ -142,7 +143,7 @@ def counted_steps(proc: subprocess.Popen[bytes], path: Path) -> dict[str, float]
         time.sleep(0.05)
     counted = json.loads(path.read_text())
     path.unlink()
-    requests = max(counted["calls"].get("the body's JSON and call type", 0), 1)
+    requests = max(counted["calls"].get(PER_REQUEST, 0), 1)
     figures = {f"step {label}": seconds / requests * 1e6 for label, seconds in counted["spent"].items()}
     figures.update({f"step calls {label}": calls / requests for label, calls in counted["calls"].items()})
     timed_calls = sum(counted["calls"].values())
