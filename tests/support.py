@@ -66,6 +66,16 @@ def command(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
+def role(pid: int) -> str | None:
+    """Which of segrelay's commands a process runs (`serve-http`, `deliver`, `accept-writer`...), or None for one that
+    has exited: a killed child is a zombie with an empty command line until serve reaps it, or gone."""
+    try:
+        parts = command(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return parts[3] if len(parts) > 3 else None
+
+
 def child_pids(pid: int) -> list[int]:
     """The process's children (Linux /proc): `segrelay serve`'s delivery and HTTP processes."""
     found: list[int] = []

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.support import Segrelay, VendorStub, basic, child_pids, command, fixture, settings_header, wait_until
+from tests.support import Segrelay, VendorStub, basic, child_pids, fixture, role, settings_header, wait_until
 
 SS_ONLY = settings_header({"segmentstreamApiToken": "ss-token"})
 CONCURRENCY = 8
@@ -104,7 +104,7 @@ def test_kill_9_under_load_loses_nothing(fresh_stub: VendorStub, make_server: ty
     assert wait_until(lambda: len(load.accepted) >= 300, 60)
     assert service.proc is not None
     children = child_pids(service.proc.pid)
-    assert sorted(command(pid)[3] for pid in children) == ["accept-writer", "deliver", "serve-http"]
+    assert sorted(role(pid) or "" for pid in children) == ["accept-writer", "deliver", "serve-http"]
     service.kill()
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 10)  # died with serve
     load.join()

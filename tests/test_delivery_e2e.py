@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support import ALL_VENDORS, SITE_ID, Segrelay, VendorStub, child_pids, command, fixture, wait_until
+from tests.support import ALL_VENDORS, SITE_ID, Segrelay, VendorStub, child_pids, fixture, role, wait_until
 from tests.test_crash_e2e import delivered_message_ids, hit_ids
 
 SS_ONLY = {"segmentstreamApiToken": "ss-token"}
@@ -391,7 +391,7 @@ def test_a_stopped_delivery_process_does_not_hold_up_its_share_of_the_events(
     share over is `tests/test_store.py`'s to show, with a clock of its own)."""
     service = make_server({"SEGRELAY_DELIVERY_PROCESSES": "2"}).start()
     assert service.proc is not None
-    deliverers = [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "deliver"]
+    deliverers = [pid for pid in child_pids(service.proc.pid) if role(pid) == "deliver"]
     assert len(deliverers) == 2
 
     def leasing() -> int:  # delivery processes that noted their last lease in the last 2 s

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.support import Segrelay, VendorStub, child_pids, command, fixture, wait_until
+from tests.support import Segrelay, VendorStub, child_pids, fixture, role, wait_until
 from tests.test_crash_e2e import delivered_message_ids, hit_ids
 
 SS_ONLY = {"segmentstreamApiToken": "ss-token"}
@@ -24,7 +24,7 @@ def lines(service: Segrelay) -> list[dict[str, Any]]:
 
 def http_children(service: Segrelay) -> list[int]:
     assert service.proc is not None
-    return [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "serve-http"]
+    return [pid for pid in child_pids(service.proc.pid) if role(pid) == "serve-http"]
 
 
 def started_http_processes(service: Segrelay) -> set[int]:
@@ -59,7 +59,7 @@ def test_readiness_is_the_groups_and_a_dead_http_process_is_replaced(make_server
     assert service.proc is not None
     assert wait_until(lambda: len(started_http_processes(service)) == 2, 20)
     [child] = http_children(service)
-    [delivery] = [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "deliver"]
+    [delivery] = [pid for pid in child_pids(service.proc.pid) if role(pid) == "deliver"]
 
     # A delivery process dies: the HTTP child, which does not supervise it, says so too (the shared flag).
     os.kill(delivery, signal.SIGKILL)
@@ -107,7 +107,7 @@ def test_the_accept_writer_stores_for_every_http_process_and_a_dead_one_is_repla
     service = make_server({"SEGRELAY_HTTP_PROCESSES": "2", "SEGRELAY_DELIVERY_PROCESSES": "1"}).start()
     assert service.proc is not None
     assert wait_until(lambda: len(started_http_processes(service)) == 2, 20)
-    [writer] = [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "accept-writer"]
+    [writer] = [pid for pid in child_pids(service.proc.pid) if role(pid) == "accept-writer"]
 
     os.kill(writer, signal.SIGKILL)
     answers: dict[str, httpx.Response] = {}
@@ -125,7 +125,7 @@ def test_the_accept_writer_stores_for_every_http_process_and_a_dead_one_is_repla
 
     def writers() -> list[int]:
         assert service.proc is not None
-        return [pid for pid in child_pids(service.proc.pid) if command(pid)[3] == "accept-writer"]
+        return [pid for pid in child_pids(service.proc.pid) if role(pid) == "accept-writer"]
     assert wait_until(lambda: len(writers()) == 1 and writers() != [writer], 20)
     assert wait_until(lambda: httpx.get(service.url + "/readyz", timeout=5).status_code == 200, 20)
     accepted = {f"back-{uuid.uuid4()}" for _ in range(20)}

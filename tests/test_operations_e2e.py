@@ -25,6 +25,7 @@ from tests.support import (
     command,
     fixture,
     free_port,
+    role,
     self_signed,
     wait_until,
 )
@@ -66,8 +67,8 @@ def test_delivery_processes_yield_the_cpu_to_the_http_process(make_server: type[
     assert service.proc is not None
     assert wait_until(lambda: service.logs().count('"msg":"delivery started"') == 2, 30)
     children = child_pids(service.proc.pid)
-    delivery = [pid for pid in children if command(pid)[3] == "deliver"]
-    http = [pid for pid in children if command(pid)[3] == "serve-http"]
+    delivery = [pid for pid in children if role(pid) == "deliver"]
+    http = [pid for pid in children if role(pid) == "serve-http"]
     assert len(delivery) == 2 and len(http) == 1
     # Each delivery process has its own byte at SQLite's write lock, after the HTTP processes' (their turns).
     slots = sorted(int(args[args.index("--slot") + 1]) for args in map(command, delivery))
