@@ -12,6 +12,9 @@ from app.errors import UnauthorizedError, UnavailableError
 from app.keys import KeyRecord, key_id_of
 from app.store import Store
 
+# One answer whether the key is malformed, not in the store or its secret part wrong: which of them is not said.
+UNKNOWN_KEY = "Unknown API key: check the key in the destination's settings in Segment (segrelay issued it)"
+
 
 def api_key_from_header(header: str | None) -> str:
     if not header:
@@ -60,10 +63,10 @@ class Authenticator:
         key = api_key_from_header(header)
         key_id = key_id_of(key)
         if key_id is None:
-            raise UnauthorizedError("Unknown API key")
+            raise UnauthorizedError(UNKNOWN_KEY)
         record = await self._lookup(key_id, now)
         if record is None or not self._hasher.matches(key, record.digest):
-            raise UnauthorizedError("Unknown API key")
+            raise UnauthorizedError(UNKNOWN_KEY)
         if self._ttl > 0 and header:
             if len(self._verified) > 10_000:
                 self._verified.clear()
@@ -86,7 +89,7 @@ class Authenticator:
 
 def _usable(record: KeyRecord, now: float) -> KeyRecord:
     if record.revoked:
-        raise UnauthorizedError("API key revoked")
+        raise UnauthorizedError("API key revoked: paste a current key into the destination's settings in Segment")
     if record.expires_at is not None and record.expires_at <= now:
-        raise UnauthorizedError("API key expired")
+        raise UnauthorizedError("API key expired: paste a current key into the destination's settings in Segment")
     return record
