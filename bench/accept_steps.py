@@ -11,11 +11,10 @@ thread CPU time then counts whatever else the event loop ran while it waited.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
-import time
-from typing import Any
+
+from thread_clock import timed
 
 PER_REQUEST = "the body's JSON and call type"  # a step every request takes once: what counts the requests
 
@@ -58,37 +57,6 @@ def install(spent: dict[str, float], calls: dict[str, int], *, awaiting: bool) -
         owner = imported if owner_name is None else getattr(imported, owner_name)
         found = inspect.getattr_static(owner, name)
         if isinstance(found, staticmethod):
-            setattr(owner, name, staticmethod(_timed(found.__func__, label, spent, calls)))
+            setattr(owner, name, staticmethod(timed(found.__func__, label, spent, calls)))
         else:
-            setattr(owner, name, _timed(getattr(owner, name), label, spent, calls))
-
-
-def _timed(fn: Any, label: str, spent: dict[str, float], calls: dict[str, int]) -> Any:
-    if inspect.iscoroutinefunction(fn):
-        @functools.wraps(fn)
-        async def wrapped_async(*args: Any, **kwargs: Any) -> Any:
-            started = time.thread_time()
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                spent[label] = spent.get(label, 0.0) + time.thread_time() - started
-                calls[label] = calls.get(label, 0) + 1
-        return wrapped_async
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        started = time.thread_time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            spent[label] = spent.get(label, 0.0) + time.thread_time() - started
-            calls[label] = calls.get(label, 0) + 1
-    return wrapped
-
-
-def clock_cost() -> float:
-    """Seconds one `time.thread_time()` call takes here: each timed call adds two."""
-    started = time.perf_counter()
-    for _ in range(100_000):
-        time.thread_time()
-    return (time.perf_counter() - started) / 100_000
+            setattr(owner, name, timed(getattr(owner, name), label, spent, calls))

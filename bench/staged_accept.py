@@ -24,9 +24,9 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accept_steps import clock_cost, install
+from accept_steps import install
+from thread_clock import clock_cost
 
 SPENT: dict[str, float] = {}  # label -> thread CPU seconds since SIGUSR1
 CALLS: dict[str, int] = {}

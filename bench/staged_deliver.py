@@ -23,13 +23,14 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from thread_clock import timed
 
 from app.store.sqlite_writers import WriterConnection
 from app.stored import Renderer
@@ -38,18 +39,6 @@ SQLITE = "sqlite: "  # the labels of SQLite's statements start with this, then t
 SPENT: dict[str, float] = {}  # label -> CPU seconds
 CALLS: dict[str, int] = {}
 SPAN = {"first": 0.0, "last": 0.0}  # the process's CPU clock at the first and the last job rendered
-
-
-def timed(label: str | Callable[..., str], fn: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        started = time.thread_time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            name = label if isinstance(label, str) else label(*args)
-            SPENT[name] = SPENT.get(name, 0.0) + time.thread_time() - started
-            CALLS[name] = CALLS.get(name, 0) + 1
-    return wrapped
 
 
 def statement(connection: sqlite3.Connection, sql: str, *args: Any) -> str:
@@ -62,7 +51,7 @@ def by_statement(spent: dict[str, float]) -> dict[str, float]:
 
 
 def install() -> None:
-    render = timed("render", Renderer.render)
+    render = timed(Renderer.render, "render", SPENT, CALLS)
 
     def render_noting(self: Renderer, job: Any) -> Any:
         if not SPAN["first"]:
@@ -73,7 +62,8 @@ def install() -> None:
             SPAN["last"] = time.process_time()
 
     Renderer.render = render_noting  # type: ignore[method-assign]
-    WriterConnection.execute = timed(statement, sqlite3.Connection.execute)  # type: ignore[method-assign]
+    WriterConnection.execute = timed(  # type: ignore[method-assign]
+        sqlite3.Connection.execute, statement, SPENT, CALLS)
 
 
 def write(path: str) -> None:
