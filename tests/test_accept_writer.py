@@ -120,6 +120,44 @@ async def test_sigterm_stores_what_arrived_then_exits_cleanly(writer: Writer, st
     assert not os.path.exists(writer.socket)
 
 
+async def test_a_turn_of_large_events_leaves_in_several_frames_and_each_is_stored(store: SQLiteStore) -> None:
+    """Requests of one turn share a frame up to FLUSH_BYTES of payload; past it the rest go in the next one."""
+    payload = b"x" * (accept_writer.FLUSH_BYTES // 8)
+    answers = await asyncio.gather(*(store.accept("acme", f"big-{i}", payload, JOBS, now=time.time(), ttl=3600)
+                                     for i in range(20)))
+    assert answers == [True] * 20
+    assert (await store.counts()).queued_bytes["acme"] == 20 * len(JOBS) * len(payload)
+
+
+class Wire:
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def test_the_requests_of_one_turn_leave_in_one_frame_and_their_answers_come_back_in_one() -> None:
+    client = accept_writer.AcceptWriterClient("unused")
+    wire = Wire()
+    client.connection_made(wire)  # type: ignore[arg-type]
+    futures = [client.submit(("acme", f"m-{i}", b"payload", [], 1.0, 60.0, []), 5.0) for i in range(3)]
+    await asyncio.sleep(0)  # the end of the turn
+    assert len(wire.writes) == 1
+    sent = frames(bytearray(wire.writes[0]))
+    assert [[request[:3] for request in batch] for batch in sent] == [[(1, "acme", "m-0"), (2, "acme", "m-1"),
+                                                                       (3, "acme", "m-2")]]
+    client.data_received(frame([(1, True, ""), (2, False, ""), (3, None, "unavailable: disk full")]))
+    assert [futures[0].result(), futures[1].result()] == [True, False]
+    with pytest.raises(StoreUnavailableError, match="disk full"):
+        futures[2].result()
+
+
 def test_frames_wait_for_their_last_byte_and_refuse_a_broken_length() -> None:
     data = frame((1, "acme", b"payload")) + frame((2, None, "unavailable: disk"))
     buffer = bytearray(data[:-3])

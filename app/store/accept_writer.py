@@ -10,7 +10,9 @@ which has no event loop and no other thread: it reads whatever has arrived from 
 transaction (`app/store/sqlite.py`'s `accept_op`, the same statements), commits (one fsync for every HTTP process),
 and answers each request. A caller learns its event is stored only after COMMIT returns, as before.
 
-Frames both ways: a 4-byte little-endian length, then a marshalled tuple.
+Frames both ways: a 4-byte little-endian length, then a marshalled list: an HTTP process sends the requests of one
+event loop turn in one frame, and the writer answers the requests of one transaction from that process in one frame
+(one `marshal` call and one length per turn, not per request).
 - request: (request id, tenant, message id, payload, jobs as (vendor, target, event name, batch key), now, ttl,
   skips as (vendor, reason))
 - answer: (request id, fresh, "") or (request id, None, "unavailable: <why>" | "error: <why>")
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import marshal
 import os
@@ -42,16 +45,12 @@ MAX_FRAME = 16 * 1024 * 1024  # far above any accept (an event is at most 32 KB)
 MAX_GROUP = 512  # accepts per transaction
 MAX_SOCKET_PATH = 100  # bytes: the limit of a Unix socket's path is 108 on Linux
 MAX_BACKLOG = 16 * 1024 * 1024  # bytes an HTTP process holds for a writer that does not read: past it, 503 at once
-
-
-def frame_parts(value: Any) -> tuple[bytes, bytes]:
-    """A frame as its two parts, its length and its data: joined with the write's other frames, copied once."""
-    data = marshal.dumps(value)
-    return _LENGTH.pack(len(data)), data
+FLUSH_BYTES = 1024 * 1024  # a turn's requests leave in frames of about this many payload bytes at most
 
 
 def frame(value: Any) -> bytes:
-    return b"".join(frame_parts(value))
+    data = marshal.dumps(value)
+    return _LENGTH.pack(len(data)) + data
 
 
 def frames(buffer: bytearray) -> list[Any]:
@@ -85,7 +84,8 @@ class AcceptWriterClient(PipelinedClient):
         super().__init__()
         self.path = path
         self._waiting: dict[int, asyncio.Future[Any]] = {}  # in request id order: the order of the writer's answers
-        self._outgoing: list[bytes] = []
+        self._outgoing: list[tuple[Any, ...]] = []  # the requests of this turn, not yet written
+        self._outgoing_bytes = 0  # their payloads' size
         self._incoming = bytearray()
         self._next_id = 0
         self._timeout: float | None = None  # the shortest timeout among the requests not yet written
@@ -108,9 +108,12 @@ class AcceptWriterClient(PipelinedClient):
         request_id = self._next_id = self._next_id + 1
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting[request_id] = future  # until its answer, its deadline or the connection's end
-        self._outgoing += frame_parts((request_id, *request))
-        if len(self._outgoing) == 2:
+        self._outgoing.append((request_id, *request))
+        if len(self._outgoing) == 1:
             loop.call_soon(self._flush)
+        self._outgoing_bytes += len(request[2])
+        if self._outgoing_bytes > FLUSH_BYTES:  # a turn of large events: a frame now, the rest in the next one
+            self._flush()
         if timeout is None:
             self._untimed.add(request_id)
         elif self._timeout is None or timeout < self._timeout:
@@ -126,12 +129,13 @@ class AcceptWriterClient(PipelinedClient):
                                         ) from None
 
     def _flush(self) -> None:
-        data, self._outgoing = b"".join(self._outgoing), []
+        """Write the requests submitted since the last write, in one frame (nothing when they left already)."""
+        requests, self._outgoing, self._outgoing_bytes = self._outgoing, [], 0
         if self._timeout is not None and self._loop is not None:
             self._add_deadline(self._loop.time() + self._timeout, self._next_id)
             self._timeout = None
-        if self._transport is not None and data:
-            self._transport.write(data)
+        if self._transport is not None and requests:
+            self._transport.write(frame(requests))
 
     def _expire(self) -> None:
         """Fail, with TimeoutError, the requests of every write past its deadline that are still waiting."""
@@ -160,7 +164,7 @@ class AcceptWriterClient(PipelinedClient):
             if self._transport is not None:
                 self._transport.close()
             return
-        for request_id, value, problem in answers:
+        for request_id, value, problem in itertools.chain.from_iterable(answers):
             self._answered = max(self._answered, request_id)
             self._untimed.discard(request_id)
             future = self._waiting.pop(request_id, None)
@@ -178,6 +182,7 @@ class AcceptWriterClient(PipelinedClient):
         super().connection_lost(exc)  # every request still waiting fails below
         self._incoming.clear()
         self._outgoing.clear()
+        self._outgoing_bytes = 0
         self._untimed.clear()
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
@@ -284,7 +289,8 @@ def _receive(peer: _Peer, selector: selectors.BaseSelector, peers: dict[socket.s
         return
     peer.incoming += data
     try:
-        requests.extend((peer, request) for request in frames(peer.incoming))
+        for batch in frames(peer.incoming):
+            requests.extend((peer, request) for request in batch)
     except (ValueError, EOFError, TypeError):
         log.error("malformed request on the accept writer's socket; connection closed")
         _drop(peer, selector, peers)
@@ -295,15 +301,15 @@ def _store(committer: Any, group: list[tuple[_Peer, Any]], selector: selectors.B
     from app.store.sqlite import accept_op
 
     operations = [(_operation(accept_op, request), (peer, request[0])) for peer, request in group]
-    touched: dict[socket.socket, _Peer] = {}
+    answers: dict[_Peer, list[tuple[int, Any, str]]] = {}
     for (peer, request_id), value, error in committer.run(operations):
-        if peer.sock not in peers:
-            continue  # it went away: its caller got a 503 and Segment retries (a duplicate if this committed)
         problem = "" if error is None else (
             f"unavailable: {error}" if isinstance(error, StoreUnavailableError) else f"error: {error}")
-        peer.outgoing += frame((request_id, value, problem))
-        touched[peer.sock] = peer
-    for peer in touched.values():
+        answers.setdefault(peer, []).append((request_id, value, problem))
+    for peer, batch in answers.items():
+        if peer.sock not in peers:
+            continue  # it went away: its callers got a 503 and Segment retries (a duplicate if this committed)
+        peer.outgoing += frame(batch)
         _send(peer, selector, peers)
 
 
