@@ -158,6 +158,33 @@ async def test_the_requests_of_one_turn_leave_in_one_frame_and_their_answers_com
         futures[2].result()
 
 
+def test_a_group_is_stored_by_one_call_and_redone_request_by_request_when_one_fails(tmp_path: Path) -> None:
+    """The writer stores a transaction's accepts in one `accept_many` call; when one of them cannot be stored, the
+    group rolls back and each is redone alone: the others are stored once, the broken one gets its own error."""
+    path = tmp_path / "queue.db"
+    SQLiteStore(str(path))  # the schema
+    committer = SQLiteStore(str(path), durable=True).accept_committer()
+    jobs = [("tracify", "events", "Order Completed", "")]
+
+    def request(request_id: int, message_id: str, payload: object = b"sealed") -> tuple[object, ...]:
+        return (request_id, "acme", message_id, payload, jobs, 1.0, 60.0, [])
+
+    peer = object()
+    together = accept_writer._committed(committer, [(peer, request(1, "a")), (peer, request(2, "b")),
+                                                    (peer, request(3, "a"))])
+    assert [(token[1], fresh, error) for token, fresh, error in together] == [(1, True, None), (2, True, None),
+                                                                              (3, False, None)]
+    assert committer.commits == 1
+    broken = accept_writer._committed(committer, [(peer, request(4, "c")), (peer, request(5, "d", {"not": "bytes"})),
+                                                  (peer, request(6, "e"))])
+    assert [(token[1], fresh, type(error).__name__ if error else None) for token, fresh, error in broken] == [
+        (4, True, None), (5, None, "StoreError"), (6, True, None)]
+    conn = committer.conn
+    assert conn.execute("SELECT message_id FROM events ORDER BY id").fetchall() == [("a",), ("b",), ("c",), ("e",)]
+    assert dict(conn.execute("SELECT name, value FROM counters")) == {
+        "pending:tracify": 4, "bytes:acme": 4 * 6, "bytes:*": 4 * 6}
+
+
 def test_frames_wait_for_their_last_byte_and_refuse_a_broken_length() -> None:
     data = frame((1, "acme", b"payload")) + frame((2, None, "unavailable: disk"))
     buffer = bytearray(data[:-3])

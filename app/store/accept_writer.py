@@ -7,7 +7,7 @@ HTTP processes took turns at SQLite's write lock, each committing only its own e
 
 Here the HTTP processes send each accept (a few hundred bytes, `marshal`) over a Unix socket to this process,
 which has no event loop and no other thread: it reads whatever has arrived from all of them, stores it in one
-transaction (`app/store/sqlite.py`'s `accept_op`, the same statements), commits (one fsync for every HTTP process),
+transaction (`app/store/sqlite.py`'s `accept_many`, the same statements), commits (one fsync for every HTTP process),
 and answers each request. A caller learns its event is stored only after COMMIT returns, as before.
 
 Frames both ways: a 4-byte little-endian length, then a marshalled list: an HTTP process sends the requests of one
@@ -298,11 +298,8 @@ def _receive(peer: _Peer, selector: selectors.BaseSelector, peers: dict[socket.s
 
 def _store(committer: Any, group: list[tuple[_Peer, Any]], selector: selectors.BaseSelector,
            peers: dict[socket.socket, _Peer]) -> None:
-    from app.store.sqlite import accept_op
-
-    operations = [(_operation(accept_op, request), (peer, request[0])) for peer, request in group]
     answers: dict[_Peer, list[tuple[int, Any, str]]] = {}
-    for (peer, request_id), value, error in committer.run(operations):
+    for (peer, request_id), value, error in _committed(committer, group):
         problem = "" if error is None else (
             f"unavailable: {error}" if isinstance(error, StoreUnavailableError) else f"error: {error}")
         answers.setdefault(peer, []).append((request_id, value, problem))
@@ -313,8 +310,24 @@ def _store(committer: Any, group: list[tuple[_Peer, Any]], selector: selectors.B
         _send(peer, selector, peers)
 
 
-def _operation(accept_op: Any, request: tuple[Any, ...]) -> Any:
-    _, tenant, message_id, payload, jobs, now, ttl, skips = request
+def _committed(committer: Any, group: list[tuple[_Peer, Any]]) -> list[tuple[tuple[_Peer, int], Any, Any]]:
+    """((peer, request id), fresh, error) per request: the group in one transaction by one call (`accept_many`);
+    if that fails, each request as its own operation (`Committer.run`: together, then each alone)."""
+    from app.store.sqlite import accept_many, accept_op
+
+    tokens = [(peer, request[0]) for peer, request in group]
+    accepts = [request[1:] for _, request in group]
+    [(_, fresh, error)] = committer.run([(lambda c: accept_many(c, accepts), None)])
+    if error is None:
+        return [(token, value, None) for token, value in zip(tokens, fresh, strict=True)]
+    if len(group) == 1:
+        return [(tokens[0], None, error)]
+    return list(committer.run([(_operation(accept_op, accept), token) for accept, token in zip(accepts, tokens,
+                                                                                                strict=True)]))
+
+
+def _operation(accept_op: Any, accept: tuple[Any, ...]) -> Any:
+    tenant, message_id, payload, jobs, now, ttl, skips = accept
     return lambda c: accept_op(c, tenant, message_id, payload, jobs, now, ttl, skips)
 
 
