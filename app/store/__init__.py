@@ -19,7 +19,7 @@ per vendor, and bytes queued per tenant and in all, which bound the queue (`SEGR
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -148,14 +148,15 @@ class Store(Protocol):
     async def list_keys(self) -> list[KeyRecord]: ...
     async def revoke_key(self, key_id: str) -> bool: ...
 
-    async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> bool:
+    def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
+               ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> Awaitable[bool]:
         """Remember (tenant, message_id) for ttl seconds, store the payload once and queue its jobs, atomically.
         `skips` (vendor, reason) are kept for `trace` as long as the idempotency record.
 
-        False, and nothing stored, when the pair was already seen within its ttl. TimeoutError when the store has
-        not answered within `timeout` seconds: the write may still land (a retry of the event is then a duplicate).
-        """
+        Awaited: False, and nothing stored, when the pair was already seen within its ttl. TimeoutError when the
+        store has not answered within `timeout` seconds: the write may still land (a retry of the event is then a
+        duplicate). Not a coroutine function: on the accept path each store returns the future of its pipelined
+        answer itself (one coroutine less for every event to create and resume)."""
         ...
 
     async def recall(self, keys: Sequence[str], *, now: float) -> list[bytes | None]:

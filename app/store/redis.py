@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -208,13 +208,13 @@ class RedisStore:
 
     # accept ----------------------------------------------------------------------------------------------
 
-    async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> bool:
+    def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
+               ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> Awaitable[bool]:
         event_id = new_id()  # its jobs' ids are the event's and their number, given when they are fanned out
         event = [orjson.dumps([repr(now), repr(ttl), event_id, tenant, message_id, [job.vendor for job in jobs]]),
                  orjson.dumps([[job.vendor, job.target, job.event_name, job.batch_key] for job in jobs]),
                  orjson.dumps(skips) if skips else b"", payload]
-        return await self._accepts.submit((f"{P}seen:{tenant}:{message_id}", event), timeout)  # the pipe's errors
+        return self._accepts.submit((f"{P}seen:{tenant}:{message_id}", event), timeout)  # the pipe's errors
 
     async def _accept_batch(self, events: list[tuple[str, list[Any]]]) -> list[bool]:
         """One script call stores the events of one event loop turn (`TurnBatch`)."""

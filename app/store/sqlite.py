@@ -26,7 +26,7 @@ import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -286,16 +286,16 @@ class SQLiteStore:
             lambda c: c.execute("UPDATE api_keys SET revoked = 1 WHERE key_id = ?", (key_id,)).rowcount)
         return count > 0
 
-    async def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
-                     ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> bool:
+    def accept(self, tenant: str, message_id: str, payload: bytes, jobs: Sequence[NewJob], *, now: float,
+               ttl: float, skips: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> Awaitable[bool]:
         rows = [(j.vendor, j.target, j.event_name, j.batch_key) for j in jobs]
-        if self._accepts is not None:  # the accept writer process (app/store/accept_writer.py)
+        if self._accepts is not None:  # the accept writer process (app/store/accept_writer.py): it answers a bool
             request = (tenant, message_id, payload, rows, now, ttl, list(skips))
-            if self._accepts.connected:  # the usual case: its answer's future, awaited here
-                return bool(await self._accepts.submit(request, timeout))
-            return bool(await self._accepts.call(request, timeout))
-        return await self._writer.call(lambda c: accept_op(c, tenant, message_id, payload, rows, now, ttl, skips),
-                                       timeout=timeout)
+            if self._accepts.connected:  # the usual case: its answer's future
+                return self._accepts.submit(request, timeout)
+            return self._accepts.call(request, timeout)
+        return self._writer.call(lambda c: accept_op(c, tenant, message_id, payload, rows, now, ttl, skips),
+                                 timeout=timeout)
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """A short read of the queue's file (`_query`). Through the writer, in a write transaction, such reads held
