@@ -5,7 +5,7 @@ thread, an HTTP process spent about 120 µs of CPU per event on the store, where
 and neither core was busy. The writer thread and the event loop traded Python's GIL at every SQLite step, and the
 HTTP processes took turns at SQLite's write lock, each committing only its own events.
 
-Here the HTTP processes send each accept (a few hundred bytes, `marshal`) over a Unix socket to this process,
+Here the HTTP processes send their accepts (`marshal`, a turn's in one frame) over a Unix socket to this process,
 which has no event loop and no other thread: it reads whatever has arrived from all of them, stores it in one
 transaction (`app/store/sqlite.py`'s `accept_many`, the same statements), commits (one fsync for every HTTP process),
 and answers each request. A caller learns its event is stored only after COMMIT returns, as before.
