@@ -312,7 +312,7 @@ def _store(committer: Any, group: list[tuple[_Peer, Any]], selector: selectors.B
 
 def _committed(committer: Any, group: list[tuple[_Peer, Any]]) -> list[tuple[tuple[_Peer, int], Any, Any]]:
     """((peer, request id), fresh, error) per request: the group in one transaction by one call (`accept_many`);
-    if that fails, each request as its own operation (`Committer.run`: together, then each alone)."""
+    if that fails, each request in a transaction of its own, so that one bad accept fails only itself."""
     from app.store.sqlite import accept_many, accept_op
 
     tokens = [(peer, request[0]) for peer, request in group]
@@ -322,13 +322,9 @@ def _committed(committer: Any, group: list[tuple[_Peer, Any]]) -> list[tuple[tup
         return [(token, value, None) for token, value in zip(tokens, fresh, strict=True)]
     if len(group) == 1:
         return [(tokens[0], None, error)]
-    return list(committer.run([(_operation(accept_op, accept), token) for accept, token in zip(accepts, tokens,
-                                                                                                strict=True)]))
-
-
-def _operation(accept_op: Any, accept: tuple[Any, ...]) -> Any:
-    tenant, message_id, payload, jobs, now, ttl, skips = accept
-    return lambda c: accept_op(c, tenant, message_id, payload, jobs, now, ttl, skips)
+    # The group failed together once already: each alone now, not together again first (`Committer.run` of all).
+    return [committer.run([(lambda c, accept=accept: accept_op(c, *accept), token)])[0]
+            for accept, token in zip(accepts, tokens, strict=True)]
 
 
 def _send(peer: _Peer, selector: selectors.BaseSelector, peers: dict[socket.socket, _Peer]) -> None:
