@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, unix_listening, user_system_seconds
 
 from app.store.accept_writer import AcceptWriterClient
 from app.supervisor import ACCEPT_WRITER_SLOT
@@ -34,21 +33,6 @@ from app.supervisor import ACCEPT_WRITER_SLOT
 JOBS = [("segmentstream", "track", "Order Completed", ""), ("segmentstream", "data_stream", "Order Completed", ""),
         ("tracify", "events", "Order Completed", ""), ("audiohook", "pixel", "Order Completed", "")]
 TTL = 7 * 86_400.0
-
-
-def user_system(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks
-
-
-def listening(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-        return True
 
 
 async def load(path: str, args: argparse.Namespace, payload: bytes, seconds: float, prefix: str) -> int:
@@ -87,17 +71,17 @@ def measure(args: argparse.Namespace, size: int) -> None:
                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             deadline = time.monotonic() + 30
-            while not listening(path):
+            while not unix_listening(path):
                 if writer.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"the accept writer did not start: {(tmp / 'writer.log').read_text()[-500:]}")
                 time.sleep(0.05)
             payload = os.urandom(size)
             asyncio.run(load(path, args, payload, 1.0, "warm"))
             for round_ in range(args.rounds):
-                (user, system), client, started = user_system(writer.pid), time.process_time(), time.monotonic()
+                (user, system), client, started = user_system_seconds(writer.pid), time.process_time(), time.monotonic()
                 stored = asyncio.run(load(path, args, payload, args.seconds, f"r{round_}"))
                 elapsed = time.monotonic() - started
-                (user_after, system_after) = user_system(writer.pid)
+                (user_after, system_after) = user_system_seconds(writer.pid)
                 print(f"payload {size:>6} B  {stored / elapsed:>8.0f} accepts/s  accept writer "
                       f"{1e6 * (user_after - user) / stored:5.1f} user + {1e6 * (system_after - system) / stored:5.1f} "
                       f"system us per accept  clients "

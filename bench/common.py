@@ -29,10 +29,11 @@ from tests.support import (  # noqa: E402
     command,
     free_port,
     settings_header,
+    unix_listening,
 )
 
 __all__ = ["ALL_VENDORS", "SECRET", "RedisServer", "VendorStub", "basic", "child_pids", "command", "free_port",
-           "settings_header"]
+           "settings_header", "unix_listening"]
 
 
 def http_and_delivery_pids(pid: int) -> tuple[list[int], list[int]]:
@@ -119,10 +120,16 @@ def wrk(url: str, body: str, headers: dict[str, str], *, seconds: int, connectio
     return figures
 
 
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(user_system_seconds(pid))
 
 
 def _children_cpu() -> float:

@@ -84,6 +84,16 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
+def unix_listening(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket at `path` (the accept writer's)."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
 def wait_until(check: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

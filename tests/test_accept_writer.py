@@ -8,7 +8,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from app.store import NewJob, StoreUnavailableError, accept_writer
 from app.store.accept_writer import MAX_FRAME, frame, frames
 from app.store.sqlite import SQLiteStore
 from app.supervisor import ACCEPT_WRITER_SLOT, AcceptWriterProcess
-from tests.support import wait_until
+from tests.support import unix_listening, wait_until
 
 JOBS = [NewJob("segmentstream", "track", "Order Completed", ""), NewJob("audiohook", "pixel", "Order Completed", "")]
 
@@ -41,12 +40,7 @@ class Writer:
         return self
 
     def listening(self) -> bool:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(self.socket)
-            except OSError:
-                return False
-            return True
+        return unix_listening(self.socket)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
