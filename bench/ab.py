@@ -29,10 +29,10 @@ from common import (
     SECRET,
     RedisServer,
     basic,
-    command,
     cpu_seconds,
     free_port,
     http_and_delivery_pids,
+    role,
     serve_segrelay,
     settings_header,
     start,
@@ -81,7 +81,7 @@ def main() -> None:
             headers = {"Authorization": basic(key), "Content-Type": "application/json",
                        "X-Segment-Settings": settings_header({**ALL_VENDORS, "identityStitching": True})}
             targets.append((tree, url, headers, http_and_delivery_pids(proc.pid)[0]))
-            writers.update(pid for pid in targets[-1][3] if command(pid)[3] == "accept-writer")
+            writers.update(pid for pid in targets[-1][3] if role(pid) == "accept-writer")
         for _, url, headers, _ in targets:
             wrk(url, event, headers, seconds=2, connections=args.connections)  # warm-up
         rates: dict[str, list[float]] = {name: [] for name, *_ in targets}

@@ -28,20 +28,21 @@ from tests.support import (  # noqa: E402
     child_pids,
     command,
     free_port,
+    role,
     settings_header,
     unix_listening,
 )
 
 __all__ = ["ALL_VENDORS", "SECRET", "RedisServer", "VendorStub", "basic", "child_pids", "command", "free_port",
-           "settings_header", "unix_listening"]
+           "role", "settings_header", "unix_listening"]
 
 
 def http_and_delivery_pids(pid: int) -> tuple[list[int], list[int]]:
     """`segrelay serve`'s accept side (itself, its serve-http children and, on SQLite, the accept writer that stores
     what they accept) and its delivery processes."""
     children = child_pids(pid)
-    return ([pid, *(c for c in children if command(c)[3] in ("serve-http", "accept-writer"))],
-            [c for c in children if command(c)[3] == "deliver"])
+    return ([pid, *(c for c in children if role(c) in ("serve-http", "accept-writer"))],
+            [c for c in children if role(c) == "deliver"])
 
 WRK_SCRIPT = """
 math.randomseed(os.time() * 1000 + math.floor(os.clock() * 1000000))  -- unique ids in every run

@@ -47,13 +47,13 @@ from common import (
     SECRET,
     add_rdbcompression_option,
     basic,
-    command,
     cpu_seconds,
     free_port,
     http_and_delivery_pids,
     machine_idle_seconds,
     print_table,
     redis_server,
+    role,
     scheduler_seconds,
     serve_segrelay,
     settings_header,
@@ -94,7 +94,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
         event = body(args.fixture, args.visitors)
         wrk(url, event, headers, seconds=2, connections=args.connections)  # warm-up
         pids = http_and_delivery_pids(proc.pid)[0]
-        names = {p: f"{'accept writer' if command(p)[3] == 'accept-writer' else 'HTTP process'} {p}" for p in pids}
+        names = {p: f"{'accept writer' if role(p) == 'accept-writer' else 'HTTP process'} {p}" for p in pids}
         if redis_pid is not None:
             names[redis_pid] = f"redis-server {redis_pid}"
         scheduled = {p: scheduler_seconds(p) for p in names}
