@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from common import ROOT, unix_listening, user_system_seconds
@@ -49,7 +50,8 @@ async def load(path: str, args: argparse.Namespace, payload: bytes, seconds: flo
             turn += 1
             now = time.time()
             answers = await asyncio.gather(*(
-                client.submit(("bench", f"{prefix}-{number}-{turn}-{i}", payload, JOBS, now, TTL, []), 10.0)
+                client.submit(("bench", message_id(args, f"{prefix}-{number}-{turn}-{i}"), payload, JOBS, now, TTL, []),
+                              10.0)
                 for i in range(args.turn)))
             done += sum(1 for fresh in answers if fresh)
 
@@ -59,6 +61,11 @@ async def load(path: str, args: argparse.Namespace, payload: bytes, seconds: flo
         for client in clients:
             client.close()
     return done
+
+
+def message_id(args: argparse.Namespace, sequential: str) -> str:
+    """Analytics libraries' messageIds are random (uuid4): each lands on a random page of the idempotency index."""
+    return str(uuid.uuid4()) if args.ids == "uuid" else sequential
 
 
 def measure(args: argparse.Namespace, size: int) -> None:
@@ -99,6 +106,8 @@ def main() -> None:
     parser.add_argument("--turn", type=int, default=10, help="accepts per client per turn (one frame)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ids", choices=["uuid", "sequential"], default="uuid",
+                        help="messageIds: random as analytics libraries make them, or counted up")
     args = parser.parse_args()
     for size in (int(s) for s in args.payload.split(",")):
         measure(args, size)

@@ -42,6 +42,7 @@ from common import (
     ALL_VENDORS,
     ROOT,
     SECRET,
+    add_ids_option,
     add_rdbcompression_option,
     basic,
     cpu_seconds,
@@ -191,8 +192,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         if redis_pid:
             watch_slow_calls(store)
         started = time.time()
-        load = wrk(url, event_body(), headers, seconds=args.seconds,
-                   connections=args.connections)
+        load = wrk(url, event_body(), headers, seconds=args.seconds, connections=args.connections, ids=args.ids)
         accepted = int(load["requests"] - load["non_2xx"])
         cpu_load = {p: cpu_seconds(p) - cpu_before[p] for p in pids}
         expected = accepted * len(KINDS) + before
@@ -250,6 +250,7 @@ def main() -> None:
     parser.add_argument("--http-processes", type=int, default=None,
                         help="SEGRELAY_HTTP_PROCESSES for serve (default: serve's own default)")
     add_rdbcompression_option(parser)
+    add_ids_option(parser)
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as raw_tmp:

@@ -45,6 +45,7 @@ from common import (
     ALL_VENDORS,
     ROOT,
     SECRET,
+    add_ids_option,
     add_rdbcompression_option,
     basic,
     cpu_seconds,
@@ -92,7 +93,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, stitching: boo
         headers = {"Authorization": basic(key), "X-Segment-Settings": settings_header(settings),
                    "Content-Type": "application/json"}
         event = body(args.fixture, args.visitors)
-        wrk(url, event, headers, seconds=2, connections=args.connections)  # warm-up
+        wrk(url, event, headers, seconds=2, connections=args.connections, ids=args.ids)  # warm-up
         pids = http_and_delivery_pids(proc.pid)[0]
         names = {p: f"{'accept writer' if role(p) == 'accept-writer' else 'HTTP process'} {p}" for p in pids}
         if redis_pid is not None:
@@ -121,7 +122,7 @@ def measured_load(url: str, event: str, headers: dict[str, str], args: argparse.
     """wrk's figures for the measured run, with the CPU the server's processes (`pids`) spent per request and in
     cores, wrk's cores, the machine's idle cores and the run's length (`elapsed_s`)."""
     before, idle, started = sum(cpu_seconds(p) for p in pids), machine_idle_seconds(), time.monotonic()
-    figures = wrk(url, event, headers, seconds=args.seconds, connections=args.connections)
+    figures = wrk(url, event, headers, seconds=args.seconds, connections=args.connections, ids=args.ids)
     elapsed = time.monotonic() - started
     used = sum(cpu_seconds(p) for p in pids) - before
     figures["cpu_us"] = used / max(figures["rps"] * args.seconds, 1) * 1e6
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--floors", action="store_true",
                         help="also measure the same serve's cheapest answers (501 screen call, 401 unknown key)")
     add_rdbcompression_option(parser)
+    add_ids_option(parser)
     args = parser.parse_args()
     if args.stages and args.http_processes not in (None, 1):
         parser.error("--stages times one HTTP process: leave out --http-processes or give 1")

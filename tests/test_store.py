@@ -582,6 +582,22 @@ async def test_writers_map_the_queue_file_as_far_as_sqlite_allows(tmp_path: Path
         await store.close()
 
 
+async def test_the_accept_writer_keeps_a_small_page_cache_and_delivery_a_large_one(tmp_path: Path) -> None:
+    """SQLite walks its page cache's whole hash table at the end of every transaction, and the accept writer's cache
+    fills with random pages of the idempotency index: 64 MB cost it 14 % of its CPU in that walk, 4 MB under 2 %
+    (README, 0.13.17). A delivery process keeps 64 MB so that its index pages stay at hand at depth."""
+    store = SQLiteStore(str(tmp_path / "store.db"))
+    accept_writer = store.accept_committer().conn
+    delivery = connect_writer(tmp_path / "store.db", durable=False, prepare=lambda c: None)
+    try:
+        assert accept_writer.execute("PRAGMA cache_size").fetchone()[0] == -4096
+        assert delivery.execute("PRAGMA cache_size").fetchone()[0] == -65536
+    finally:
+        accept_writer.close()
+        delivery.close()
+        await store.close()
+
+
 async def test_one_housekeeping_call_removes_several_batches_of_expired_records(tmp_path: Path) -> None:
     """SQLite keeps idempotency records and outcomes in tables that housekeeping empties: at 1,500 events/s that is
     6,000 outcomes a second to expire, several batches per call. (Redis expires them on its own.)"""

@@ -48,6 +48,7 @@ from app.store import (
 )
 from app.store.accept_writer import AcceptWriterClient
 from app.store.sqlite_writers import (
+    ACCEPT_WRITER_CACHE_KIB,
     DELIVERY_SLOTS,
     MAX_GROUP,
     MAX_GROUP_UNDURABLE,
@@ -239,8 +240,8 @@ class SQLiteStore:
 
     def accept_committer(self) -> Committer:
         """A connection of its own for the accept writer process, with this store's turn at the write lock."""
-        return Committer(connect_writer(self.path, durable=True, prepare=lambda c: None), priority=self.priority,
-                         urgent=True)
+        return Committer(connect_writer(self.path, durable=True, prepare=lambda c: None,
+                                        cache_kib=ACCEPT_WRITER_CACHE_KIB), priority=self.priority, urgent=True)
 
     @property
     def commits(self) -> int:
