@@ -10,6 +10,7 @@ second, the writer's CPU per accept (user and system, from /proc), and the clien
 per accept (their hand-off, framing and answers: the HTTP process's share of storing).
 
     python bench/accept_writer.py [--payload 2437[,1700,...]] [--clients 3] [--turn 10] [--seconds 5] [--rounds 3]
+                                  [--ids random|counted]
 
 Figures only: it decides nothing. Reference in the same run: the payload sizes given, each measured in turn.
 """
@@ -63,9 +64,9 @@ async def load(path: str, args: argparse.Namespace, payload: bytes, seconds: flo
     return done
 
 
-def message_id(args: argparse.Namespace, sequential: str) -> str:
+def message_id(args: argparse.Namespace, counted: str) -> str:
     """Analytics libraries' messageIds are random (uuid4): each lands on a random page of the idempotency index."""
-    return str(uuid.uuid4()) if args.ids == "uuid" else sequential
+    return str(uuid.uuid4()) if args.ids == "random" else counted
 
 
 def measure(args: argparse.Namespace, size: int) -> None:
@@ -106,8 +107,8 @@ def main() -> None:
     parser.add_argument("--turn", type=int, default=10, help="accepts per client per turn (one frame)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ids", choices=["uuid", "sequential"], default="uuid",
-                        help="messageIds: random as analytics libraries make them, or counted up")
+    parser.add_argument("--ids", choices=["random", "counted"], default="random",
+                        help="messageIds: random (uuid4) as analytics libraries make them, or counted up")
     args = parser.parse_args()
     for size in (int(s) for s in args.payload.split(",")):
         measure(args, size)
