@@ -202,15 +202,25 @@ class Deliverer:
         # queue: the process whose share it is may be blocked on the same tenant, and look only a second later.
         leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds,
                                         every_share=probing)
-        self._ready[slug].extend((now, job) for job in leased)
         if probing:
             # Once no look has found another tenant's jobs for PROBE_GRACE_SECONDS (their jobs are not due:
             # retries waiting for their time, say), the looks come less and less often, up to PROBE_MAX_SECONDS
             # apart. One empty look is no such sign: another delivery process's look may have taken them first.
-            if any(job.tenant not in blocked for job in leased):
+            found = any(job.tenant not in blocked for job in leased)
+            if found:
                 probe.found_at = now
             grace = now - probe.found_at < PROBE_GRACE_SECONDS
             probe.every = PROBE_SECONDS if grace else min(probe.every * 2, PROBE_MAX_SECONDS)
+            if not found:
+                # Only the blocked tenants' own jobs, most of them from other delivery processes' shares: all go
+                # back at once, due as they were, unrendered. Kept, they would wait here for slots their tenant
+                # cannot have, and their events would be opened and parsed in two processes: with 1,000,000
+                # postbacks of another tenant queued but not due, delivery parsed each event 1.22 times instead of
+                # 1.04 and spent 18 % more CPU per event (README, 0.13.17).
+                if leased:
+                    await self.store.release(leased, due_at=now)
+                return False
+        self._ready[slug].extend((now, job) for job in leased)
         excess = self._beyond_tenant_share(slug, share)
         self._render_ahead(slug, leased, excess)
         if excess:
