@@ -279,27 +279,26 @@ async def test_a_tenant_alone_at_its_limit_is_not_leased_and_handed_back_while_a
     await deliverer.stop(drain_seconds=1)
 
 
-async def loud_backlog_beside_a_waiting_retry(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
-                                              ) -> tuple[Sealer, asyncio.Event, list[str]]:
+async def loud_backlog_beside_a_waiting_retry(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> Sealer:
     """A loud tenant's 60 Tracify postbacks, and another tenant's one waiting for a retry due in an hour (it shows in
-    the counters but cannot be leased); each tenant's share of the ready list READY_MIN (8) jobs. Returns the sealer,
-    the event that releases the loud tenant's hanging requests and the list of tokens sent (`loud_tenant_hangs`)."""
+    the counters but cannot be leased); each tenant's share of the ready list READY_MIN (8) jobs. Returns the
+    sealer the events were stored with."""
     monkeypatch.setattr(worker, "READY_PER_TENANT", 0)
     monkeypatch.setattr(worker, "READY_MIN", 8)
     sealer = Sealer(SECRET)
     await accept_page(store, sealer, 500, tenant="waiting", token="waiting")
     parked = await store.lease("tracify", now=time.time(), limit=5, lease_seconds=60)
-    await store.release(parked, due_at=time.time() + 3600)
+    await store.release(parked, due_at=time.time() + 3600)  # a retry due in an hour
     for n in range(60):
         await accept_page(store, sealer, n, tenant="loud", token=f"loud-{n}")
-    return sealer, asyncio.Event(), []
+    return sealer
 
 
 async def test_looks_that_find_only_jobs_not_yet_due_slow_down_until_a_tenant_comes(
         store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another tenant's postbacks waiting for their retry time show in the counters but cannot be leased: the looks
     past the blocked tenant's backlog back off (each finds nothing) and return to once a second for a newcomer."""
-    sealer, hang, seen = await loud_backlog_beside_a_waiting_retry(store, monkeypatch)
+    sealer, hang, seen = await loud_backlog_beside_a_waiting_retry(store, monkeypatch), asyncio.Event(), []
 
     deliverer = loud_tenant_hangs(store, sealer, hang, seen)
     deliverer.start()
@@ -323,7 +322,7 @@ async def test_a_look_that_finds_only_the_blocked_tenants_jobs_hands_them_all_ba
     its own jobs, most of them from other delivery processes' shares. All go back at once, none kept or rendered
     here: kept, their events were parsed in two processes (1.22 parses per event instead of 1.04 with 1,000,000
     postbacks of another tenant queued, README 0.13.17)."""
-    sealer, hang, seen = await loud_backlog_beside_a_waiting_retry(store, monkeypatch)
+    sealer, hang, seen = await loud_backlog_beside_a_waiting_retry(store, monkeypatch), asyncio.Event(), []
     lease, release, steps = store.lease, store.release, []
 
     async def noting_lease(vendor: str, **kwargs: Any) -> list[Job]:
