@@ -14,6 +14,7 @@ import redis
 
 from app.keys import KeyRecord
 from app.store import Identity, NewJob, Store, open_store
+from app.store import sqlite as sqlite_store
 from app.store.redis import RedisStore
 from app.store.sqlite import LIVE_SECONDS, SCHEMA, SHARE_REFRESH, TAKE_OVER_AFTER, SQLiteStore
 from app.store.sqlite_writers import BACKSTOP_PAGES, CHECKPOINT_PAGES, PRIORITY_SLOTS, Checkpointer, connect_writer
@@ -631,6 +632,32 @@ async def test_on_serve_only_the_checkpointer_copies_the_wal_into_the_file(tmp_p
     finally:
         accept_writer.close()
         await delivery.close()
+        await store.close()
+
+
+async def test_a_look_leases_only_other_tenants_due_jobs_among_the_first_it_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look past blocked tenants (`skip_tenants`) passes over their jobs without leasing them, takes other
+    tenants' due jobs oldest first from every share, and reads no further than LOOK_SCAN due jobs."""
+    monkeypatch.setattr(sqlite_store, "LOOK_SCAN", 6)
+    store = SQLiteStore(str(tmp_path / "store.db"))
+    now = time.time()
+    try:
+        for n, tenant in enumerate(["loud"] * 3 + ["quiet"] + ["loud"] * 3 + ["quiet", "late"]):
+            await store.accept(tenant, f"m{n}", b"p", [job("tracify")], now=now + n, ttl=60)
+        later = now + 100
+        look = await store.lease("tracify", now=later, limit=5, lease_seconds=30, every_share=True,
+                                 skip_tenants={"loud"})
+        assert [(j.tenant, j.message_id) for j in look] == [("quiet", "m3")]  # m7 and m8 lie past the first six
+        assert await store.lease("tracify", now=later, limit=5, lease_seconds=30, every_share=True,
+                                 skip_tenants={"loud"}) == []  # the first six due now: all loud
+        monkeypatch.setattr(sqlite_store, "LOOK_SCAN", 100)
+        again = await store.lease("tracify", now=later, limit=5, lease_seconds=30, every_share=True,
+                                  skip_tenants={"loud", "late"})
+        assert [(j.tenant, j.message_id) for j in again] == [("quiet", "m7")]
+        rest = await store.lease("tracify", now=later, limit=10, lease_seconds=30)
+        assert sorted(j.message_id for j in rest) == [f"m{n}" for n in (0, 1, 2, 4, 5, 6, 8)]  # none leased before
+    finally:
         await store.close()
 
 

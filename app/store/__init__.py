@@ -19,7 +19,7 @@ per vendor, and bytes queued per tenant and in all, which bound the queue (`SEGR
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -177,13 +177,15 @@ class Store(Protocol):
         ...
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float,
-                    every_share: bool = False) -> list[Job]:
+                    every_share: bool = False, skip_tenants: Collection[str] = ()) -> list[Job]:
         """Up to `limit` due jobs of one vendor, leased: they are due again once a lease expires.
 
         Every caller passes the same lease_seconds (SEGRELAY_LEASE_SECONDS): Redis applies it when it takes
         over an idle entry, SQLite when it hands one out. `every_share`: where delivery processes share the queue
         by event (`leases_by_event`), look at every process's share, not this one's first (a look past blocked
-        tenants for another tenant's jobs, which must not wait for another process's look).
+        tenants for another tenant's jobs, which must not wait for another process's look). `skip_tenants`: that
+        look's blocked tenants, whose jobs it does not want: SQLite passes over them; Redis's streams cannot, so
+        it leases them as they come and the caller hands them back.
         """
         ...
     async def complete(self, jobs: Sequence[Job], *, status: int | None = None, now: float = 0.0) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Any
 
 import orjson
@@ -260,7 +260,7 @@ class RedisStore:
     # queue ---------------------------------------------------------------------------------------------
 
     async def lease(self, vendor: str, *, now: float, limit: int, lease_seconds: float,
-                    every_share: bool = False) -> list[Job]:
+                    every_share: bool = False, skip_tenants: Collection[str] = ()) -> list[Job]:
         """Due jobs, new or retried, and a dead replica's jobs once idle past the lease.
 
         The pending list is looked through for idle entries at the first lease, then from where the last look
