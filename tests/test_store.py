@@ -17,7 +17,7 @@ from app.store import Identity, NewJob, Store, open_store
 from app.store import sqlite as sqlite_store
 from app.store.redis import RedisStore
 from app.store.sqlite import LIVE_SECONDS, SCHEMA, SHARE_REFRESH, TAKE_OVER_AFTER, SQLiteStore
-from app.store.sqlite_writers import BACKSTOP_PAGES, CHECKPOINT_PAGES, PRIORITY_SLOTS, Checkpointer, connect_writer
+from app.store.sqlite_writers import PRIORITY_SLOTS, connect_writer
 from tests.support import RedisServer
 
 
@@ -596,42 +596,6 @@ async def test_the_accept_writer_keeps_a_small_page_cache_and_delivery_a_large_o
     finally:
         accept_writer.close()
         delivery.close()
-        await store.close()
-
-
-async def test_on_serve_only_the_checkpointer_copies_the_wal_into_the_file(tmp_path: Path) -> None:
-    """A checkpoint (a thousand page writes and an fsync) inside the accept writer's COMMIT made its next group wait
-    (README, 0.13.18): the accept writer's and delivery's connections leave checkpoints to the accept writer's
-    `Checkpointer` thread up to BACKSTOP_PAGES of WAL, and a writer with nobody to checkpoint for it (the HTTP
-    process's own) keeps SQLite's 1,000 pages."""
-    path = tmp_path / "store.db"
-    store = SQLiteStore(str(path))
-    delivery = SQLiteStore(str(path), durable=False)
-    accept_writer = store.accept_committer().conn
-    try:
-        assert accept_writer.execute("PRAGMA wal_autocheckpoint").fetchone() == (BACKSTOP_PAGES,)
-        assert delivery._writer.committer.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (BACKSTOP_PAGES,)
-        assert store._writer.committer.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (CHECKPOINT_PAGES,)
-        accept_writer.execute("CREATE TABLE filler (blob BLOB)")
-        size = path.stat().st_size
-        for _ in range(3):  # 1,500 pages in three transactions: past SQLite's own threshold
-            accept_writer.execute("BEGIN IMMEDIATE")
-            accept_writer.executemany("INSERT INTO filler VALUES (?)", [(b"x" * 3000,)] * 500)
-            accept_writer.execute("COMMIT")
-        assert path.stat().st_size == size  # every page still only in the WAL: no COMMIT checkpointed
-        checkpointer = Checkpointer(path, interval=0.01)
-        checkpointer.start()
-        try:
-            deadline = time.monotonic() + 10
-            while path.stat().st_size < size + 1500 * 4096 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-        finally:
-            checkpointer.close()
-        assert path.stat().st_size >= size + 1500 * 4096
-        assert checkpointer.checkpoints >= 1
-    finally:
-        accept_writer.close()
-        await delivery.close()
         await store.close()
 
 

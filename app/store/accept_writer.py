@@ -34,7 +34,6 @@ import signal
 import socket
 import struct
 import time
-from pathlib import Path
 from typing import Any
 
 from app.store import StoreError, StoreUnavailableError
@@ -220,13 +219,10 @@ def serve(database: str, path: str, *, slot: int) -> int:
     """Run the accept writer until SIGTERM: store what arrives, in groups, answer each request."""
     from app import metrics  # here: prometheus_client reads serve's multiprocess folder when first imported
     from app.store.sqlite import SQLiteStore
-    from app.store.sqlite_writers import Checkpointer
 
     # The store itself creates or migrates the schema and prepares the priority file; its writer threads stay idle.
     store = SQLiteStore(database, durable=True, slot=slot)
     committer = store.accept_committer()
-    checkpointer = Checkpointer(Path(database))  # the file's checkpoints, off every writer's COMMIT
-    checkpointer.start()
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
@@ -264,7 +260,6 @@ def serve(database: str, path: str, *, slot: int) -> int:
         _drop(peer, selector, peers)
     selector.close()
     committer.conn.close()
-    checkpointer.close()
     asyncio.run(store.close())
     log.info("accept writer stopped", extra={"transactions": committer.commits})
     return 0

@@ -49,8 +49,6 @@ from app.store import (
 from app.store.accept_writer import AcceptWriterClient
 from app.store.sqlite_writers import (
     ACCEPT_WRITER_CACHE_KIB,
-    BACKSTOP_PAGES,
-    CHECKPOINT_PAGES,
     DELIVERY_SLOTS,
     MAX_GROUP,
     MAX_GROUP_UNDURABLE,
@@ -163,10 +161,7 @@ class SQLiteStore:
         self._share_at, self._share = -1.0, (0, 1)  # when this process last looked, and its share: (index, of)
         self.priority = WriterPriority(self.path.with_name(f"{self.path.name}-priority"), slot)
         self.priority.want(False)  # a flag left in this slot by a crashed process
-        # A delivery process checkpoints only past the backstop: `serve`'s accept writer does it (`Checkpointer`), and
-        # elsewhere the HTTP process's writer thread does at SQLite's own threshold.
-        connection = connect_writer(self.path, durable=durable, prepare=self._prepare,
-                                    checkpoint_pages=CHECKPOINT_PAGES if durable else BACKSTOP_PAGES)
+        connection = connect_writer(self.path, durable=durable, prepare=self._prepare)
         # An HTTP process's writes (keys, settings, and accepts when the accept writer is off) on a thread of their
         # own, which waits for the disk; a delivery process's on its event loop (`LoopWriter`).
         self._writer: ThreadWriter | LoopWriter = (
@@ -247,8 +242,7 @@ class SQLiteStore:
     def accept_committer(self) -> Committer:
         """A connection of its own for the accept writer process, with this store's turn at the write lock."""
         return Committer(connect_writer(self.path, durable=True, prepare=lambda c: None,
-                                        cache_kib=ACCEPT_WRITER_CACHE_KIB, checkpoint_pages=BACKSTOP_PAGES),
-                         priority=self.priority, urgent=True)
+                                        cache_kib=ACCEPT_WRITER_CACHE_KIB), priority=self.priority, urgent=True)
 
     @property
     def commits(self) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 import mmap
 import os
 import queue
@@ -33,8 +32,6 @@ from typing import Any, TypeVar
 
 from app.deadlines import within
 from app.store import StoreError, StoreUnavailableError
-
-_log = logging.getLogger("segrelay.store")
 
 T = TypeVar("T")
 MAX_GROUP = 512  # operations per transaction for the HTTP process (accepts: one fsync serves them all)
@@ -61,14 +58,6 @@ MMAP_BYTES = 2_147_418_112
 # checkpoints it at 1,000) and cost it under 2 % (README, 0.13.17).
 CACHE_KIB = 65_536
 ACCEPT_WRITER_CACHE_KIB = 4_096
-# Copying the WAL's pages into the file (a checkpoint: a thousand page writes and an fsync, 10-25 ms) ran inside the
-# COMMIT of whichever writer passed SQLite's 1,000 pages: mostly the accept writer's, whose next group waited for it,
-# and accepts in the slowest 1 % waited 25 ms and more. On `serve`, the accept writer's own thread does them every
-# CHECKPOINT_SECONDS (`Checkpointer`); its writers and delivery's only ever checkpoint past BACKSTOP_PAGES (40 MB of
-# WAL), should that thread fall behind or be absent (README, 0.13.18).
-CHECKPOINT_SECONDS = 0.1
-CHECKPOINT_PAGES = 1_000  # SQLite's own threshold: a writer with nobody to checkpoint for it
-BACKSTOP_PAGES = 10_000
 
 
 class _Stop:
@@ -367,52 +356,19 @@ class WriterPriority:
 
 
 def connect_writer(path: Path, *, durable: bool, prepare: Callable[[sqlite3.Connection], object],
-                   mmap: bool = True, cache_kib: int = CACHE_KIB,
-                   checkpoint_pages: int = CHECKPOINT_PAGES) -> sqlite3.Connection:
-    """A writer's connection: WAL, its synchronous level, a page cache of `cache_kib` KB, the file mapped, its
-    COMMIT checkpointing past `checkpoint_pages` of WAL; `prepare` creates or migrates the schema while SQLite's own
-    busy handler still waits for other processes."""
+                   mmap: bool = True, cache_kib: int = CACHE_KIB) -> sqlite3.Connection:
+    """A writer's connection: WAL, its synchronous level, a page cache of `cache_kib` KB, the file mapped;
+    `prepare` creates or migrates the schema while SQLite's own busy handler still waits for other processes."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_TIMEOUT,
                            factory=WriterConnection)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
     conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
-    conn.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_pages)}")
     if mmap:
         conn.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
     prepare(conn)
     conn.execute("PRAGMA busy_timeout=0")  # from here on, a writer waits for the lock itself (lock_steps)
     return conn
-
-
-class Checkpointer:
-    """Copies the WAL's committed pages into the database file on a thread of its own, every `interval` seconds
-    (PASSIVE: it never waits for a writer or a reader, and whatever it could not copy yet waits for the next time),
-    so that no writer's COMMIT does it (CHECKPOINT_SECONDS above). SQLite lets other threads run while it writes."""
-
-    def __init__(self, path: Path, interval: float = CHECKPOINT_SECONDS) -> None:
-        self.interval = interval
-        self.checkpoints = 0
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_TIMEOUT)
-        self._conn.execute("PRAGMA synchronous=FULL")  # the file's fsync after each copy, before the WAL is reused
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sqlite-checkpointer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._conn.close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                self.checkpoints += 1
-            except sqlite3.Error as exc:  # the next one tries again; a writer's BACKSTOP_PAGES bound the WAL meanwhile
-                _log.warning("checkpoint failed", extra={"error": str(exc)})
 
 
 def bump_counters(c: sqlite3.Connection, bumps: Sequence[tuple[str, int]]) -> None:
