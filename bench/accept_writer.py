@@ -27,7 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common import ROOT, unix_listening, user_system_seconds
+from common import ROOT, add_ids_option, unix_listening, user_system_seconds
 
 from app.store.accept_writer import AcceptWriterClient
 from app.supervisor import ACCEPT_WRITER_SLOT
@@ -107,8 +107,7 @@ def main() -> None:
     parser.add_argument("--turn", type=int, default=10, help="accepts per client per turn (one frame)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ids", choices=["random", "counted"], default="random",
-                        help="messageIds: random (uuid4) as analytics libraries make them, or counted up")
+    add_ids_option(parser)
     args = parser.parse_args()
     for size in (int(s) for s in args.payload.split(",")):
         measure(args, size)
