@@ -181,7 +181,7 @@ class Deliverer:
         share = max(READY_PER_TENANT * self._tenant_limit(tenants) * batch_size, READY_MIN)
         dispatchable = self._dispatchable(slug)
         probing = False
-        blocked: set[str] = set()
+        blocked: set[str] = set()  # tenants a look passes over: only ever set when it looks
         wanted = min(READY_MAX - len(ready), share, LEASE_MAX) - dispatchable  # the list kept at the tenants' share
         if ready and dispatchable == 0:
             # Every ready job waits for its tenant while slots are free. Leasing more of the same would only churn;
@@ -202,7 +202,7 @@ class Deliverer:
         # A look past blocked tenants takes another tenant's jobs from every delivery process's share of the
         # queue: the process whose share it is may be blocked on the same tenant, and look only a second later.
         leased = await self.store.lease(slug, now=now, limit=wanted, lease_seconds=self.config.lease_seconds,
-                                        every_share=probing, skip_tenants=blocked if probing else ())
+                                        every_share=probing, skip_tenants=blocked)
         if probing:
             # Once no look has found another tenant's jobs for PROBE_GRACE_SECONDS (their jobs are not due:
             # retries waiting for their time, say), the looks come less and less often, up to PROBE_MAX_SECONDS

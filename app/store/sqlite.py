@@ -662,13 +662,11 @@ def _others_due(c: sqlite3.Connection, vendor: str, now: float, limit: int, skip
     of another tenant queued but not due that held the write lock up to 50 ms at a time while accepts waited
     (README, 0.13.18)."""
     skipped = list(skip)
-    ids = [row[0] for row in c.execute(
-        "SELECT id FROM (SELECT id, tenant, due_at FROM jobs WHERE vendor = ? AND dead = 0 AND due_at <= ?"  # noqa: S608
-        f" ORDER BY due_at LIMIT ?) WHERE tenant NOT IN ({_marks(len(skipped))}) ORDER BY due_at LIMIT ?",
-        (vendor, now, LOOK_SCAN, *skipped, limit))]
-    if not ids:
-        return []
-    return c.execute(_JOB_SELECT + f" WHERE j.id IN ({_marks(len(ids))}) ORDER BY j.due_at", ids).fetchall()
+    return c.execute(
+        _JOB_SELECT + " WHERE j.id IN (SELECT id FROM (SELECT id, tenant, due_at FROM jobs WHERE vendor = ?"  # noqa: S608
+        " AND dead = 0 AND due_at <= ? ORDER BY due_at LIMIT ?)"
+        f" WHERE tenant NOT IN ({_marks(len(skipped))}) ORDER BY due_at LIMIT ?) ORDER BY j.due_at",
+        (vendor, now, LOOK_SCAN, *skipped, limit)).fetchall()
 
 
 def require_json_functions(conn: sqlite3.Connection) -> None:
