@@ -625,6 +625,31 @@ async def test_a_look_leases_only_other_tenants_due_jobs_among_the_first_it_read
         await store.close()
 
 
+async def test_a_lease_writes_new_jobs_first_in_short_transactions_of_their_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jobs of newly accepted events are written before a lease, FAN_OUT_EVENTS events a transaction, at most
+    FAN_OUT_ROUNDS of them (the rest wait for the next lease), and the lease's own transaction writes none: a long
+    transaction holds the write lock that accepts wait for."""
+    monkeypatch.setattr(sqlite_store, "FAN_OUT_EVENTS", 4)
+    monkeypatch.setattr(sqlite_store, "FAN_OUT_ROUNDS", 3)
+    store = SQLiteStore(str(tmp_path / "store.db"))
+    now = time.time()
+    try:
+        for n in range(20):
+            await store.accept("acme", f"m{n}", b"p", [job("tracify")], now=now, ttl=60)
+        before = store.commits
+        first = await store.lease("tracify", now=now + 1, limit=100, lease_seconds=30)
+        assert sorted(int(j.message_id[1:]) for j in first) == list(range(12))  # three rounds of four events
+        assert store.commits - before == 4  # three fan-outs, then the lease
+        second = await store.lease("tracify", now=now + 1, limit=100, lease_seconds=30)
+        assert sorted(int(j.message_id[1:]) for j in second) == list(range(12, 20))
+        before = store.commits
+        assert await store.lease("tracify", now=now + 1, limit=100, lease_seconds=30) == []
+        assert store.commits - before == 2  # a fan-out that found nothing new ends the rounds
+    finally:
+        await store.close()
+
+
 async def test_one_housekeeping_call_removes_several_batches_of_expired_records(tmp_path: Path) -> None:
     """SQLite keeps idempotency records and outcomes in tables that housekeeping empties: at 1,500 events/s that is
     6,000 outcomes a second to expire, several batches per call. (Redis expires them on its own.)"""
