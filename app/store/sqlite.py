@@ -361,9 +361,10 @@ class SQLiteStore:
     async def _catch_up(self) -> None:
         """Write the job rows of the events accepted since the last fan-out, FAN_OUT_EVENTS a transaction, up to
         FAN_OUT_ROUNDS transactions. Inside the lease's own transaction, a fan-out of up to 256 events and Tracify's
-        lease of 256 jobs held the write lock 4-15 ms and up to 53 ms at once with 1,000,000 postbacks queued, while
-        the accept writer waited (up to 40-43 ms); in transactions of their own, 64 events each, its longest wait
-        was 19-24 ms and the server's p99 20-25 ms against 24-37 (three runs each, README, 0.13.19)."""
+        lease of 256 jobs held the write lock 12-18 ms at the median and up to 40-67 ms with 1,000,000 postbacks
+        queued, while the accept writer waited (up to 40-44 ms); in transactions of their own, 64 events each, its
+        longest wait was 16-24 ms and the server's p99 20.5-24.5 ms against 24.5-37 (three runs each, README,
+        0.13.19)."""
         limit = FAN_OUT_EVENTS
         for _ in range(FAN_OUT_ROUNDS):
             if await self._call(lambda c: fan_out_op(c, limit)) < limit:
