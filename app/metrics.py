@@ -50,6 +50,11 @@ VENDOR_SECONDS = Histogram("segrelay_vendor_request_duration_seconds", "Vendor r
 ACCEPT_WRITER_SECONDS = Histogram("segrelay_accept_writer_transaction_seconds", "The accept writer's groups "
                                   "(SQLite): statements, COMMIT with its fsync, and the answers, per group",
                                   buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+ACCEPT_WRITER_LOCK_WAIT_SECONDS = Histogram("segrelay_accept_writer_lock_wait_seconds", "The accept writer's wait "
+                                            "for SQLite's write lock before a group (another process held it: a "
+                                            "delivery process, mostly), part of its transaction's time",
+                                            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                     0.25, 1))
 ACCEPT_WRITER_ACCEPTS = Counter("segrelay_accept_writer_accepts", "Accepts the accept writer stored or refused; "
                                 "divided by its transactions, the size of its groups")
 # Gauges: the HTTP process sets the queue figures, delivery processes the circuits; across processes the

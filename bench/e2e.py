@@ -129,6 +129,19 @@ return #entries
 """
 
 
+def lock_waits(exported: str) -> dict[str, float]:
+    """SQLite: the accept writer's groups that waited over 10 ms for the write lock (held by a delivery process,
+    mostly), and all its groups, from serve's /metrics; nothing on Redis."""
+    def value(pattern: str) -> float | None:
+        found = re.search(pattern, exported, re.MULTILINE)
+        return float(found.group(1)) if found else None
+    groups = value(r"^segrelay_accept_writer_lock_wait_seconds_count ([0-9.e+]+)$")
+    short = value(r'^segrelay_accept_writer_lock_wait_seconds_bucket\{le="0\.01"\} ([0-9.e+]+)$')
+    if groups is None or short is None:
+        return {}
+    return {"writer_groups": groups, "writer_lock_waits_over_10ms": groups - short}
+
+
 def prefill(env: dict[str, str], tmp: Path, count: int) -> None:
     """Queue `count` Audiohook postbacks due in a day: the backlog of a vendor outage, waiting for its retries."""
     code = f"""
@@ -214,8 +227,8 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
         arrivals = sorted(seen["arrivals"])
         most = arrivals[int(len(arrivals) * 0.99) - 1] - started if arrivals else 0.0
         server = server_durations(tmp / "segrelay.log")
-        opened = re.search(r"^segrelay_delivery_events_opened_total ([0-9.e+]+)$",
-                           httpx.get(url + "/metrics", timeout=10).text, re.MULTILINE)
+        exported = httpx.get(url + "/metrics", timeout=10).text
+        opened = re.search(r"^segrelay_delivery_events_opened_total ([0-9.e+]+)$", exported, re.MULTILINE)
         return {
             "accepted": accepted, "accepted_per_s": load["rps"], "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
             "non_2xx": load["non_2xx"], "load_s": args.seconds, "last_delivery_after_s": round(drained, 2),
@@ -230,6 +243,7 @@ def run_segrelay(tmp: Path, store: str, args: argparse.Namespace, vendor_url: st
             # how many times delivery parsed each stored event (segrelay's own counter; prefilled events are not due)
             "parses_per_event": round(float(opened.group(1)) / max(accepted, 1), 2) if opened else None,
             "server_p99_ms": server[int(len(server) * 0.99) - 1] if server else 0.0,
+            **lock_waits(exported),
             "server_max_ms": server[-1] if server else 0.0,
             "server_over_25ms": sum(1 for ms in server if ms > 25),
             "last_by_kind_s": {kind: round(at - started, 1) for kind, at in sorted(seen["last_by_kind"].items())},

@@ -137,6 +137,8 @@ def test_the_accept_writer_stores_for_every_http_process_and_a_dead_one_is_repla
     stored = re.search(r"^segrelay_accept_writer_accepts_total ([0-9.e+]+)$", exported, re.MULTILINE)
     assert stored is not None and float(stored.group(1)) >= len(accepted), exported[-2000:]
     assert "segrelay_accept_writer_transaction_seconds_count" in exported
+    waits = re.search(r"^segrelay_accept_writer_lock_wait_seconds_count ([0-9.e+]+)$", exported, re.MULTILINE)
+    assert waits is not None and float(waits.group(1)) >= 1, exported[-2000:]  # one per group of accepts
     assert wait_until(lambda: hit_ids(accepted) <= set(delivered_message_ids(fresh_stub)), 30)
     assert "accept writer process exited; starting another" in service.logs()
     assert service.terminate() == 0

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -244,3 +246,34 @@ def test_a_failing_transaction_resumes_the_collector(tmp_path: Path) -> None:
     assert isinstance(committer.run_begun([(fail, "token")]), sqlite3.OperationalError)
     assert gc.isenabled()
     committer.conn.close()
+
+
+def test_a_committer_counts_its_wait_for_the_write_lock(tmp_path: Path) -> None:
+    """`Committer.waited` is the time its last transaction waited for another process's write lock (the accept
+    writer exports it as segrelay_accept_writer_lock_wait_seconds): here the lock is held 0.2 s after the committer
+    starts, and given back; the next transaction, with the lock free, counts its own wait only."""
+    path = tmp_path / "plain.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    committer = Committer(sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0))
+    starting = threading.Event()
+    done: list[Any] = []
+
+    def write() -> None:
+        starting.set()
+        done.extend(committer.run([(lambda c: c.execute("INSERT INTO t VALUES (1)"), "token")]))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    starting.wait(5)
+    time.sleep(0.2)
+    holder.execute("COMMIT")
+    writer.join(10)
+    assert done == [("token", done[0][1], None)]
+    held = committer.waited
+    assert held >= 0.02  # the lock was held about 0.2 s after the committer began to wait
+    committer.run([(lambda c: c.execute("INSERT INTO t VALUES (2)"), "token")])
+    assert committer.waited < held  # each transaction counts its own wait
+    committer.conn.close()
+    holder.close()

@@ -252,6 +252,7 @@ def serve(database: str, path: str, *, slot: int) -> int:
             started = time.perf_counter()
             _store(committer, group, selector, peers)
             metrics.ACCEPT_WRITER_SECONDS.observe(time.perf_counter() - started)
+            metrics.ACCEPT_WRITER_LOCK_WAIT_SECONDS.observe(committer.waited)
             metrics.ACCEPT_WRITER_ACCEPTS.inc(len(group))
     listener.close()
     with contextlib.suppress(FileNotFoundError):

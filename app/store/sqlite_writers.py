@@ -121,6 +121,7 @@ class Committer:
                  urgent: bool = False) -> None:
         self.conn, self.priority, self.urgent = conn, priority, urgent
         self.commits = 0  # transactions committed (group commit makes this much smaller than operations)
+        self.waited = 0.0  # seconds the last `run` waited for the write lock (another process held it)
 
     def run(self, group: Sequence[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list[Any]:
         """Run the group (operations, each with a token) in one transaction; if it fails, redo each operation in
@@ -129,6 +130,7 @@ class Committer:
         A caller learns success only once its transaction has committed: results are collected first and handed
         out after COMMIT returns. A failed COMMIT (a full disk, an I/O error) fails every operation in it.
         """
+        self.waited = 0.0
         try:
             self._begin(self.conn)
         except Exception as exc:
@@ -177,10 +179,15 @@ class Committer:
         return [(token, value, None) for (_, token), value in zip(group, values, strict=True)]
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE (`lock_steps`), sleeping between attempts: this writer's thread has nothing else to do."""
-        with contextlib.closing(lock_steps(conn, self.priority, urgent=self.urgent)) as steps:
-            for pause in steps:
-                time.sleep(pause)
+        """BEGIN IMMEDIATE (`lock_steps`), sleeping between attempts: this writer's thread has nothing else to do.
+        The time until the lock is held adds to `waited`."""
+        started = time.perf_counter()
+        try:
+            with contextlib.closing(lock_steps(conn, self.priority, urgent=self.urgent)) as steps:
+                for pause in steps:
+                    time.sleep(pause)
+        finally:
+            self.waited += time.perf_counter() - started
 
 
 class ThreadWriter:
