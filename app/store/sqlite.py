@@ -22,6 +22,7 @@ writes at a time, so an event past the cursor is complete, and each is fanned ou
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -336,8 +337,13 @@ class SQLiteStore:
         unless `every_share`; with `skip_tenants` (a look past blocked tenants), only other tenants' jobs among the
         vendor's first LOOK_SCAN due ones, in every share.
 
-        The newest accepts' jobs, every vendor's, are written first, in transactions of their own (`_catch_up`)."""
-        await self._catch_up()
+        The newest accepts' jobs, every vendor's, are written first, in transactions of their own (`fan_out`, at
+        most FAN_OUT_ROUNDS of them). Inside the lease's own transaction, a fan-out of up to 256 events and
+        Tracify's lease of 256 jobs held the write lock 12-18 ms at the median and up to 40-67 ms with 1,000,000
+        postbacks queued, while the accept writer waited (up to 40-44 ms); in transactions of their own, 64 events
+        each, its longest wait was 16-24 ms and the server's p99 20.5-24.5 ms against 24.5-37 (three runs each,
+        README, 0.13.19)."""
+        await self.fan_out(rounds=FAN_OUT_ROUNDS)
 
         def op(c: sqlite3.Connection) -> list[Job]:
             index, of = self._share_of(c, now)  # noted even when looking at every share
@@ -357,18 +363,6 @@ class SQLiteStore:
                           (now + lease_seconds, *ids))
             return [_job(r) for r in rows]
         return await self._call(op)
-
-    async def _catch_up(self) -> None:
-        """Write the job rows of the events accepted since the last fan-out, FAN_OUT_EVENTS a transaction, up to
-        FAN_OUT_ROUNDS transactions. Inside the lease's own transaction, a fan-out of up to 256 events and Tracify's
-        lease of 256 jobs held the write lock 12-18 ms at the median and up to 40-67 ms with 1,000,000 postbacks
-        queued, while the accept writer waited (up to 40-44 ms); in transactions of their own, 64 events each, its
-        longest wait was 16-24 ms and the server's p99 20.5-24.5 ms against 24.5-37 (three runs each, README,
-        0.13.19)."""
-        limit = FAN_OUT_EVENTS
-        for _ in range(FAN_OUT_ROUNDS):
-            if await self._call(lambda c: fan_out_op(c, limit)) < limit:
-                return
 
     def _share_of(self, c: sqlite3.Connection, now: float) -> tuple[int, int]:
         """Which events' jobs this process leases: those whose event id is `index` modulo `of`, the number of
@@ -541,12 +535,16 @@ class SQLiteStore:
             ages[vendor.slug] = max(0.0, now - oldest) if oldest is not None else 0.0
         return ages
 
-    async def fan_out(self) -> int:
-        """Write the job rows of every event accepted since delivery last leased (`fan_out_op`), a transaction per
-        FAN_OUT_EVENTS so that accepts take the lock in between; how many events."""
-        total = 0
-        while count := await self._call(fan_out_op):
+    async def fan_out(self, rounds: int | None = None) -> int:
+        """Write the job rows of every event accepted since the last fan-out (`fan_out_op`), a transaction per
+        FAN_OUT_EVENTS so that accepts take the lock in between, until one finds fewer (none left then), or after
+        `rounds` transactions (the rest wait for the next call); how many events."""
+        limit, total = FAN_OUT_EVENTS, 0
+        for _ in range(rounds) if rounds is not None else itertools.count():
+            count = await self._call(lambda c: fan_out_op(c, limit))
             total += count
+            if count < limit:
+                break
         return total
 
     async def housekeeping(self, *, now: float, keep_seconds: float = 7 * 86_400,
