@@ -139,7 +139,7 @@ def lock_waits(exported: str) -> dict[str, float]:
     groups = value(r"^segrelay_accept_writer_lock_wait_seconds_count ([0-9.e+]+)$")
     short_wait = value(r'^segrelay_accept_writer_lock_wait_seconds_bucket\{le="0\.01"\} ([0-9.e+]+)$')
     short = value(r'^segrelay_accept_writer_transaction_seconds_bucket\{le="0\.01"\} ([0-9.e+]+)$')
-    if groups is None or short_wait is None or short is None:
+    if not groups or short_wait is None or short is None:  # Redis: the histograms are there, empty
         return {}
     return {"writer_groups": groups, "writer_groups_over_10ms": groups - short,
             "writer_lock_waits_over_10ms": groups - short_wait}
