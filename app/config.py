@@ -54,7 +54,7 @@ class Config:
     delivery: bool = True
     redis_unsafe: bool = False
     delivery_processes: int = field(default_factory=lambda: default_delivery_processes())
-    delivery_nice: int = 10
+    delivery_nice: int = 19
     http_processes: int = field(default_factory=lambda: default_http_processes())
     log_level: str = "info"
     identity_ttl_days: float = 30.0
@@ -104,7 +104,7 @@ class Config:
             delivery=_bool(env, "SEGRELAY_DELIVERY", True),
             redis_unsafe=_bool(env, "SEGRELAY_REDIS_UNSAFE", False),
             delivery_processes=_int(env, "SEGRELAY_DELIVERY_PROCESSES", default_delivery_processes(), minimum=0),
-            delivery_nice=_int(env, "SEGRELAY_DELIVERY_NICE", 10, minimum=0),
+            delivery_nice=_int(env, "SEGRELAY_DELIVERY_NICE", 19, minimum=0),
             http_processes=http_processes,
             log_level=env.get("SEGRELAY_LOG_LEVEL", "info").lower(),
             identity_ttl_days=_float(env, "SEGRELAY_IDENTITY_TTL_DAYS", 30.0, minimum=0.0001),

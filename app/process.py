@@ -6,8 +6,8 @@
   process spent about 15 % of its CPU there. A first threshold of 50,000 keeps young collections rare; objects that
   live on are still collected by the older generations as before.
 - Priority: answering Segment is latency-bound, delivering is throughput-bound and catches up. Delivery processes
-  run at a lower CPU priority (`SEGRELAY_DELIVERY_NICE`), so under load the HTTP process gets a core when it
-  needs one and delivery uses the rest.
+  run at the lowest CPU priority (`SEGRELAY_DELIVERY_NICE`, 19 by default), so under load the HTTP process (and
+  redis-server beside it) gets a core when it needs one and delivery uses the rest.
 """
 
 from __future__ import annotations

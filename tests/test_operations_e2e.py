@@ -58,7 +58,7 @@ def niceness(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
 
 
-@pytest.mark.parametrize(("nice", "added"), [(None, 10), ("3", 3), ("0", 0)])
+@pytest.mark.parametrize(("nice", "added"), [(None, 19), ("3", 3), ("0", 0)])
 def test_delivery_processes_yield_the_cpu_to_the_http_process(make_server: type[Segrelay], nice: str | None,
                                                                added: int) -> None:
     env = ({"SEGRELAY_DELIVERY_PROCESSES": "2", "SEGRELAY_HTTP_PROCESSES": "2"}
