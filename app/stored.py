@@ -9,6 +9,7 @@ payloads while Segment waits.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ CACHE_OUTCOMES = 4096  # a vendor's postbacks for one event, kept only while som
 # about 1.2 KB of encoded bodies, so the bytes bound keeps them to about 85 MB.
 KEPT_POSTBACKS = 65536
 KEPT_BYTES = 48 * 1024 * 1024
+# Once the bounds are reached, no more are built ahead (the next vendor to come needs the oldest, not the newest)
+# until some are taken, or until the oldest have waited this long: a job that never comes for them (another
+# process took it over) must not keep the room forever. Evicting the oldest instead, a backlog larger than the bounds
+# (a 30 s burst: 2.75 parses per event) threw away exactly what the vendor furthest behind was about to take.
+KEPT_SECONDS = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,7 @@ class Renderer:
         self._outcome_bytes = 0  # the kept postbacks' encoded bodies
         self.kept_max, self.kept_bytes = ((KEPT_POSTBACKS, KEPT_BYTES) if every_vendor
                                           else (CACHE_OUTCOMES, KEPT_BYTES))
+        self._reached: dict[str, int] = {}  # with `every_vendor`: each vendor's highest event id rendered here
 
     def render(self, job: Job) -> EncodedPostback | Skip:
         """The job's postback, or a Skip saying why it can no longer be built.
@@ -108,9 +115,12 @@ class Renderer:
         """
         nonce = job.payload[:NONCE]
         key = (job.event_id, nonce, job.vendor)
+        number = _event_number(job.event_id) if self.every_vendor else None
+        if number is not None and number > self._reached.get(job.vendor, -1):
+            self._reached[job.vendor] = number
         kept = self._outcomes.pop(key, None)
         if kept is None:
-            kept = self._build(job, nonce)
+            kept = self._build(job, nonce, number)
         else:
             self._outcome_bytes -= kept.size
         kept.waiting.discard(job.target)
@@ -122,24 +132,43 @@ class Renderer:
         reasons = "; ".join(o.reason for o in kept.outcomes if isinstance(o, Skip))
         return Skip(job.vendor, "not_rendered", reasons or f"{job.vendor} has no {job.target} postback for it")
 
-    def _build(self, job: Job, nonce: bytes) -> _Kept:
-        """The job's vendor's outcomes; with `every_vendor`, the other enabled vendors' are built and kept too."""
+    def _build(self, job: Job, nonce: bytes, number: int | None) -> _Kept:
+        """The job's vendor's outcomes; with `every_vendor`, while there is room, those of the other enabled vendors
+        whose jobs for this event have not come yet (no later event of theirs rendered here) are built and kept too."""
         event, settings = self._event(job, nonce)
         own = _built(BY_SLUG[job.vendor], event, settings)
         if self.every_vendor:
             for vendor in VENDORS:
                 key = (job.event_id, nonce, vendor.slug)
-                if vendor.slug == job.vendor or key in self._outcomes or not vendor.is_active(settings):
+                if (vendor.slug == job.vendor or key in self._outcomes or not vendor.is_active(settings)
+                        or self._passed(vendor.slug, number) or not self._room()):
                     continue
                 try:
                     kept = _built(vendor, event, settings)
                 except Exception:  # noqa: S112  # that vendor's own job meets the error and dead-letters itself
                     continue
-                if kept.waiting:
+                if kept.waiting and self._room(kept.size):
                     self._keep(key, kept)
         return own
 
+    def _passed(self, vendor: str, number: int | None) -> bool:
+        """Whether `vendor` has rendered a later event here than the one numbered `number` (its job for this one is
+        then most likely done). Unknown (a vendor not seen yet, an id that is not a number): no."""
+        reached = self._reached.get(vendor)
+        return number is not None and reached is not None and reached >= number
+
+    def _room(self, size: int = 0) -> bool:
+        """Whether postbacks of `size` bytes built ahead fit in the bounds, once those kept past KEPT_SECONDS are
+        let go."""
+        outcomes, stale = self._outcomes, time.monotonic() - KEPT_SECONDS
+        while outcomes and next(iter(outcomes.values())).at < stale:
+            self._outcome_bytes -= outcomes.popitem(last=False)[1].size
+        return len(outcomes) < self.kept_max and self._outcome_bytes + size <= self.kept_bytes
+
     def _keep(self, key: tuple[str, bytes, str], kept: _Kept) -> None:
+        """Keep `kept` (the oldest make way for it: a vendor's own postbacks still to come in this lease)."""
+        if not kept.at:
+            kept.at = time.monotonic()
         self._outcomes[key] = kept
         self._outcome_bytes += kept.size
         while len(self._outcomes) > self.kept_max or self._outcome_bytes > self.kept_bytes:
@@ -165,13 +194,20 @@ class Renderer:
         return found[0], found[1]
 
 
+def _event_number(event_id: str) -> int | None:
+    """SQLite's event ids are numbers that grow with each accepted event."""
+    return int(event_id) if event_id.isdigit() else None
+
+
 @dataclass(slots=True)
 class _Kept:
-    """A vendor's outcomes for one event, the targets whose postbacks are still to be rendered, their bytes."""
+    """A vendor's outcomes for one event, the targets whose postbacks are still to be rendered, their bytes, and
+    when they were first kept (time.monotonic())."""
 
     outcomes: list[EncodedPostback | Skip]
     waiting: set[str]
     size: int
+    at: float = 0.0
 
 
 def _built(vendor: Vendor, event: Event, settings: Mapping[str, Any]) -> _Kept:

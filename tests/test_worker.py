@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -440,8 +441,8 @@ def test_one_parse_serves_every_vendor_and_nothing_is_kept_once_rendered(monkeyp
 
 def test_every_vendors_postbacks_are_kept_encoded_until_their_jobs_come_within_a_bound() -> None:
     """With `every_vendor`, an event's first job builds the other vendors' postbacks, byte for byte what their own
-    jobs would have built, and keeps them until their jobs come; the oldest go beyond the bound, and their jobs
-    then open the event again."""
+    jobs would have built, and keeps them until their jobs come. Beyond the bound none are built ahead (the oldest
+    are what the next jobs need); the jobs of the events left out open them again."""
     sealer = Sealer(SECRET)
     settings = orjson.dumps(resolve(ALL_VENDORS))
     body = (FIXTURES / "segment" / "order_completed.json").read_bytes()
@@ -455,14 +456,63 @@ def test_every_vendors_postbacks_are_kept_encoded_until_their_jobs_come_within_a
     renderer.kept_max = 4  # entries: two events' three other postbacks do not fit
     for n in range(3):
         assert renderer.render(job(n, "tracify", "events")) == alone.render(job(n, "tracify", "events"))
-    assert [(k[0], k[2]) for k in renderer._outcomes] == [("1", "segmentstream"), ("1", "audiohook"),
-                                                          ("2", "segmentstream"), ("2", "audiohook")]
+    assert [(k[0], k[2]) for k in renderer._outcomes] == [("0", "segmentstream"), ("0", "audiohook"),
+                                                          ("1", "segmentstream"), ("1", "audiohook")]
     assert renderer._outcome_bytes == sum(len(p.content) for kept in renderer._outcomes.values()
                                           for p in kept.outcomes if isinstance(p, EncodedPostback))
-    for n in (2, 0):  # kept, then evicted: built again
+    for n in (1, 2):  # kept, then left out: built again
         for vendor, target in [("segmentstream", "track"), ("segmentstream", "data_stream"),
                                ("audiohook", "pixel")]:
             assert renderer.render(job(n, vendor, target)) == alone.render(job(n, vendor, target))
+
+
+def test_postbacks_are_built_ahead_only_while_there_is_room_and_only_for_vendors_still_to_come(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `every_vendor`, once the kept postbacks fill their bound no more are built ahead (until 0.13.20 the
+    oldest were evicted: under a backlog larger than the bound, exactly those the vendor furthest behind was about to
+    take), and none for a vendor that has rendered a later event here; those kept past KEPT_SECONDS make room."""
+    from app import stored
+
+    builds: list[tuple[str, str]] = []
+    real_built = stored._built
+
+    def counting_built(vendor: Any, event: Any, settings: Any) -> Any:
+        builds.append((event.message_id, vendor.slug))
+        return real_built(vendor, event, settings)
+
+    monkeypatch.setattr(stored, "_built", counting_built)
+    sealer = Sealer(SECRET)
+    settings = orjson.dumps(resolve(ALL_VENDORS))
+    document = orjson.loads((FIXTURES / "segment" / "order_completed.json").read_bytes())
+
+    payloads = {n: sealer.seal(pack_event(settings, 1.0, orjson.dumps({**document, "messageId": f"m{n}"})))
+                for n in range(1, 5)}
+
+    def job(n: int, vendor: str, target: str) -> Job:
+        return Job(f"{n}-{vendor}-{target}", str(n), vendor, target, "acme", f"m{n}", "Order Completed", "",
+                   payloads[n], 0, 1.0, len(payloads[n]))
+    renderer = Renderer(sealer, every_vendor=True)
+    renderer.kept_max = 4  # two events' postbacks of the two vendors behind
+    for n in (1, 2, 3):  # Tracify ahead
+        assert isinstance(renderer.render(job(n, "tracify", "events")), EncodedPostback)
+    assert builds == [("m1", "tracify"), ("m1", "segmentstream"), ("m1", "audiohook"),
+                      ("m2", "tracify"), ("m2", "segmentstream"), ("m2", "audiohook"), ("m3", "tracify")]
+    assert [(key[0], key[2]) for key in renderer._outcomes] == [
+        ("1", "segmentstream"), ("1", "audiohook"), ("2", "segmentstream"), ("2", "audiohook")]
+    builds.clear()
+    for n in (1, 2):  # SegmentStream's jobs find theirs kept
+        for target in ("track", "data_stream"):
+            assert isinstance(renderer.render(job(n, "segmentstream", target)), EncodedPostback)
+    assert isinstance(renderer.render(job(3, "segmentstream", "track")), EncodedPostback)  # event 3: opened again
+    assert builds == [("m3", "segmentstream"), ("m3", "audiohook")]  # not Tracify's: it has rendered event 3
+    assert [(key[0], key[2]) for key in renderer._outcomes] == [
+        ("1", "audiohook"), ("2", "audiohook"), ("3", "audiohook"), ("3", "segmentstream")]
+    builds.clear()
+    later = time.monotonic() + stored.KEPT_SECONDS + 1  # everything kept so far has waited too long
+    monkeypatch.setattr(stored, "time", SimpleNamespace(monotonic=lambda: later))
+    assert isinstance(renderer.render(job(4, "tracify", "events")), EncodedPostback)
+    assert builds == [("m4", "tracify"), ("m4", "segmentstream"), ("m4", "audiohook")]
+    assert [(key[0], key[2]) for key in renderer._outcomes] == [("4", "segmentstream"), ("4", "audiohook")]
 
 
 def test_another_vendors_failing_build_is_left_to_that_vendors_own_job() -> None:
