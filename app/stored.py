@@ -86,7 +86,8 @@ class Renderer:
     `every_vendor` (a store whose delivery processes lease all of an event's jobs in the same process: SQLite's
     share by event): the first job of an event builds the postbacks of every vendor its settings enable, and keeps
     the others' encoded (about 2 KB each with their bookkeeping) until their jobs come, however far the vendors'
-    queues drift apart; the parsed event is not kept. Otherwise (Redis: any process may lease any job) a job
+    queues drift apart, while the bounds leave room (`_room`) and only for vendors not already past the event
+    (`_passed`); the parsed event is not kept. Otherwise (Redis: any process may lease any job) a job
     builds its own vendor's postbacks, and the parsed event is kept for the event's other vendors' jobs that this
     process may lease.
     """
