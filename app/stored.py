@@ -43,6 +43,9 @@ KEPT_BYTES = 48 * 1024 * 1024
 # process took it over) must not keep the room forever. Evicting the oldest instead, a backlog larger than the bounds
 # (a 30 s burst: 2.75 parses per event) threw away exactly what the vendor furthest behind was about to take.
 KEPT_SECONDS = 300.0
+# Nor for a vendor whose jobs have stopped coming here for this long (an outage, its breaker open): its postbacks
+# would hold the room for KEPT_SECONDS while the vendors still moving found none built ahead.
+STALLED_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +89,8 @@ class Renderer:
     `every_vendor` (a store whose delivery processes lease all of an event's jobs in the same process: SQLite's
     share by event): the first job of an event builds the postbacks of every vendor its settings enable, and keeps
     the others' encoded (about 2 KB each with their bookkeeping) until their jobs come, however far the vendors'
-    queues drift apart, while the bounds leave room (`_room`) and only for vendors not already past the event
-    (`_passed`); the parsed event is not kept. Otherwise (Redis: any process may lease any job) a job
+    queues drift apart, while the bounds leave room (`_room`) and only for vendors whose jobs are still coming
+    (`_coming`); the parsed event is not kept. Otherwise (Redis: any process may lease any job) a job
     builds its own vendor's postbacks, and the parsed event is kept for the event's other vendors' jobs that this
     process may lease.
     """
@@ -107,6 +110,8 @@ class Renderer:
         self.kept_max, self.kept_bytes = ((KEPT_POSTBACKS, KEPT_BYTES) if every_vendor
                                           else (CACHE_OUTCOMES, KEPT_BYTES))
         self._reached: dict[str, int] = {}  # with `every_vendor`: each vendor's highest event id rendered here
+        self._moved: dict[str, float] = {}  # ... and when it last rose (time.monotonic())
+        self._started = time.monotonic()
 
     def render(self, job: Job) -> EncodedPostback | Skip:
         """The job's postback, or a Skip saying why it can no longer be built.
@@ -119,6 +124,7 @@ class Renderer:
         number = _event_number(job.event_id) if self.every_vendor else None
         if number is not None and number > self._reached.get(job.vendor, -1):
             self._reached[job.vendor] = number
+            self._moved[job.vendor] = time.monotonic()
         kept = self._outcomes.pop(key, None)
         if kept is None:
             kept = self._build(job, nonce, number)
@@ -142,7 +148,7 @@ class Renderer:
             for vendor in VENDORS:
                 key = (job.event_id, nonce, vendor.slug)
                 if (vendor.slug == job.vendor or key in self._outcomes or not vendor.is_active(settings)
-                        or self._passed(vendor.slug, number) or not self._room()):
+                        or not self._coming(vendor.slug, number) or not self._room()):
                     continue
                 try:
                     kept = _built(vendor, event, settings)
@@ -152,11 +158,14 @@ class Renderer:
                     self._keep(key, kept)
         return own
 
-    def _passed(self, vendor: str, number: int | None) -> bool:
-        """Whether `vendor` has rendered a later event here than the one numbered `number` (its job for this one is
-        then most likely done). Unknown (a vendor not seen yet, an id that is not a number): no."""
+    def _coming(self, vendor: str, number: int | None) -> bool:
+        """Whether `vendor`'s job for the event numbered `number` is still to come here: the vendor has rendered no
+        later event (its job for this one is then most likely done), and has rendered something new in the last
+        STALLED_SECONDS (or this process started since)."""
         reached = self._reached.get(vendor)
-        return number is not None and reached is not None and reached >= number
+        if number is not None and reached is not None and reached >= number:
+            return False
+        return time.monotonic() - self._moved.get(vendor, self._started) < STALLED_SECONDS
 
     def _room(self, size: int = 0) -> bool:
         """Whether postbacks of `size` bytes built ahead fit in the bounds, once those kept past KEPT_SECONDS are

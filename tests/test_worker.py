@@ -470,7 +470,8 @@ def test_postbacks_are_built_ahead_only_while_there_is_room_and_only_for_vendors
         monkeypatch: pytest.MonkeyPatch) -> None:
     """With `every_vendor`, once the kept postbacks fill their bound no more are built ahead (until 0.13.20 the
     oldest were evicted: under a backlog larger than the bound, exactly those the vendor furthest behind was about to
-    take), and none for a vendor that has rendered a later event here; those kept past KEPT_SECONDS make room."""
+    take), and none for a vendor that has rendered a later event here or nothing new for STALLED_SECONDS (an outage);
+    those kept past KEPT_SECONDS make room."""
     from app import stored
 
     builds: list[tuple[str, str]] = []
@@ -481,12 +482,13 @@ def test_postbacks_are_built_ahead_only_while_there_is_room_and_only_for_vendors
         return real_built(vendor, event, settings)
 
     monkeypatch.setattr(stored, "_built", counting_built)
+    clock = [1000.0]
+    monkeypatch.setattr(stored, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     sealer = Sealer(SECRET)
     settings = orjson.dumps(resolve(ALL_VENDORS))
     document = orjson.loads((FIXTURES / "segment" / "order_completed.json").read_bytes())
-
     payloads = {n: sealer.seal(pack_event(settings, 1.0, orjson.dumps({**document, "messageId": f"m{n}"})))
-                for n in range(1, 5)}
+                for n in range(1, 6)}
 
     def job(n: int, vendor: str, target: str) -> Job:
         return Job(f"{n}-{vendor}-{target}", str(n), vendor, target, "acme", f"m{n}", "Order Completed", "",
@@ -508,11 +510,12 @@ def test_postbacks_are_built_ahead_only_while_there_is_room_and_only_for_vendors
     assert [(key[0], key[2]) for key in renderer._outcomes] == [
         ("1", "audiohook"), ("2", "audiohook"), ("3", "audiohook"), ("3", "segmentstream")]
     builds.clear()
-    later = time.monotonic() + stored.KEPT_SECONDS + 1  # everything kept so far has waited too long
-    monkeypatch.setattr(stored, "time", SimpleNamespace(monotonic=lambda: later))
-    assert isinstance(renderer.render(job(4, "tracify", "events")), EncodedPostback)
-    assert builds == [("m4", "tracify"), ("m4", "segmentstream"), ("m4", "audiohook")]
-    assert [(key[0], key[2]) for key in renderer._outcomes] == [("4", "segmentstream"), ("4", "audiohook")]
+    clock[0] += stored.KEPT_SECONDS + 1  # everything kept so far has waited too long, and no vendor has moved since
+    assert isinstance(renderer.render(job(4, "segmentstream", "track")), EncodedPostback)
+    assert builds == [("m4", "segmentstream")]  # Tracify and Audiohook have stalled
+    assert isinstance(renderer.render(job(5, "tracify", "events")), EncodedPostback)
+    assert builds == [("m4", "segmentstream"), ("m5", "tracify"), ("m5", "segmentstream")]  # Audiohook still stalled
+    assert [(key[0], key[2]) for key in renderer._outcomes] == [("4", "segmentstream"), ("5", "segmentstream")]
 
 
 def test_another_vendors_failing_build_is_left_to_that_vendors_own_job() -> None:
