@@ -43,9 +43,11 @@ KEPT_BYTES = 48 * 1024 * 1024
 # process took it over) must not keep the room forever. Evicting the oldest instead, a backlog larger than the bounds
 # (a 30 s burst: 2.75 parses per event) threw away exactly what the vendor furthest behind was about to take.
 KEPT_SECONDS = 300.0
-# Nor for a vendor whose jobs have stopped coming here for this long (an outage, its breaker open): its postbacks
-# would hold the room for KEPT_SECONDS while the vendors still moving found none built ahead.
+# Nor for a vendor that has rendered nothing new here for this long while the events went this far ahead of it (an
+# outage, its breaker open): its postbacks would hold the room for KEPT_SECONDS while the vendors still moving found
+# none built ahead. A vendor merely without traffic (every vendor idle between events) is not behind.
 STALLED_SECONDS = 10.0
+STALLED_LEAD = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,7 @@ class Renderer:
                                           else (CACHE_OUTCOMES, KEPT_BYTES))
         self._reached: dict[str, int] = {}  # with `every_vendor`: each vendor's highest event id rendered here
         self._moved: dict[str, float] = {}  # ... and when it last rose (time.monotonic())
+        self._first: int | None = None  # the first event id rendered here: where a vendor not seen yet stands
         self._started = time.monotonic()
 
     def render(self, job: Job) -> EncodedPostback | Skip:
@@ -125,6 +128,8 @@ class Renderer:
         if number is not None and number > self._reached.get(job.vendor, -1):
             self._reached[job.vendor] = number
             self._moved[job.vendor] = time.monotonic()
+            if self._first is None:
+                self._first = number
         kept = self._outcomes.pop(key, None)
         if kept is None:
             kept = self._build(job, nonce, number)
@@ -159,13 +164,18 @@ class Renderer:
         return own
 
     def _coming(self, vendor: str, number: int | None) -> bool:
-        """Whether `vendor`'s job for the event numbered `number` is still to come here: the vendor has rendered no
-        later event (its job for this one is then most likely done), and has rendered something new in the last
-        STALLED_SECONDS (or this process started since)."""
-        reached = self._reached.get(vendor)
-        if number is not None and reached is not None and reached >= number:
+        """Whether `vendor`'s job for the event numbered `number` is still to come here, soon enough: the vendor has
+        rendered no later event (its job for this one is then most likely done), and has not stalled (nothing new
+        rendered for STALLED_SECONDS while the events went more than STALLED_LEAD ahead of it)."""
+        if number is None:
+            return True
+        reached = self._reached.get(vendor, self._first)
+        if reached is None:
+            return True
+        if reached >= number and vendor in self._reached:
             return False
-        return time.monotonic() - self._moved.get(vendor, self._started) < STALLED_SECONDS
+        return (number - reached <= STALLED_LEAD
+                or time.monotonic() - self._moved.get(vendor, self._started) < STALLED_SECONDS)
 
     def _room(self, size: int = 0) -> bool:
         """Whether postbacks of `size` bytes built ahead fit in the bounds, once those kept past KEPT_SECONDS are

@@ -512,10 +512,14 @@ def test_postbacks_are_built_ahead_only_while_there_is_room_and_only_for_vendors
     builds.clear()
     clock[0] += stored.KEPT_SECONDS + 1  # everything kept so far has waited too long, and no vendor has moved since
     assert isinstance(renderer.render(job(4, "segmentstream", "track")), EncodedPostback)
-    assert builds == [("m4", "segmentstream")]  # Tracify and Audiohook have stalled
+    assert builds == [("m4", "segmentstream"), ("m4", "tracify"), ("m4", "audiohook")]  # idle vendors, not behind
+    assert [(key[0], key[2]) for key in renderer._outcomes] == [
+        ("4", "tracify"), ("4", "audiohook"), ("4", "segmentstream")]
+    builds.clear()
+    clock[0] += stored.STALLED_SECONDS / 2  # SegmentStream moved since; Audiohook has rendered nothing at all
+    monkeypatch.setattr(stored, "STALLED_LEAD", 0)  # as if the events had gone far ahead of Audiohook (an outage)
     assert isinstance(renderer.render(job(5, "tracify", "events")), EncodedPostback)
-    assert builds == [("m4", "segmentstream"), ("m5", "tracify"), ("m5", "segmentstream")]  # Audiohook still stalled
-    assert [(key[0], key[2]) for key in renderer._outcomes] == [("4", "segmentstream"), ("5", "segmentstream")]
+    assert builds == [("m5", "tracify"), ("m5", "segmentstream")]  # Audiohook has stalled; SegmentStream moved
 
 
 def test_another_vendors_failing_build_is_left_to_that_vendors_own_job() -> None:
