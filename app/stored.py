@@ -167,15 +167,13 @@ class Renderer:
         """Whether `vendor`'s job for the event numbered `number` is still to come here, soon enough: the vendor has
         rendered no later event (its job for this one is then most likely done), and has not stalled (nothing new
         rendered for STALLED_SECONDS while the events went more than STALLED_LEAD ahead of it)."""
-        if number is None:
+        if number is None or self._first is None:  # (`render` notes the first number before any build)
             return True
-        reached = self._reached.get(vendor, self._first)
-        if reached is None:
-            return True
-        if reached >= number and vendor in self._reached:
+        seen = self._reached.get(vendor)
+        if seen is not None and seen >= number:
             return False
-        return (number - reached <= STALLED_LEAD
-                or time.monotonic() - self._moved.get(vendor, self._started) < STALLED_SECONDS)
+        behind = number - (self._first if seen is None else seen)  # a vendor not seen yet: from the first event
+        return behind <= STALLED_LEAD or time.monotonic() - self._moved.get(vendor, self._started) < STALLED_SECONDS
 
     def _room(self, size: int = 0) -> bool:
         """Whether postbacks of `size` bytes built ahead fit in the bounds, once those kept past KEPT_SECONDS are
